@@ -1,0 +1,3 @@
+from estat_ingest.cli import main
+
+raise SystemExit(main())

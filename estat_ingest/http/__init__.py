@@ -1,0 +1,1 @@
+"""The HTTP front: /collect logic (plain function), client IP, routes for aiohttp."""

@@ -1,0 +1,90 @@
+"""Every metric in one place, on an injectable registry (a fresh one per test).
+
+v1's twelve names keep v1's meaning (DESIGN.md §3); `dlq_*` gained a `sink` label (and `reason`
+on drops) so `sum()` over them is v1's number. New metrics follow Prometheus naming.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from estat_ingest import __version__
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_EVENT_BUCKETS = (1, 10, 100, 500, 1000, 2000, 5000, 10_000, 50_000)
+_BYTE_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB … 1 GiB
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+
+        # --- v1 names, v1 meaning
+        self.http_requests = Counter(
+            "http_requests_total", "Requests to /collect that reached the enqueue step (accepted + queue full)",
+            registry=r)
+        self.http_accepted = Counter(
+            "http_requests_accepted_total", "Requests to /collect answered 200", registry=r)
+        self.http_too_large = Counter(
+            "http_requests_rejected_body_too_large_total", "Requests answered 413", registry=r)
+        self.http_queue_full = Counter(
+            "http_requests_rejected_queue_full_total", "Requests answered 503 because the queue was full",
+            registry=r)
+        self.s3_events_stored = Counter(
+            "s3_events_stored_total", "Events in batches stored in S3 by a fresh upload", registry=r)
+        self.s3_put_errors = Counter(
+            "s3_put_errors_total", "Failed S3 PutObject attempts (fresh and replay)", registry=r)
+        self.dlq_enqueued = Counter(
+            "dlq_events_enqueued_total", "Events written to the DLQ", ["sink"], registry=r)
+        self.dlq_reuploaded = Counter(
+            "dlq_events_reuploaded_total", "Events delivered from the DLQ", ["sink"], registry=r)
+        self.dlq_dropped = Counter(
+            "dlq_events_dropped_total", "Events deleted without delivery (ttl, capacity, corrupt, write_error)",
+            ["sink", "reason"], registry=r)
+        self.dlq_expired = Counter(
+            "dlq_files_expired_total", "DLQ files deleted by TTL or capacity eviction", ["sink"], registry=r)
+        self.dlq_files = Gauge("dlq_files_current", "DLQ data files on disk", ["sink"], registry=r)
+        self.dlq_bytes = Gauge("dlq_size_bytes", "Bytes of DLQ data files on disk", ["sink"], registry=r)
+
+        # --- new
+        self.build_info = Gauge("estat_ingest_build_info", "Build information", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.ready = Gauge("ingest_ready", "1 while /ready answers 200", registry=r)
+        self.rejected = Counter(
+            "http_requests_rejected_total", "Requests to /collect answered 4xx/5xx, by reason", ["reason"],
+            registry=r)
+        self.events_accepted = Counter(
+            "ingest_events_accepted_total", "Events accepted (NDJSON requests carry several)", registry=r)
+        self.queue_depth = Gauge("ingest_queue_depth_events", "Events waiting between HTTP and batchers",
+                                 registry=r)
+        self.queue_capacity = Gauge("ingest_queue_capacity_events", "CHANNEL_SIZE", registry=r)
+        self.upload_queue_depth = Gauge(
+            "upload_queue_depth_batches", "Closed batches waiting for an uploader", ["sink"], registry=r)
+        self.batch_events = Histogram(
+            "batch_events", "Events per closed batch", ["sink"], buckets=_EVENT_BUCKETS, registry=r)
+        self.batch_bytes = Histogram(
+            "batch_bytes", "Uncompressed JSONL bytes per closed batch", ["sink"], buckets=_BYTE_BUCKETS,
+            registry=r)
+        self.batch_compressed_bytes = Histogram(
+            "batch_compressed_bytes", "Compressed bytes per batch payload", ["sink"], buckets=_BYTE_BUCKETS,
+            registry=r)
+        self.upload_duration = Histogram(
+            "upload_duration_seconds", "One delivery attempt, by sink and outcome", ["sink", "outcome"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.upload_attempts = Counter(
+            "upload_attempts_total", "Delivery attempts by sink, outcome and reason",
+            ["sink", "outcome", "reason"], registry=r)
+        self.events_delivered = Counter(
+            "events_delivered_total", "Events delivered to a sink (fresh and replayed)", ["sink"], registry=r)
+        self.dlq_writes = Counter(
+            "dlq_batches_written_total", "Batches written to the DLQ, by why", ["sink", "reason"], registry=r)
+        self.dlq_write_errors = Counter(
+            "dlq_write_errors_total", "DLQ writes that failed (disk full, EIO)", ["sink"], registry=r)
+        self.dlq_oldest_age = Gauge(
+            "dlq_oldest_file_age_seconds", "Age of the oldest DLQ file", ["sink"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,88 @@
+"""Batch encoding and verification (pure functions; call them through asyncio.to_thread).
+
+JSONL lines were encoded once at accept time, so a batch is `b"".join(lines)` (cheap, done on the
+loop) compressed in a thread: zlib and zstandard release the GIL, so the loop loses only the CPU
+the compression takes. `verify` reads a whole stream back (gzip CRC32 and ISIZE, zstd frame
+checksum and content size) and checks that every line is JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import orjson
+import zstandard
+
+def compress(data: bytes, compression: str, level: int) -> bytes:
+    if compression == "zstd":
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        return cctx.compress(data)
+    # one gzip member, no name/mtime (as v1): wbits 31 = gzip container
+    co = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return co.compress(data) + co.flush()
+
+
+class CorruptPayload(ValueError):
+    pass
+
+
+def decompress(data: bytes, compression: str, max_size: int = 1 << 34) -> bytes:
+    """Full decompression with integrity checks; raises CorruptPayload on any damage."""
+    if not data:
+        raise CorruptPayload("empty file")
+    try:
+        if compression == "zstd":
+            out = b""
+            rest = data
+            while rest:  # concatenated frames are valid zstd
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                out += dobj.decompress(rest)
+                if not dobj.eof:
+                    raise CorruptPayload("truncated zstd frame")
+                if len(out) > max_size:
+                    raise CorruptPayload("decompressed size over the limit")
+                rest = dobj.unused_data
+            return out
+        d = zlib.decompressobj(31)
+        out = d.decompress(data, max_size)
+        if not d.eof or d.unconsumed_tail:
+            raise CorruptPayload("truncated gzip stream")
+        while d.unused_data:  # concatenated members are valid gzip
+            rest = d.unused_data
+            d = zlib.decompressobj(31)
+            out += d.decompress(rest, max_size)
+            if not d.eof:
+                raise CorruptPayload("truncated gzip member")
+        return out
+    except (zlib.error, zstandard.ZstdError) as err:
+        raise CorruptPayload(str(err)) from None
+
+
+def count_json_lines(text: bytes) -> int:
+    """Number of lines, each of which must be valid JSON; raises CorruptPayload otherwise."""
+    if not text:
+        return 0
+    if not text.endswith(b"\n"):
+        raise CorruptPayload("last line has no newline")
+    n = 0
+    for line in text.split(b"\n")[:-1]:
+        try:
+            orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise CorruptPayload(f"line {n + 1} is not JSON") from None
+        n += 1
+    return n
+
+
+def verify(data: bytes, compression: str) -> int:
+    """Decompress fully and check every line; return the number of events."""
+    return count_json_lines(decompress(data, compression))
+
+
+def checksum(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def compression_of(name: str) -> str:
+    return "zstd" if name.endswith(".zst") else "gzip"

@@ -1,0 +1,339 @@
+"""The engine: the loops that move records from the queue to the sinks or the DLQ.
+
+Invariants
+- Every record that entered the queue ends in exactly one of: a sink, or a DLQ file (or, if the
+  disk refuses the DLQ write, in `dlq_events_dropped_total{reason="write_error"}` and a log line).
+- One dispatcher task owns every batcher (no locks); each sink ("lane") has its own batcher, upload
+  queue, uploaders, retry state and DLQ directory.
+- Backpressure: with one sink, a full upload queue blocks the dispatcher, the event queue fills and
+  /collect answers 503. With several sinks, a lane whose upload queue is full spills its closed
+  batch to its own DLQ instead of stalling the others.
+- A batch's name and partition are fixed when it closes; every attempt and replay uses them.
+- Blocking work (compression, DLQ writes) runs in threads; JSON work never does.
+- `drain(deadline)`: close the queue, flush partial batches, deliver until the deadline, then
+  abort: whatever is queued or in flight is written to the DLQ. A second signal aborts at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from estat_ingest.config import Settings
+from estat_ingest.dlq.store import DlqStore
+from estat_ingest.metrics import Metrics
+from estat_ingest.pipeline.batcher import Batch, Batcher
+from estat_ingest.pipeline.encoder import compress
+from estat_ingest.pipeline.keys import Namer, partition
+from estat_ingest.pipeline.queue import EventQueue
+from estat_ingest.pipeline.retry import Backoff
+from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
+
+log = logging.getLogger("estat_ingest.engine")
+
+Item = tuple[float, bytes]  # (receive time, JSONL line)
+TAKE_MAX = 1024
+
+
+@dataclass(slots=True)
+class Lane:
+    sink: Sink
+    batcher: Batcher
+    upload_q: asyncio.Queue[Batch | None]
+    store: DlqStore
+    concurrency: int
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class DrainReport:
+    delivered_events: int = 0
+    spilled_events: int = 0
+    lost_events: int = 0
+    aborted: bool = False
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        sinks: Sequence[Sink],
+        *,
+        worker: int | None = None,
+        dlq_root: str | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.queue: EventQueue[Item] = EventQueue(settings.channel_size)
+        self.namer = Namer(settings.instance_id, settings.ext, worker)
+        self.backoff = backoff or Backoff()
+        self.dlq_root = dlq_root or settings.dlq_dir
+        self.lanes: list[Lane] = []
+        for sink in sinks:
+            ev, by, iv = sink.batching or (settings.batch_max_events, settings.batch_max_bytes,
+                                           settings.flush_interval_s)
+            concurrency = getattr(sink, "concurrency", None) or settings.upload_concurrency
+            self.lanes.append(Lane(
+                sink=sink,
+                batcher=Batcher(ev, by, iv),
+                upload_q=asyncio.Queue(settings.upload_queue_batches),
+                store=DlqStore(self.dlq_root, sink.name, metrics),
+                concurrency=concurrency,
+            ))
+        self.fan_out = len(self.lanes) > 1
+        self.report = DrainReport()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._abort = asyncio.Event()
+        self._force_flush = False
+        self._open_batches = 0  # closed but not yet delivered or spilled
+        self._idle = asyncio.Event()
+        self._idle.set()
+        metrics.queue_capacity.set(settings.channel_size)
+        metrics.queue_depth.set_function(lambda: len(self.queue))
+        for lane in self.lanes:
+            metrics.upload_queue_depth.labels(lane.sink.name).set_function(lane.upload_q.qsize)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        for lane in self.lanes:
+            await lane.sink.start()
+            await lane.store.start()
+            self._spawn(self._probe(lane.sink))
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
+        for lane in self.lanes:
+            for i in range(lane.concurrency):
+                lane.tasks.append(asyncio.create_task(self._upload_loop(lane), name=f"upload-{lane.sink.name}-{i}"))
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _probe(self, sink: Sink) -> None:
+        try:
+            await sink.check()
+        except Exception:  # a probe never takes the server down
+            log.exception("sink check crashed", extra={"sink": sink.name})
+
+    def abort(self) -> None:
+        """Skip to the spill: stop attempts, write everything undelivered to the DLQ."""
+        self._abort.set()
+
+    async def drain(self, timeout_s: float) -> DrainReport:
+        """Close the queue and deliver what is left within `timeout_s`, then spill to the DLQ."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self.queue.close()
+        tasks = [t for t in [self._dispatcher, *(t for lane in self.lanes for t in lane.tasks)] if t]
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        if pending:
+            self.report.aborted = True
+            log.warning("shutdown budget spent: spilling the rest to the dlq",
+                        extra={"pending_tasks": len(pending)})
+            self.abort()
+            await asyncio.wait(pending)  # spills are bounded by the disk, not by the sink
+        for t in tasks:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("pipeline task failed", exc_info=t.exception())
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for lane in self.lanes:
+            try:
+                await lane.sink.aclose()
+            except Exception:
+                log.exception("sink close failed", extra={"sink": lane.sink.name})
+        return self.report
+
+    # ------------------------------------------------------------------ test seam
+
+    async def flush_and_wait(self) -> None:
+        """Burst mode: close every open batch now and wait until all are delivered or spilled."""
+        while len(self.queue) or any(lane.batcher.pending for lane in self.lanes) or self._open_batches:
+            self._force_flush = True
+            self.queue._wake()
+            await asyncio.sleep(0)
+            if self._open_batches:
+                await self._idle.wait()
+
+    # ------------------------------------------------------------------ dispatcher
+
+    async def _dispatch(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue, lanes = self.queue, self.lanes
+        while True:
+            deadlines = [lane.batcher.deadline for lane in lanes if lane.batcher.deadline is not None]
+            timeout = None if not deadlines else max(0.0, min(deadlines) - loop.time())
+            items = await queue.take(TAKE_MAX, timeout)
+            if items is None:
+                break
+            now = loop.time()
+            for lane in lanes:
+                add = lane.batcher.add
+                for ts, line in items:
+                    closed = add(ts, line, now)
+                    if closed is not None:
+                        await self._hand_over(lane, closed)
+            now = loop.time()
+            force, self._force_flush = self._force_flush, False
+            for lane in lanes:
+                if force or lane.batcher.due(now):
+                    b = lane.batcher.take()
+                    if b is not None:
+                        await self._hand_over(lane, b)
+        for lane in lanes:  # queue closed and empty: flush every partial batch
+            b = lane.batcher.take()
+            if b is not None:
+                await self._hand_over(lane, b)
+        for lane in lanes:
+            for _ in lane.tasks:
+                await lane.upload_q.put(None)
+
+    async def _hand_over(self, lane: Lane, batch: Batch) -> None:
+        m = self.metrics
+        m.batch_events.labels(lane.sink.name).observe(len(batch))
+        m.batch_bytes.labels(lane.sink.name).observe(batch.nbytes)
+        if (self.fan_out and lane.upload_q.full()) or self._abort.is_set():
+            payload = await self._encode(lane, batch)
+            await self._spill(lane, payload, "overflow" if not self._abort.is_set() else "shutdown")
+            return
+        self._open_batches += 1
+        self._idle.clear()
+        await lane.upload_q.put(batch)
+
+    # ------------------------------------------------------------------ uploaders
+
+    async def _upload_loop(self, lane: Lane) -> None:
+        while True:
+            batch = await lane.upload_q.get()
+            if batch is None:
+                return
+            payload = await self._encode(lane, batch)
+            await self.deliver(lane, payload)
+
+    async def _encode(self, lane: Lane, batch: Batch) -> Payload:
+        s = self.settings
+        raw = b"".join(batch.lines)
+        level = s.zstd_level if s.compression == "zstd" else s.gzip_level
+        data = await asyncio.to_thread(compress, raw, s.compression, level)
+        self.metrics.batch_compressed_bytes.labels(lane.sink.name).observe(len(data))
+        return Payload(
+            name=self.namer.next(batch.first_ts),
+            partition=partition(batch.first_ts, s.partition_tz),
+            num_events=len(batch),
+            data=data,
+            compression=s.compression,
+            first_ts=batch.first_ts,
+            lines=tuple(batch.lines),
+        )
+
+    async def deliver(self, lane: Lane, payload: Payload) -> None:
+        """Attempts with backoff; on failure, rejection or abort the payload goes to the DLQ."""
+        sink, m = lane.sink, self.metrics
+        failures = 0
+        reason = "failed"
+        try:
+            while True:
+                if self._abort.is_set():
+                    reason = "shutdown"
+                    break
+                result = await self.attempt(sink, payload)
+                if result is None:
+                    reason = "shutdown"
+                    break
+                payload = payload.with_attempts(payload.attempts + 1)
+                if result.rejected is not None:
+                    await self._spill(lane, result.rejected, "rejected")
+                if result.ok:
+                    n = payload.num_events if result.delivered is None else result.delivered
+                    self._delivered(lane, n, fresh=True)
+                    log.info("batch delivered", extra={
+                        "sink": sink.name, "batch": payload.name, "events": n,
+                        "bytes": len(payload.data), "outcome": "ok", "attempts": payload.attempts})
+                    return
+                if result.delivered:
+                    self._delivered(lane, result.delivered, fresh=True)
+                if result.remainder is not None:
+                    payload = result.remainder.with_attempts(payload.attempts)
+                if result.outcome is Outcome.REJECT:
+                    reason = "rejected"
+                    break
+                failures += 1
+                if failures >= sink.attempts:
+                    reason = "failed"
+                    break
+                if await self._sleep_or_abort(self.backoff.delay(failures)):
+                    reason = "shutdown"
+                    break
+            await self._spill(lane, payload, reason)
+        finally:
+            self._open_batches -= 1
+            if self._open_batches == 0:
+                self._idle.set()
+
+    async def attempt(self, sink: Sink, payload: Payload) -> Result | None:
+        """One attempt under the sink's timeout; None when aborted by shutdown mid-attempt."""
+        m = self.metrics
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        send = asyncio.ensure_future(sink.send(payload))
+        abort = asyncio.ensure_future(self._abort.wait())
+        try:
+            done, _ = await asyncio.wait({send, abort}, timeout=sink.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            abort.cancel()
+        if send not in done:
+            send.cancel()
+            await asyncio.gather(send, return_exceptions=True)
+            if self._abort.is_set():
+                return None
+            result = Result(Outcome.RETRY, "timeout")
+        elif send.exception() is not None:
+            log.error("sink raised instead of returning a Result", exc_info=send.exception(),
+                      extra={"sink": sink.name})
+            result = Result(Outcome.RETRY, "error")
+        else:
+            result = send.result()
+        outcome = result.outcome.value
+        m.upload_duration.labels(sink.name, outcome).observe(loop.time() - t0)
+        m.upload_attempts.labels(sink.name, outcome, result.reason or outcome).inc()
+        if sink.name == "s3" and not result.ok:
+            m.s3_put_errors.inc()
+        if not result.ok:
+            log.warning("delivery attempt failed", extra={
+                "sink": sink.name, "batch": payload.name, "events": payload.num_events,
+                "outcome": outcome, "reason": result.reason, "attempt": payload.attempts + 1})
+        return result
+
+    def _delivered(self, lane: Lane, n: int, fresh: bool) -> None:
+        self.metrics.events_delivered.labels(lane.sink.name).inc(n)
+        if fresh and lane.sink.name == "s3":
+            self.metrics.s3_events_stored.inc(n)
+        self.report.delivered_events += n
+
+    async def _sleep_or_abort(self, delay: float) -> bool:
+        try:
+            async with asyncio.timeout(delay):
+                await self._abort.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _spill(self, lane: Lane, payload: Payload, reason: str) -> None:
+        if await lane.store.write(payload, reason):
+            self.report.spilled_events += payload.num_events
+        else:
+            self.report.lost_events += payload.num_events
+
+
+def dlq_root_for(settings: Settings, worker: int | None) -> str:
+    return settings.dlq_dir if worker is None else os.path.join(settings.dlq_dir, f"w{worker}")
+

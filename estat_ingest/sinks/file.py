@@ -1,0 +1,36 @@
+"""File sink: the S3 key layout under FILE_SINK_DIR, written atomically (temp name, fsync, rename).
+
+The embedded default: with no RAW_BUCKET and no SINKS the server writes ./data/raw/dt=…/hr=…/*.gz.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from estat_ingest.config import Settings
+from estat_ingest.fsutil import atomic_write
+from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink
+
+
+class FileSink(Sink):
+    name = "file"
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = os.path.abspath(settings.file_sink_dir)
+        self.prefix = settings.raw_prefix
+        self.attempts = 3
+        self.timeout_s = 30.0
+
+    def path_of(self, payload: Payload) -> str:
+        return os.path.join(self.root, self.prefix, payload.partition, payload.name)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(os.makedirs, self.root, exist_ok=True)
+
+    async def send(self, payload: Payload) -> Result:
+        try:
+            await asyncio.to_thread(atomic_write, self.path_of(payload), payload.data)
+        except OSError as err:
+            return Result(Outcome.RETRY, "io_error" if err.errno is None else f"errno_{err.errno}"[:20])
+        return OK
