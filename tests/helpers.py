@@ -1,0 +1,154 @@
+"""Shared test helpers: free ports, a real `estat-ingest serve` subprocess, reading S3/files back."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zstandard
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def decode_object(name: str, data: bytes) -> list[dict[str, Any]]:
+    """Decompress one object/file (by its extension) and parse every JSONL line."""
+    if name.endswith(".zst"):
+        raw = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    else:
+        raw = gzip.decompress(data)
+    assert raw.endswith(b"\n"), name
+    return [orjson.loads(line) for line in raw.split(b"\n")[:-1]]
+
+
+def http(method: str, url: str, body: bytes | None = None, headers: Mapping[str, str] | None = None,
+         timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+class ServerProcess:
+    """`python -m estat_ingest serve` on 127.0.0.1:<free port> with the given environment."""
+
+    def __init__(self, env: Mapping[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.cwd = cwd
+        self.env = {
+            **os.environ,
+            "HTTP_ADDR": f"127.0.0.1:{self.port}",
+            "LOG_FORMAT": "json",
+            "INSTANCE_ID": "test",
+            **env,
+        }
+        self.args = args
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = cwd / f"server-{self.port}.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait_ready: bool = True, timeout: float = 30.0) -> ServerProcess:
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in wait()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "estat_ingest", "serve", *self.args],
+            cwd=self.cwd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        if wait_ready:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited early: {self.log()}")
+                with contextlib.suppress(OSError):
+                    if http("GET", self.url + "/ready", timeout=1)[0] == 200:
+                        return self
+                time.sleep(0.05)
+            raise RuntimeError(f"server not ready: {self.log()}")
+        return self
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                out.append(orjson.loads(line))
+        return out
+
+    def post(self, body: bytes, headers: Mapping[str, str] | None = None, path: str = "/collect"
+             ) -> tuple[int, dict[str, str], bytes]:
+        return http("POST", self.url + path, body, headers)
+
+
+def s3_client(endpoint: str) -> Any:
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )
+
+
+def s3_objects(client: Any, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    token: dict[str, str] = {}
+    while True:
+        page = client.list_objects_v2(Bucket=bucket, Prefix=prefix, **token)
+        for item in page.get("Contents", []):
+            out[item["Key"]] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        if not page.get("IsTruncated"):
+            return out
+        token = {"ContinuationToken": page["NextContinuationToken"]}
+
+
+def file_objects(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".meta.json")}
+
+
+def records_of(objects: Mapping[str, bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for key, data in objects.items():
+        for rec in decode_object(key, data):
+            yield key, rec
