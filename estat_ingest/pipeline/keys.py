@@ -43,7 +43,7 @@ def partition(ts: float, tz: str) -> str:
 
 
 def join_key(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+    return "/".join(seg for p in parts for seg in p.split("/") if seg)
 
 
 def unix_of_name(name: str) -> int | None:

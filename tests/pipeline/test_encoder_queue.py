@@ -1,0 +1,62 @@
+"""Encoder round trips and full-stream verification; the closable queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from estat_ingest.pipeline.encoder import CorruptPayload, compress, decompress, verify
+from estat_ingest.pipeline.queue import EventQueue
+
+LINES = b"".join(b'{"n":%d}\n' % i for i in range(5000))
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_round_trip_and_verify(codec: str) -> None:
+    data = compress(LINES, codec, 1 if codec == "gzip" else 3)
+    assert decompress(data, codec) == LINES
+    assert verify(data, codec) == 5000
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+def test_torn_or_flipped_stream_is_detected(codec: str) -> None:
+    data = compress(LINES, codec, 1 if codec == "gzip" else 3)
+    for bad in (data[: len(data) // 2], data[:-4], data[:-1]):
+        with pytest.raises(CorruptPayload):
+            verify(bad, codec)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with pytest.raises(CorruptPayload):
+        verify(bytes(flipped), codec)
+
+
+def test_first_line_valid_but_rest_torn_is_corrupt() -> None:
+    """v1 checked only the first line, so a torn file whose first line survived was uploaded."""
+    data = compress(LINES, "gzip", 1)
+    torn = data[: len(data) - 100]
+    with pytest.raises(CorruptPayload):
+        verify(torn, "gzip")
+
+
+def test_invalid_json_line_is_corrupt() -> None:
+    with pytest.raises(CorruptPayload):
+        verify(compress(b'{"a":1}\nnot json\n', "gzip", 1), "gzip")
+
+
+def test_queue_offer_many_is_all_or_nothing_and_close_drains() -> None:
+    async def run() -> None:
+        q: EventQueue[int] = EventQueue(5)
+        assert q.offer_many([1, 2, 3])
+        assert not q.offer_many([4, 5, 6])  # would exceed: nothing taken
+        assert len(q) == 3 and q.room() == 2
+        assert q.offer(4)
+        assert await q.take(10, None) == [1, 2, 3, 4]
+        assert await q.take(10, 0.01) == []
+        q.offer(5)
+        q.close()
+        assert not q.offer(6)
+        assert await q.take(10, None) == [5]
+        assert await q.take(10, None) is None
+
+    asyncio.run(run())
