@@ -175,7 +175,14 @@ async def serve(
             w.cancel()
     lifecycle.begin()
     set_ready(app, False)
-    await runner.cleanup()  # listener closed → in-flight finished → pipeline drained
+    # Stop listening, then let requests already inside /collect finish (slow bodies included):
+    # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut them off.
+    await site.stop()
+    collector = app[COLLECTOR]
+    if not await collector.inflight.wait_zero(lifecycle.http_grace()):
+        log.warning("in-flight requests still open after the grace period", extra={
+            "requests": collector.inflight.count})
+    await runner.cleanup()  # idle connections closed → pipeline drained (cleanup_ctx)
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -11,6 +11,7 @@ is draining. NDJSON is all-or-nothing. Every non-2xx moves `http_requests_reject
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,35 @@ from estat_ingest.pipeline.record import IdGen, encode_record
 ALLOW = "GET, POST, OPTIONS"
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+
+
+class InFlight:
+    """Requests inside the /collect handler; shutdown waits for it to reach zero (bounded)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._zero: asyncio.Event | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._zero is not None:
+            self._zero.set()
+
+    async def wait_zero(self, timeout: float) -> bool:
+        if self.count == 0:
+            return True
+        self._zero = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._zero.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._zero = None
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +85,7 @@ class Collector:
         self.client_ip = ClientIp(settings.trusted_proxies)
         self.accepting = False  # True from pipeline start until the pipeline drains (else 503)
         self.ready = False  # /ready: False before start-up completes and from the first signal
+        self.inflight = InFlight()
         self._cookie_allow = frozenset(settings.cookie_allowlist)
 
     # ------------------------------------------------------------------ replies

@@ -37,23 +37,30 @@ def to_response(reply: Reply) -> web.Response:
 
 async def collect(request: web.Request) -> web.StreamResponse:
     collector = request.app[COLLECTOR]
-    body = b""
-    if request.method == "POST":
-        got = await read_capped(request, collector.settings.max_body_bytes)
-        if got is None:
-            resp = to_response(collector.too_large())
-            resp.force_close()  # the rest of the body is never read
-            return resp
-        body = got
-    reply = collector.handle(
-        request.method,
-        request.path,
-        request.rel_url.raw_query_string,
-        request.headers,
-        body,
-        request.remote,
-    )
-    return to_response(reply)
+    collector.inflight.enter()
+    try:
+        body = b""
+        if request.method == "POST":
+            got = await read_capped(request, collector.settings.max_body_bytes)
+            if got is None:
+                resp = to_response(collector.too_large())
+                resp.force_close()  # the rest of the body is never read
+                return resp
+            body = got
+        reply = collector.handle(
+            request.method,
+            request.path,
+            request.rel_url.raw_query_string,
+            request.headers,
+            body,
+            request.remote,
+        )
+        resp = to_response(reply)
+        if not collector.ready:
+            resp.force_close()  # draining: move the client to another instance
+        return resp
+    finally:
+        collector.inflight.leave()
 
 
 async def health(request: web.Request) -> web.Response:
