@@ -7,11 +7,12 @@ on drops) so `sum()` over them is v1's number. New metrics follow Prometheus nam
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from estat_ingest import __version__
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format every Prometheus version parses (generate_latest's output is valid 0.0.4
+# for our metric names, which need no escaping).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _EVENT_BUCKETS = (1, 10, 100, 500, 1000, 2000, 5000, 10_000, 50_000)
 _BYTE_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB … 1 GiB
@@ -85,6 +86,12 @@ class Metrics:
             "dlq_write_errors_total", "DLQ writes that failed (disk full, EIO)", ["sink"], registry=r)
         self.dlq_oldest_age = Gauge(
             "dlq_oldest_file_age_seconds", "Age of the oldest DLQ file", ["sink"], registry=r)
+        # --- OpenSearch, per _bulk item (not per request)
+        self.opensearch_items = Counter(
+            "opensearch_items_total",
+            "OpenSearch _bulk items by outcome: created, duplicate (409 on create = already indexed), "
+            "retried (item 429/5xx, sent again alone), rejected (item 4xx or invalid record → DLQ)",
+            ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
