@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from estat_ingest.config import Settings
+from estat_ingest.dlq.replayer import Replayer
 from estat_ingest.dlq.store import DlqStore
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.batcher import Batch, Batcher
@@ -78,17 +79,21 @@ class Pipeline:
             ev, by, iv = sink.batching or (settings.batch_max_events, settings.batch_max_bytes,
                                            settings.flush_interval_s)
             concurrency = getattr(sink, "concurrency", None) or settings.upload_concurrency
+            bind_metrics = getattr(sink, "bind_metrics", None)  # sinks with their own counters
+            if bind_metrics is not None:
+                bind_metrics(metrics)
             self.lanes.append(Lane(
                 sink=sink,
                 batcher=Batcher(ev, by, iv),
                 upload_q=asyncio.Queue(settings.upload_queue_batches),
-                store=DlqStore(self.dlq_root, sink.name, metrics),
+                store=DlqStore(self.dlq_root, sink.name, metrics, settings=settings),
                 concurrency=concurrency,
             ))
         self.fan_out = len(self.lanes) > 1
         self.report = DrainReport()
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.replayers: list[Replayer] = []  # one per lane, started last, stopped first
         self._abort = asyncio.Event()
         self._force_flush = False
         self._open_batches = 0  # closed but not yet delivered or spilled
@@ -106,10 +111,13 @@ class Pipeline:
             await lane.sink.start()
             await lane.store.start()
             self._spawn(self._probe(lane.sink))
+            self.replayers.append(Replayer(self, lane))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
         for lane in self.lanes:
             for i in range(lane.concurrency):
                 lane.tasks.append(asyncio.create_task(self._upload_loop(lane), name=f"upload-{lane.sink.name}-{i}"))
+        for replayer in self.replayers:
+            replayer.start()
 
     def _spawn(self, coro: object) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -130,6 +138,8 @@ class Pipeline:
         """Close the queue and deliver what is left within `timeout_s`, then spill to the DLQ."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        for replayer in self.replayers:  # replay yields to the drain: claims are given back
+            await replayer.stop()
         self.queue.close()
         tasks = [t for t in [self._dispatcher, *(t for lane in self.lanes for t in lane.tasks)] if t]
         done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
@@ -216,6 +226,7 @@ class Pipeline:
             if batch is None:
                 return
             payload = await self._encode(lane, batch)
+            del batch  # the raw lines are garbage now unless the sink asked to keep them
             await self.deliver(lane, payload)
 
     async def _encode(self, lane: Lane, batch: Batch) -> Payload:
@@ -231,7 +242,7 @@ class Pipeline:
             data=data,
             compression=s.compression,
             first_ts=batch.first_ts,
-            lines=tuple(batch.lines),
+            lines=tuple(batch.lines) if lane.sink.wants_lines else None,
         )
 
     async def deliver(self, lane: Lane, payload: Payload) -> None:

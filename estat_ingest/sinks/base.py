@@ -57,6 +57,8 @@ class Sink(ABC):
     attempts: int = 3
     #: bound on one attempt, enforced by the engine
     timeout_s: float = 10.0
+    #: keep the uncompressed lines in Payload.lines (else only the compressed data is kept in memory)
+    wants_lines: bool = False
     #: batching of this sink: (max events, max bytes, interval seconds); None = the global settings
     batching: tuple[int, int, float] | None = None
 
