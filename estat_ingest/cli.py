@@ -6,7 +6,8 @@ import argparse
 import asyncio
 import sys
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import orjson
 
@@ -14,27 +15,24 @@ from estat_ingest import __version__
 from estat_ingest.config import ConfigError, Settings
 
 
-def _load(overrides: dict[str, object] | None = None) -> Settings:
+def _load(overrides: dict[str, Any] | None = None) -> Settings:
     try:
-        return Settings.from_env(**(overrides or {}))
+        return Settings.from_env(None, **(overrides or {}))
     except ConfigError as err:
         print(f"estat-ingest: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _run(coro: object) -> int:
+def _run(coro: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop missing on this platform
-        runner = asyncio.run
-    result: int = runner(coro)  # type: ignore[arg-type]
-    return result
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}
     if args.workers is not None:
         overrides["workers"] = args.workers
     settings = _load(overrides)
@@ -45,9 +43,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from estat_ingest.workers import run_workers
 
         return run_workers(settings)
-    from estat_ingest.app import serve
-
     import logging
+
+    from estat_ingest.app import serve
 
     logging.getLogger("estat_ingest").info("starting", extra={"version": __version__,
                                                               "config": settings.describe()})
@@ -62,7 +60,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     try:
-        with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:  # noqa: S310 - fixed local URL
+        with urllib.request.urlopen(args.url, timeout=args.timeout) as resp:
             return 0 if resp.status == 200 else 1
     except OSError:
         return 1

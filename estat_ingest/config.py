@@ -234,6 +234,12 @@ class Settings:
     trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
     store_cookies: bool = True
     cookie_allowlist: tuple[str, ...] = ()
+    # edge limits (issue 5): header line size and count, body read deadline, concurrency, JSON depth
+    max_header_bytes: int = 8190
+    max_headers: int = 100
+    request_read_timeout_s: float = 10.0
+    max_in_flight: int = 1024
+    max_json_depth: int = 64
     # logs
     log_level: str = "info"
     log_format: str = "json"
@@ -266,7 +272,6 @@ class Settings:
             if value is not None:
                 values[attr] = value
 
-        pos: Callable[[Any], bool] = lambda v: v > 0  # noqa: E731
         nonneg: Callable[[Any], bool] = lambda v: v >= 0  # noqa: E731
 
         addr = get("HTTP_ADDR", parse_addr)
@@ -354,6 +359,14 @@ class Settings:
         put("trusted_proxies", get("TRUSTED_PROXIES", parse_cidrs))
         put("store_cookies", get("STORE_COOKIES", parse_bool))
         put("cookie_allowlist", get("COOKIE_ALLOWLIST", parse_list))
+        put("max_header_bytes", get("MAX_HEADER_BYTES", parse_size, lambda v: 1024 <= v <= 1024**2,
+                                    "1KiB to 1MiB per header line"))
+        put("max_headers", get("MAX_HEADERS", parse_int, lambda v: 8 <= v <= 1000, "8 to 1000 headers"))
+        put("request_read_timeout_s", get("REQUEST_READ_TIMEOUT", parse_duration, lambda v: 0.1 <= v <= 600,
+                                          "100ms to 10m"))
+        put("max_in_flight", get("MAX_IN_FLIGHT", parse_int, lambda v: 1 <= v <= 1_000_000,
+                                 "1 to 1000000 requests"))
+        put("max_json_depth", get("MAX_JSON_DEPTH", parse_int, lambda v: 1 <= v <= 512, "1 to 512 levels"))
         put("log_level", get("LOG_LEVEL", _choice("debug", "info", "warning", "error")))
         put("log_format", get("LOG_FORMAT", _choice("json", "text")))
 

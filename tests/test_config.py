@@ -96,9 +96,9 @@ def test_bad_value_names_variable_value_and_expectation(var: str, value: str, ki
 
 
 def test_cross_variable_rules() -> None:
-    with pytest.raises(ConfigError, match="^RAW_BUCKET="):
+    with pytest.raises(ConfigError, match=r"^RAW_BUCKET="):
         Settings.from_env({"SINKS": "s3"})
-    with pytest.raises(ConfigError, match="^OPENSEARCH_URL="):
+    with pytest.raises(ConfigError, match=r"^OPENSEARCH_URL="):
         Settings.from_env({"SINKS": "opensearch"})
 
 

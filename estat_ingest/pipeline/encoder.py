@@ -14,6 +14,7 @@ import zlib
 import orjson
 import zstandard
 
+
 def compress(data: bytes, compression: str, level: int) -> bytes:
     if compression == "zstd":
         cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)

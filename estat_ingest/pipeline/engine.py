@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from estat_ingest.config import Settings
 from estat_ingest.dlq.replayer import Replayer
@@ -119,8 +120,8 @@ class Pipeline:
         for replayer in self.replayers:
             replayer.start()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -142,7 +143,7 @@ class Pipeline:
             await replayer.stop()
         self.queue.close()
         tasks = [t for t in [self._dispatcher, *(t for lane in self.lanes for t in lane.tasks)] if t]
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         if pending:
             self.report.aborted = True
             log.warning("shutdown budget spent: spilling the rest to the dlq",
@@ -247,7 +248,7 @@ class Pipeline:
 
     async def deliver(self, lane: Lane, payload: Payload) -> None:
         """Attempts with backoff; on failure, rejection or abort the payload goes to the DLQ."""
-        sink, m = lane.sink, self.metrics
+        sink = lane.sink
         failures = 0
         reason = "failed"
         try:

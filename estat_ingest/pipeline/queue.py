@@ -55,7 +55,7 @@ class EventQueue(Generic[T]):
         if self._wakeup is not None:
             self._wakeup.set()
 
-    async def take(self, max_items: int, timeout: float | None) -> list[T] | None:
+    async def take(self, max_items: int, timeout: float | None) -> list[T] | None:  # noqa: ASYNC109
         """Up to `max_items` items; [] when `timeout` passed first; None when closed and empty."""
         if not self._items:
             if self._closed:

@@ -13,6 +13,6 @@ class Backoff:
 
     def delay(self, failures: int, rand: random.Random | None = None) -> float:
         """Delay before the next attempt after `failures` consecutive failures (≥ 1)."""
-        ceiling = min(self.cap_s, self.base_s * (2 ** max(0, failures - 1)))
-        r = (rand or random).random()
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** max(0, failures - 1))
+        r: float = (rand or random).random()
         return ceiling / 2 + r * ceiling / 2  # "equal jitter": never zero, never above the cap
