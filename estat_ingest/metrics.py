@@ -86,6 +86,9 @@ class Metrics:
             "dlq_write_errors_total", "DLQ writes that failed (disk full, EIO)", ["sink"], registry=r)
         self.dlq_oldest_age = Gauge(
             "dlq_oldest_file_age_seconds", "Age of the oldest DLQ file", ["sink"], registry=r)
+        self.dlq_rejected = Counter(
+            "dlq_events_rejected_total", "DLQ events the sink rejected for good, moved to DLQ_PREFIX or rejected/",
+            ["sink"], registry=r)
         # --- OpenSearch, per _bulk item (not per request)
         self.opensearch_items = Counter(
             "opensearch_items_total",

@@ -1,36 +1,52 @@
-"""DLQ store: one directory per sink under DLQ_DIR.
+"""DLQ store: one directory per sink under DLQ_DIR (docs/dlq.md).
 
 Invariants
 - A DLQ entry is the v1 pair `<name>` (the encoded batch, byte-identical to what the sink would
-  receive) + `<name>.meta.json` (`num_events` and, new, sink, key, created_at, checksum, attempts).
-- Files are written to a hidden temp name, fsynced, renamed, and the directory is fsynced: after a
-  crash an entry is complete or absent; temp files left behind are removed at start.
-- Nothing is deleted without delivery except by a counted, logged policy (ttl, capacity, corrupt).
+  receive) + `<name>.meta.json` (`num_events` and, new, sink, key, partition, first_ts, created_at,
+  compression, checksum, attempts, reason).
+- Files are written to a hidden temp name, fsynced, renamed (data first, then meta), and the
+  directory is fsynced: after a crash an entry is complete or absent (a data file whose meta rename
+  did not happen is complete: it replays like a v1 file). Temp files left by a crash are removed.
+- Nothing is deleted without delivery except by a counted, logged policy: ttl, capacity, corrupt
+  (quarantined), write_error — each adds the file's events to dlq_events_dropped_total{reason}.
+- The index (scan.Index) knows every file this process wrote plus what the start-up scan and the
+  rotating partial scans found; the gauges are computed from it, so they are exact after restarts.
+- Before a file is read for delivery or deleted by policy it is claimed (files.claim), so several
+  processes can share one directory.
 - All file work is blocking and runs in a thread, never on the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from estat_ingest.dlq import files
+from estat_ingest.dlq.files import META_SUFFIX
+from estat_ingest.dlq.scan import Entry, Index, Scanner, ScanResult, remove_orphan_metas, scan_pass
 from estat_ingest.fsutil import fsync_dir, write_tmp
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.encoder import checksum
+from estat_ingest.pipeline.keys import unix_of_name
 from estat_ingest.sinks.base import Payload
+
+if TYPE_CHECKING:
+    from estat_ingest.config import Settings
 
 log = logging.getLogger("estat_ingest.dlq")
 
-META_SUFFIX = ".meta.json"
+__all__ = ["META_SUFFIX", "DirTotals", "DlqStore", "is_data_name"]
 
 
 def is_data_name(name: str) -> bool:
-    return not name.startswith(".") and not name.endswith(META_SUFFIX) and not name.endswith(".claim")
+    return files.kind_of(name) == "data"
 
 
 @dataclass(slots=True)
@@ -39,40 +55,93 @@ class DirTotals:
     bytes: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_age_s: float = 24 * 3600.0  # 0 = never expire
+    max_size_bytes: int = 0  # 0 = no cap
+    min_free_bytes: int = 0
+    scan_limit: int = 1000
+    claim_timeout_s: float = 300.0
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(s.dlq_max_age_s, s.dlq_max_size_bytes, s.dlq_min_free_bytes, s.dlq_scan_limit,
+                   s.dlq_claim_timeout_s)
+
+
+def free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 class DlqStore:
-    def __init__(self, root: str, sink: str, metrics: Metrics) -> None:
+    def __init__(self, root: str, sink: str, metrics: Metrics, *, settings: Settings | None = None,
+                 limits: Limits | None = None, v1_dirs: tuple[str, ...] | None = None,
+                 owner: str | None = None) -> None:
         self.root = root
         self.sink = sink
         self.dir = os.path.join(root, sink)
         self.metrics = metrics
         self.totals = DirTotals()
+        self.limits = limits or (Limits.of(settings) if settings is not None else Limits())
+        self.owner = owner or files.owner_id(settings.instance_id if settings is not None else "estat")
+        if v1_dirs is None:  # v1 pairs lie directly in DLQ_DIR; only the s3 lane replays them
+            v1_dirs = ()
+            if sink == "s3":
+                v1_dirs = tuple(dict.fromkeys([root] + ([settings.dlq_dir] if settings is not None else [])))
+        self.sources: tuple[str, ...] = (self.dir, *v1_dirs)
+        self.index = Index()
+        self.changed = asyncio.Event()  # set when a file is written (wakes the replayer)
+        self._scanners = [Scanner(d) for d in self.sources]
+        self._reported_foreign: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()
 
     # ---------------------------------------------------------------- start-up
 
     async def start(self) -> None:
-        self.totals = await asyncio.to_thread(self._start_sync)
+        """Create the directory, clean crash leftovers, build the index by a full scan in chunks."""
+        await asyncio.to_thread(os.makedirs, self.dir, exist_ok=True)
+        lim = self.limits
+        chunk = max(1000, lim.scan_limit)
+        for scanner in self._scanners:
+            start_wraps = scanner.wraps
+            metas: list[tuple[str, float]] = []
+            present: set[str] = set()
+            while scanner.wraps == start_wraps:
+                res = await asyncio.to_thread(scan_pass, scanner, chunk, self.index.knows, time.time(),
+                                              lim.claim_timeout_s, True)
+                self._absorb(res)
+                metas.extend(res.metas)
+                present |= res.present
+                if res.entries == 0:
+                    break
+            if metas:
+                await asyncio.to_thread(remove_orphan_metas, scanner.directory, metas, present, time.time(),
+                                        lim.claim_timeout_s)
         self._publish()
+        if self.totals.files:
+            log.info("dlq found at start", extra={"sink": self.sink, "files": self.totals.files,
+                                                  "bytes": self.totals.bytes})
 
-    def _start_sync(self) -> DirTotals:
-        os.makedirs(self.dir, exist_ok=True)
-        totals = DirTotals()
-        with os.scandir(self.dir) as it:
-            for entry in it:
-                if entry.name.startswith(".") and ".tmp-" in entry.name:
-                    try:  # a write interrupted by a crash: never renamed, never visible
-                        os.unlink(entry.path)
-                    except OSError:
-                        pass
-                    continue
-                if is_data_name(entry.name) and entry.is_file(follow_symlinks=False):
-                    totals.files += 1
-                    totals.bytes += entry.stat(follow_symlinks=False).st_size
-        return totals
+    def _absorb(self, res: ScanResult) -> None:
+        for e in res.new:
+            if self.index.add(e):
+                self.totals.files += 1
+                self.totals.bytes += e.size
+        for name in res.foreign:
+            key = (self.sink, name)
+            if key not in self._reported_foreign and len(self._reported_foreign) < 10_000:
+                self._reported_foreign.add(key)
+                log.warning("foreign file in the dlq directory ignored", extra={"sink": self.sink,
+                                                                                "file": name})
+        if res.recovered:
+            log.warning("stale dlq claims recovered", extra={"sink": self.sink, "files": len(res.recovered)})
 
     def _publish(self) -> None:
         self.metrics.dlq_files.labels(self.sink).set(self.totals.files)
         self.metrics.dlq_bytes.labels(self.sink).set(self.totals.bytes)
+        oldest = self.index.oldest_unix()
+        self.metrics.dlq_oldest_age.labels(self.sink).set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     # ---------------------------------------------------------------- write side
 
@@ -104,15 +173,17 @@ class DlqStore:
             os.replace(tmp_meta, path + META_SUFFIX)
         except BaseException:
             for t in (tmp_data, tmp_meta):
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(t)
-                except OSError:
-                    pass
             raise
         fsync_dir(d)
 
     async def write(self, payload: Payload, reason: str) -> bool:
         """Persist an undeliverable payload. False (counted, logged) if the disk refused it."""
+        size = len(payload.data)
+        if not await self.make_room(size):
+            self._count_drop(payload.name, payload.num_events, "capacity")
+            return False
         try:
             await asyncio.to_thread(self.write_sync, payload, reason)
         except OSError as err:
@@ -122,18 +193,123 @@ class DlqStore:
                 "sink": self.sink, "file": payload.name, "events": payload.num_events,
                 "reason": "write_error", "error": str(err)})
             return False
-        self.totals.files += 1
-        self.totals.bytes += len(payload.data)
-        self._publish()
+        self.added(Entry(unix_of_name(payload.name) or int(payload.first_ts), payload.name, self.dir, size))
         self.metrics.dlq_enqueued.labels(self.sink).inc(payload.num_events)
         self.metrics.dlq_writes.labels(self.sink, reason).inc()
         log.warning("batch written to dlq", extra={
             "sink": self.sink, "file": payload.name, "events": payload.num_events,
-            "bytes": len(payload.data), "reason": reason})
+            "bytes": size, "reason": reason})
         return True
+
+    def added(self, entry: Entry) -> None:
+        if self.index.add(entry):
+            self.totals.files += 1
+            self.totals.bytes += entry.size
+            self._publish()
+        self.changed.set()
 
     def forget(self, size: int) -> None:
         """A data file of `size` bytes left the directory (delivered, expired, evicted)."""
         self.totals.files = max(0, self.totals.files - 1)
         self.totals.bytes = max(0, self.totals.bytes - size)
         self._publish()
+
+    def gone(self, entry: Entry) -> None:
+        """The file left the directory (delivered here, or taken by another process)."""
+        if self.index.knows(entry.directory, entry.name):
+            self.forget(self.index.drop(entry))
+
+    # ---------------------------------------------------------------- scan and policy
+
+    async def rescan(self) -> int:
+        """One rotating partial scan: DLQ_SCAN_LIMIT entries of each source directory."""
+        n = 0
+        for scanner in self._scanners:
+            res = await asyncio.to_thread(scan_pass, scanner, self.limits.scan_limit, self.index.knows,
+                                          time.time(), self.limits.claim_timeout_s)
+            self._absorb(res)
+            n += len(res.new)
+        self._publish()
+        return n
+
+    async def enforce(self, now: float | None = None) -> int:
+        """TTL on the oldest files, then capacity (size cap, free disk). Returns files dropped."""
+        now = time.time() if now is None else now
+        dropped = 0
+        if self.limits.max_age_s > 0:
+            while (top := self.index.peek()) is not None and now - top.unix > self.limits.max_age_s:
+                e = self.index.pop()
+                assert e is not None
+                dropped += await self.drop(e, "ttl")
+        if not await self.make_room(0):
+            pass  # nothing left to evict; the next write reports what it cannot keep
+        return dropped
+
+    async def make_room(self, size: int) -> bool:
+        """Evict oldest first until `size` more bytes fit under DLQ_MAX_SIZE_BYTES and above
+        DLQ_MIN_FREE_BYTES. False if they cannot fit under the size cap even with nothing left."""
+        lim = self.limits
+        async with self._lock:
+            while True:
+                over_cap = lim.max_size_bytes > 0 and self.totals.bytes + size > lim.max_size_bytes
+                low_disk = False
+                if not over_cap and lim.min_free_bytes > 0:
+                    try:
+                        low_disk = await asyncio.to_thread(free_bytes, self.dir) - size < lim.min_free_bytes
+                    except OSError:
+                        low_disk = False
+                if not (over_cap or low_disk):
+                    return True
+                e = self.index.pop()
+                if e is None:
+                    return not over_cap  # low disk with nothing to evict: try the write anyway
+                await self.drop(e, "capacity")
+
+    async def drop(self, entry: Entry, reason: str) -> int:
+        """Delete a file by policy (claimed first), counting its events. Returns 1 if deleted."""
+        cpath = await asyncio.to_thread(files.claim, entry.directory, entry.name, self.owner)
+        if cpath is None:  # another process has it: not ours to count
+            self.gone(entry)
+            return 0
+        try:
+            n, ok = await asyncio.to_thread(self._drop_sync, cpath, entry)
+        except OSError as err:
+            log.error("dlq file could not be deleted", extra={"sink": self.sink, "file": entry.name,
+                                                              "reason": reason, "error": str(err)})
+            await asyncio.to_thread(files.release, cpath, entry.directory, entry.name)
+            self.index.push_back(entry)
+            return 0
+        self.gone(entry)
+        if not ok:
+            return 0
+        self._count_drop(entry.name, n, reason)
+        self.metrics.dlq_expired.labels(self.sink).inc()
+        return 1
+
+    def _drop_sync(self, cpath: str, entry: Entry) -> tuple[int, bool]:
+        meta = files.read_meta(entry.directory, entry.name)
+        n = files.events_for_drop(cpath, entry.name, meta)
+        return n, files.remove(cpath, entry.directory, entry.name)
+
+    def _count_drop(self, name: str, events: int, reason: str) -> None:
+        self.metrics.dlq_dropped.labels(self.sink, reason).inc(events)
+        log.error("dlq events dropped", extra={"sink": self.sink, "file": name, "events": events,
+                                               "reason": reason})
+
+    async def quarantine(self, entry: Entry, cpath: str, error: str) -> None:
+        """A corrupt file: moved to `<dir>/corrupt/` (kept for inspection), its events counted."""
+        def move() -> int:
+            meta = files.read_meta(entry.directory, entry.name)
+            n = files.events_of(meta) or 0
+            files.move_aside(cpath, entry.directory, entry.name, files.CORRUPT)
+            return n
+
+        n = await asyncio.to_thread(move)
+        self.gone(entry)
+        self.metrics.dlq_dropped.labels(self.sink, "corrupt").inc(n)
+        log.error("corrupt dlq file quarantined", extra={
+            "sink": self.sink, "file": entry.name, "events": n, "reason": "corrupt", "error": error,
+            "moved_to": os.path.join(entry.directory, files.CORRUPT)})
+
+    def stats(self) -> dict[str, Any]:
+        return {"files": self.totals.files, "bytes": self.totals.bytes, "waiting": self.index.waiting()}
