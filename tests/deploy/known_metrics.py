@@ -29,6 +29,9 @@ COUNTERS: dict[str, frozenset[str]] = {
     "events_delivered_total": frozenset({"sink"}),
     "dlq_batches_written_total": frozenset({"sink", "reason"}),
     "dlq_write_errors_total": frozenset({"sink"}),
+    "dlq_events_rejected_total": frozenset({"sink"}),
+    "http_requests_api_key_total": frozenset({"key_name"}),
+    "opensearch_items_total": frozenset({"outcome"}),
 }
 GAUGES: dict[str, frozenset[str]] = {
     # v1
