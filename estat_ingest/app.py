@@ -21,7 +21,7 @@ from aiohttp import web
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
-from estat_ingest.http.routes import COLLECTOR, METRICS, add_routes
+from estat_ingest.http.routes import COLLECTOR, METRICS, add_routes, server_kwargs
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -154,7 +154,7 @@ async def serve(
         handle_signals=False,
         access_log=None,
         shutdown_timeout=lifecycle.http_grace(),
-        keepalive_timeout=75.0,  # above the ALB's 60 s idle timeout
+        **server_kwargs(app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
     )
     await runner.setup()  # runs cleanup_ctx start-up: sinks, DLQ, pipeline
     own_sock = sock or make_socket(settings.http_host, settings.http_port)

@@ -57,6 +57,9 @@ class Metrics:
         self.rejected = Counter(
             "http_requests_rejected_total", "Requests to /collect answered 4xx/5xx, by reason", ["reason"],
             registry=r)
+        self.api_key_requests = Counter(
+            "http_requests_api_key_total", "Accepted /collect requests by API key name (never the key)",
+            ["key_name"], registry=r)
         self.events_accepted = Counter(
             "ingest_events_accepted_total", "Events accepted (NDJSON requests carry several)", registry=r)
         self.queue_depth = Gauge("ingest_queue_depth_events", "Events waiting between HTTP and batchers",

@@ -7,11 +7,18 @@ turns a `Reply` into a response, so it can be replaced by a leaner one without t
 Status codes (DESIGN.md §3): 200 accepted; 400 not UTF-8 JSON; 405 with Allow; 413 over
 MAX_BODY_SIZE (exactly MAX is allowed); 503 with Retry-After when the queue is full or the server
 is draining. NDJSON is all-or-nothing. Every non-2xx moves `http_requests_rejected_total{reason}`.
+
+Edge rules (issue 5, docs/security.md): 401 with WWW-Authenticate when API_KEYS is set and the
+request presents no key or a wrong one; `Content-Encoding` gzip/deflate/zstd decoded under the
+MAX_BODY_SIZE cap (413 past it, 400 broken stream, 415 unknown encoding); JSON nested deeper than
+MAX_JSON_DEPTH is 400; CORS headers for allowed origins; `GET /collect.gif` or `Accept: image/*`
+answers a 1x1 GIF. Rejections are logged at most once per reason per LOG_EVERY_S seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,7 +26,10 @@ from dataclasses import dataclass, field
 import orjson
 
 from estat_ingest.config import Settings
+from estat_ingest.http.auth import WWW_AUTHENTICATE, ApiKeys, strip_api_key
+from estat_ingest.http.bodies import BodyError, decode, split_ndjson, too_deep
 from estat_ingest.http.clientip import ClientIp
+from estat_ingest.http.cors import Cors
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.record import IdGen, encode_record
@@ -27,6 +37,33 @@ from estat_ingest.pipeline.record import IdGen, encode_record
 ALLOW = "GET, POST, OPTIONS"
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
 _TEXT = {"Content-Type": "text/plain; charset=utf-8"}
+# the smallest transparent 1x1 GIF (43 bytes), for <img> pixels
+GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
+PIXEL_PATHS = frozenset({"/collect.gif", "/pixel.gif"})
+LOG_EVERY_S = 10.0
+
+log = logging.getLogger("estat_ingest.http")
+
+
+class RejectLog:
+    """One warning per rejection reason per `every` seconds, with how many were not logged."""
+
+    def __init__(self, every: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def note(self, status: int, reason: str, message: str) -> None:
+        now = self.clock()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.every:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        log.warning("request rejected", extra={
+            "status": status, "reason": reason, "detail": message[:200],
+            "suppressed": self._suppressed.pop(reason, 0)})
 
 
 class InFlight:
@@ -66,6 +103,8 @@ class Reply:
 
 
 OK_REPLY = Reply(200)
+PIXEL_REPLY = Reply(200, {"Content-Type": "image/gif", "Cache-Control": "no-store, max-age=0"}, GIF)
+PREFLIGHT_REPLY = Reply(204, {"Allow": ALLOW})
 
 
 class Collector:
@@ -87,6 +126,9 @@ class Collector:
         self.ready = False  # /ready: False before start-up completes and from the first signal
         self.inflight = InFlight()
         self._cookie_allow = frozenset(settings.cookie_allowlist)
+        self.cors = Cors(settings.cors_allow_origins)
+        self.keys = ApiKeys(settings.api_keys)
+        self.reject_log = RejectLog()
 
     # ------------------------------------------------------------------ replies
 
@@ -97,10 +139,20 @@ class Collector:
             m.http_too_large.inc()
         elif reason == "queue_full":
             m.http_queue_full.inc()
+        self.reject_log.note(status, reason, message)
         h = dict(_TEXT)
         if headers:
             h.update(headers)
         return Reply(status, h, message.encode() + b"\n")
+
+    def with_cors(self, reply: Reply, headers: Mapping[str, str]) -> Reply:
+        """`reply` plus the CORS headers for the request's Origin, when it is allowed."""
+        if not self.cors.enabled:
+            return reply
+        extra = self.cors.simple(headers.get("Origin"))
+        if extra is None:
+            return reply
+        return Reply(reply.status, {**reply.headers, **extra}, reply.body)
 
     def too_large(self) -> Reply:
         return self.reject(413, "too_large", f"body larger than MAX_BODY_SIZE={self.settings.max_body_bytes} bytes")
@@ -120,27 +172,64 @@ class Collector:
         body: bytes,
         peer: str | None,
     ) -> Reply:
-        if method == "OPTIONS":
-            return Reply(204, {"Allow": ALLOW})
-        if method == "GET":
-            payload = query.encode("utf-8", "surrogateescape")
-        elif method == "POST":
+        if self.cors.enabled:
+            if method == "OPTIONS" and headers.get("Access-Control-Request-Method"):
+                extra = self.cors.preflight(headers.get("Origin"))
+                return Reply(204, {"Allow": ALLOW, **extra}) if extra else PREFLIGHT_REPLY
+            return self.with_cors(self._handle(method, path, query, headers, body, peer), headers)
+        return self._handle(method, path, query, headers, body, peer)
+
+    def _handle(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        peer: str | None,
+    ) -> Reply:
+        pixel = False
+        if method == "POST":
             payload = body
+        elif method == "GET":
+            pixel = path in PIXEL_PATHS or "image/" in headers.get("Accept", "")
+            payload = query.encode("utf-8", "surrogateescape")
+        elif method == "OPTIONS":
+            return PREFLIGHT_REPLY
         else:
-            return self.reject(405, "method_not_allowed", f"method {method[:16]} not allowed", {"Allow": ALLOW})
-        if len(payload) > self.settings.max_body_bytes:
+            return self.reject(405, "method_not_allowed", f"method {method[:16]} not allowed",
+                               {"Allow": ALLOW})
+        settings = self.settings
+        key_name = ""
+        if self.keys.enabled:
+            candidate = self.keys.candidate(headers, query)
+            if candidate is None:
+                return self.reject(401, "auth_missing", "API key required", WWW_AUTHENTICATE)
+            found = self.keys.name_of(candidate)
+            if found is None:
+                return self.reject(401, "auth_invalid", "API key not valid", WWW_AUTHENTICATE)
+            key_name = found
+            if method == "GET":
+                payload = strip_api_key(query).encode("utf-8", "surrogateescape")
+        if len(payload) > settings.max_body_bytes:
             return self.too_large()
         if not self.accepting:
             return self.unavailable("draining")
 
-        ctype = headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        ndjson = method == "POST" and ctype in NDJSON_TYPES
+        if method == "POST":
+            encoding = headers.get("Content-Encoding")
+            if encoding:
+                try:
+                    payload = decode(encoding, payload, settings.max_body_bytes)
+                except BodyError as bad:
+                    return self.reject(bad.status, bad.reason, str(bad))
+            ctype = headers.get("Content-Type", "")
+            ndjson = bool(ctype) and ctype.split(";", 1)[0].strip().lower() in NDJSON_TYPES
+        else:
+            ndjson = False
         if ndjson:
             bodies: list[str] = []
-            for n, raw in enumerate(payload.split(b"\n"), 1):
-                raw = raw.rstrip(b"\r")
-                if not raw.strip():
-                    continue
+            for n, raw in split_ndjson(payload):
                 text, err = self._validate(raw, True)
                 if text is None:
                     return self.reject(400, err, f"line {n}: {err.replace('_', ' ')}")
@@ -154,7 +243,12 @@ class Collector:
             bodies = [text]
 
         now = self.clock()
-        ip = self.client_ip(peer, headers.get("X-Forwarded-For"), headers.get("CloudFront-Viewer-Address"))
+        xff = headers.get("X-Forwarded-For")
+        if xff is not None:
+            getall = getattr(headers, "getall", None)
+            if getall is not None:  # several header lines are one list (RFC 9110 §5.3)
+                xff = ",".join(getall("X-Forwarded-For"))
+        ip = self.client_ip(peer, xff, headers.get("CloudFront-Viewer-Address"))
         ua = headers.get("User-Agent", "")
         cookie = self._cookie(headers.get("Cookie", ""))
         next_id = self.ids.next
@@ -167,7 +261,9 @@ class Collector:
             return self.unavailable("queue_full" if not self.queue.closed else "draining")
         m.http_accepted.inc()
         m.events_accepted.inc(len(records))
-        return OK_REPLY
+        if key_name:
+            m.api_key_requests.labels(key_name).inc()
+        return PIXEL_REPLY if pixel else OK_REPLY
 
     def _validate(self, raw: bytes, is_json: bool) -> tuple[str | None, str]:
         """(payload text, "") or (None, reason)."""
@@ -175,13 +271,15 @@ class Collector:
             if not raw.strip():
                 return None, "empty"
             try:
-                orjson.loads(raw)
+                value = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 try:
                     raw.decode("utf-8")
                 except UnicodeDecodeError:
                     return None, "invalid_utf8"
                 return None, "invalid_json"
+            if too_deep(raw, value, self.settings.max_json_depth):
+                return None, "too_deep"
             return raw.decode("utf-8"), ""
         try:
             return raw.decode("utf-8"), ""

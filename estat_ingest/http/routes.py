@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
 
-from estat_ingest.http.collect import Collector, Reply
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+
+from estat_ingest.http.collect import LOG_EVERY_S, PIXEL_PATHS, Collector, Reply
 from estat_ingest.metrics import CONTENT_TYPE, Metrics
 
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector", Collector)
@@ -37,13 +45,33 @@ def to_response(reply: Reply) -> web.Response:
 
 async def collect(request: web.Request) -> web.StreamResponse:
     collector = request.app[COLLECTOR]
+    settings = collector.settings
     collector.inflight.enter()
     try:
+        if collector.inflight.count > settings.max_in_flight:
+            reply = collector.reject(503, "overloaded", "too many requests in flight, retry later",
+                                     {"Retry-After": "1"})
+            resp = to_response(collector.with_cors(reply, request.headers))
+            resp.force_close()
+            return resp
         body = b""
         if request.method == "POST":
-            got = await read_capped(request, collector.settings.max_body_bytes)
+            try:
+                async with asyncio.timeout(settings.request_read_timeout_s):
+                    got = await read_capped(request, settings.max_body_bytes)
+            except TimeoutError:
+                reply = collector.reject(408, "read_timeout", "request body not received in time")
+                resp = to_response(collector.with_cors(reply, request.headers))
+                resp.force_close()  # the rest of the body is never read
+                return resp
+            except (web.HTTPException, OSError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                # broken chunked framing, client gone mid-body (v1 called these 413)
+                reply = collector.reject(400, "bad_body", "request body could not be read")
+                resp = to_response(reply)
+                resp.force_close()
+                return resp
             if got is None:
-                resp = to_response(collector.too_large())
+                resp = to_response(collector.with_cors(collector.too_large(), request.headers))
                 resp.force_close()  # the rest of the body is never read
                 return resp
             body = got
@@ -61,6 +89,81 @@ async def collect(request: web.Request) -> web.StreamResponse:
         return resp
     finally:
         collector.inflight.leave()
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The `logger` aiohttp's request handler uses for what happens before /collect runs.
+
+    A malformed request (bad request line, smuggling attempt, header over MAX_HEADER_BYTES or
+    MAX_HEADERS, non-HTTP bytes) is answered 400 by aiohttp's parser, which would log a full
+    traceback per request: an attacker could fill the disk. Here each one moves
+    `http_requests_rejected_total{reason}` (bad_http, header_too_large, server_error) and is
+    logged as one line at most once per reason per LOG_EVERY_S seconds, without the traceback
+    (a server_error keeps it: that one is our bug).
+    """
+
+    def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
+        super().__init__(logging.getLogger("estat_ingest.http.protocol"), {})
+        self.metrics = metrics
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def _note(self, msg: object, args: tuple[Any, ...], exc: object) -> None:
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "headers" in str(exc).lower()):
+            reason = "header_too_large"
+        elif isinstance(exc, HttpProcessingError):
+            reason = "bad_http"
+        else:
+            reason = "server_error"
+        self.metrics.rejected.labels(reason).inc()
+        now = time.monotonic()
+        last = self._last.get(reason)
+        if last is not None and now - last < self.every:
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._last[reason] = now
+        extra = {"reason": reason, "suppressed": self._suppressed.pop(reason, 0),
+                 "detail": str(exc).replace("\n", " ")[:200] if exc is not None else ""}
+        if reason == "server_error":
+            self.logger.error(msg, *args, exc_info=exc if isinstance(exc, BaseException) else True, extra=extra)
+        else:
+            self.logger.warning("malformed request rejected", extra=extra)
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        self._note(msg, args, exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1])
+
+    def error(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, BaseException) or exc_info:
+            self.exception(msg, *args, exc_info=exc_info)
+        else:
+            self.logger.error(msg, *args, **kw)
+
+    def debug(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):  # non-HTTP bytes on the first request
+            self._note(msg, args, exc_info)
+        else:
+            self.logger.debug(msg, *args, exc_info=exc_info, **kw)
+
+
+def server_kwargs(app: web.Application) -> dict[str, Any]:
+    """aiohttp request-handler limits for AppRunner/TestServer (the parser runs before /collect).
+
+    auto_decompress is off: /collect decodes Content-Encoding itself under MAX_BODY_SIZE
+    (aiohttp would inflate a bomb in full). The request line must hold a GET payload of
+    MAX_BODY_SIZE (the query string), so an over-size GET gets our 413, not the parser's 400.
+    keepalive_timeout is above the ALB's 60 s idle timeout; aiohttp also closes a connection whose
+    request headers are still incomplete when it fires (slowloris bound).
+    """
+    settings = app[COLLECTOR].settings
+    return {
+        "auto_decompress": False,
+        "max_line_size": max(8190, settings.max_body_bytes + 4096),
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        "keepalive_timeout": 75.0,
+        "logger": ProtocolLog(app[METRICS]),
+    }
 
 
 async def health(request: web.Request) -> web.Response:
@@ -82,6 +185,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_route("*", "/collect", collect)
+    for path in sorted(PIXEL_PATHS):
+        app.router.add_route("*", path, collect)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

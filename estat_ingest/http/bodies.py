@@ -1,0 +1,150 @@
+"""Request bodies: bounded decompression, the NDJSON splitter, the JSON nesting-depth cap.
+
+Pure functions of bytes, so they can be fuzzed and property-tested without a server.
+
+Decompression is bounded by `limit` (MAX_BODY_SIZE) WHILE it runs: a gzip bomb costs at most
+`limit + 1` bytes of output before it is refused, never its full size. zstd frames also declare a
+window size the decoder must allocate; `ZSTD_MAX_WINDOW` refuses frames that ask for more, so a
+16-byte header cannot make the server allocate gigabytes. Small bodies make running this on the
+event loop cheap (at most MAX_BODY_SIZE of output per request).
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import zstandard
+
+ZSTD_MAX_WINDOW = 1 << 23  # 8 MiB: zstd's default levels use at most this
+
+# Content-Encoding values we decode (lower-case, stripped); anything else is 415.
+ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "zstd"})
+
+
+class BodyError(Exception):
+    """Why a body cannot be used: `status` (400/413/415) and a bounded `reason` label."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+def decode(encoding: str, data: bytes, limit: int) -> bytes:
+    """The decoded body for a Content-Encoding header value, at most `limit` bytes.
+
+    Raises BodyError: 415 unknown or stacked encoding, 413 decoded size over `limit`,
+    400 broken or truncated stream.
+    """
+    enc = encoding.strip().lower()
+    if enc in ("", "identity"):
+        return data
+    if enc not in ENCODINGS:
+        raise BodyError(415, "unsupported_encoding",
+                        "Content-Encoding must be gzip, deflate, zstd or identity")
+    if not data:
+        raise BodyError(400, "bad_encoding", f"empty {enc} stream")
+    if enc == "zstd":
+        return _zstd(data, limit)
+    if enc == "deflate":
+        # RFC 9110 "deflate" is the zlib format; some clients send raw deflate. A zlib stream's
+        # first two bytes form a multiple of 31 with compression method 8.
+        zlib_wrapped = len(data) >= 2 and (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
+        return _zlib(data, limit, 15 if zlib_wrapped else -15, enc)
+    return _zlib(data, limit, 31, enc)
+
+
+def _zlib(data: bytes, limit: int, wbits: int, enc: str) -> bytes:
+    out: list[bytes] = []
+    size = 0
+    rest = data
+    while True:  # one pass per gzip member (concatenated members are legal gzip)
+        d = zlib.decompressobj(wbits)
+        chunk_in = rest
+        try:
+            while chunk_in:
+                piece = d.decompress(chunk_in, limit + 1 - size)
+                size += len(piece)
+                if size > limit:
+                    raise BodyError(413, "too_large", f"decoded body larger than MAX_BODY_SIZE={limit} bytes")
+                out.append(piece)
+                if d.eof:
+                    break
+                chunk_in = d.unconsumed_tail
+                if not piece and not chunk_in:
+                    break
+            if not d.eof:
+                # input exhausted: flush what is buffered, then insist on a complete stream
+                piece = d.flush()
+                size += len(piece)
+                if size > limit:
+                    raise BodyError(413, "too_large", f"decoded body larger than MAX_BODY_SIZE={limit} bytes")
+        except zlib.error:
+            raise BodyError(400, "bad_encoding", f"broken {enc} stream") from None
+        if not d.eof:
+            raise BodyError(400, "bad_encoding", f"truncated {enc} stream")
+        rest = d.unused_data
+        if not rest:
+            return b"".join(out)
+        if wbits != 31 or rest[:2] != b"\x1f\x8b":
+            raise BodyError(400, "bad_encoding", f"trailing bytes after the {enc} stream")
+
+
+def _zstd(data: bytes, limit: int) -> bytes:
+    dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+    too_large = BodyError(413, "too_large", f"decoded body larger than MAX_BODY_SIZE={limit} bytes")
+    try:
+        # pass 1, bounded output: stream_reader.read(n) never produces more than n bytes
+        with dctx.stream_reader(io.BytesIO(data), read_across_frames=True) as reader:
+            if len(reader.read(limit + 1)) > limit:
+                raise too_large
+        # pass 2, now known to produce at most `limit` bytes: check every frame is complete
+        # (stream_reader stops quietly at a truncated frame)
+        out: list[bytes] = []
+        rest = data
+        while rest:
+            obj = dctx.decompressobj()
+            out.append(obj.decompress(rest))
+            if not obj.eof:
+                raise BodyError(400, "bad_encoding", "truncated zstd stream")
+            rest = obj.unused_data
+    except zstandard.ZstdError:
+        raise BodyError(400, "bad_encoding", "broken zstd stream") from None
+    body = b"".join(out)
+    if len(body) > limit:  # pragma: no cover - pass 1 bounds it
+        raise too_large
+    return body
+
+
+def split_ndjson(payload: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) for every non-blank line; a trailing `\\r` is removed (CRLF files)."""
+    for n, raw in enumerate(payload.split(b"\n"), 1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if raw.strip():
+            yield n, raw
+
+
+def too_deep(raw: bytes, value: Any, max_depth: int) -> bool:
+    """True when the parsed `value` nests arrays/objects deeper than `max_depth`.
+
+    A body with at most `max_depth` opening brackets cannot be deeper, so the common small event
+    costs two C-level counts; only bracket-heavy bodies pay for the walk.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                return True
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            if depth > max_depth:
+                return True
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
