@@ -1,0 +1,239 @@
+"""`serve --workers N`: N worker processes on one port (SO_REUSEPORT), one parent supervising them.
+
+Invariants
+- Each worker is a full server (`app.serve`) with its own pipeline, its own DLQ subdirectory
+  (`dlq_root_for(settings, index)` → `DLQ_DIR/w<index>`) and its own `Namer` (`<instance>-w<index>-
+  <random>`), so object and DLQ names never collide between workers or across restarts.
+- Workers are started with `spawn` (a fresh interpreter: no forked event loop, no shared locks) and
+  each binds its own socket with SO_REUSEPORT; the kernel spreads new connections over the sockets
+  that are listening. A worker's socket starts listening only when its server is ready, so no
+  connection waits in the backlog of a worker that is still starting.
+- Workers run in their own process group: a terminal's ^C reaches the parent only, and the parent
+  forwards exactly one SIGTERM per signal it gets (the second one makes workers spill at once,
+  DESIGN.md §7). A worker whose parent dies gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and
+  drains as usual.
+- Before the first signal, a worker that exits for any reason is logged and restarted (with a
+  growing delay if it keeps dying). After it, nothing is restarted; the parent exits 0 only when
+  every worker exited 0 (drained), 1 otherwise. A worker that outlives SHUTDOWN_TIMEOUT by the
+  grace margin is killed and the parent exits 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+from estat_ingest.config import Settings
+
+log = logging.getLogger("estat_ingest.workers")
+
+RESTART_DELAY_MIN_S = 0.5
+RESTART_DELAY_MAX_S = 30.0
+STABLE_AFTER_S = 30.0  # a worker that lived this long resets its restart delay
+KILL_GRACE_S = 10.0  # beyond SHUTDOWN_TIMEOUT before a stuck worker is killed
+
+_PR_SET_PDEATHSIG = 1
+
+
+def bind_reuseport(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT but not listening (asyncio's create_server calls listen)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _die_with_parent() -> None:
+    """Linux only: SIGTERM this process when its parent dies, so an orphan drains and exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def worker_main(settings: Settings, index: int) -> None:
+    """Entry point of one worker process (runs in a freshly spawned interpreter)."""
+    os.setpgid(0, 0)
+    _die_with_parent()
+    from estat_ingest import log as logsetup
+    from estat_ingest.app import serve
+    from estat_ingest.cli import _run
+    from estat_ingest.pipeline.engine import dlq_root_for
+
+    logsetup.setup(settings.log_level, settings.log_format, service="estat-ingest",
+                   instance=settings.instance_id, worker=index)
+    sock = bind_reuseport(settings.http_host, settings.http_port)
+    code = _run(serve(settings, worker=index, dlq_root=dlq_root_for(settings, index), sock=sock))
+    sys.exit(code)
+
+
+@dataclasses.dataclass
+class _Slot:
+    index: int
+    proc: BaseProcess | None = None
+    started_at: float = 0.0
+    delay_s: float = RESTART_DELAY_MIN_S
+    restart_at: float | None = None  # monotonic time of a pending restart
+    exitcode: int | None = None
+
+
+class Supervisor:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("spawn")
+        self.slots = [_Slot(i) for i in range(settings.workers)]
+        self.signals = 0
+        self.stop_deadline: float | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    # ------------------------------------------------------------------ processes
+
+    def _start(self, slot: _Slot) -> None:
+        proc = self.ctx.Process(target=worker_main, args=(self.settings, slot.index),
+                                name=f"estat-ingest-w{slot.index}")
+        proc.start()
+        slot.proc, slot.started_at, slot.restart_at, slot.exitcode = proc, time.monotonic(), None, None
+        log.info("worker started", extra={"worker": slot.index, "pid": proc.pid})
+
+    def _alive(self) -> list[_Slot]:
+        return [s for s in self.slots if s.proc is not None and s.exitcode is None]
+
+    def _forward(self) -> None:
+        for slot in self._alive():
+            assert slot.proc is not None and slot.proc.pid is not None
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.proc.pid, signal.SIGTERM)
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1  # the loop notices through the wake-up fd
+
+    def _install(self) -> dict[int, object]:
+        old: dict[int, object] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        return old
+
+    def _drain_wakeups(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(4096):
+                pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        old = self._install()
+        handled = 0
+        try:
+            for slot in self.slots:
+                self._start(slot)
+            while True:
+                if self.signals > handled:
+                    if handled == 0:
+                        log.info("signal received: draining every worker",
+                                 extra={"workers": len(self._alive()),
+                                        "budget_seconds": self.settings.shutdown_timeout_s})
+                        budget = self.settings.shutdown_timeout_s + KILL_GRACE_S
+                        self.stop_deadline = time.monotonic() + budget
+                    else:
+                        log.warning("second signal: workers spill to the dlq now")
+                    handled = self.signals
+                    self._forward()
+                if self.stop_deadline is not None and not self._alive():
+                    break
+                self._wait()
+                self._reap()
+                if self.stop_deadline is None:
+                    self._restart_due()
+                elif time.monotonic() > self.stop_deadline:
+                    for slot in self._alive():
+                        assert slot.proc is not None
+                        log.error("worker did not drain in time: killed", extra={"worker": slot.index})
+                        slot.proc.kill()
+                        slot.proc.join(5)
+                        slot.exitcode = slot.proc.exitcode if slot.proc.exitcode is not None else -9
+                    break
+        finally:
+            signal.set_wakeup_fd(-1)
+            for sig, handler in old.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+            self._wake_r.close()
+            self._wake_w.close()
+        codes = {s.index: s.exitcode for s in self.slots}
+        ok = all(c == 0 for c in codes.values())
+        log.info("all workers stopped", extra={"exit_codes": codes, "ok": ok})
+        return 0 if ok else 1
+
+    def _wait(self) -> None:
+        now = time.monotonic()
+        timeouts = [s.restart_at - now for s in self.slots if s.restart_at is not None]
+        if self.stop_deadline is not None:
+            timeouts.append(self.stop_deadline - now)
+        timeout = max(0.0, min(timeouts)) if timeouts else None
+        waitables: list[object] = [self._wake_r]
+        waitables += [s.proc.sentinel for s in self._alive() if s.proc is not None]
+        multiprocessing.connection.wait(waitables, timeout)  # type: ignore[arg-type]
+        self._drain_wakeups()
+
+    def _reap(self) -> None:
+        for slot in self._alive():
+            assert slot.proc is not None
+            if slot.proc.is_alive():
+                continue
+            slot.proc.join()
+            slot.exitcode = slot.proc.exitcode
+            if self.stop_deadline is not None:
+                log.info("worker stopped", extra={"worker": slot.index, "exit_code": slot.exitcode})
+                continue
+            lived = time.monotonic() - slot.started_at
+            if lived >= STABLE_AFTER_S:
+                slot.delay_s = RESTART_DELAY_MIN_S
+            slot.restart_at = time.monotonic() + slot.delay_s
+            log.error("worker died unexpectedly: restarting", extra={
+                "worker": slot.index, "exit_code": slot.exitcode, "lived_seconds": round(lived, 3),
+                "restart_in_seconds": slot.delay_s})
+            slot.delay_s = min(RESTART_DELAY_MAX_S, slot.delay_s * 2)
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.restart_at is not None and now >= slot.restart_at:
+                self._start(slot)
+
+
+def run_workers(settings: Settings) -> int:
+    """Run `settings.workers` server processes on one port until SIGTERM/SIGINT; the exit code."""
+    # Port 0 means "any": pick it once here so every worker binds the same one. The parent keeps
+    # its socket bound (never listening) so the port stays ours while workers restart.
+    holder = bind_reuseport(settings.http_host, settings.http_port)
+    try:
+        port = holder.getsockname()[1]
+        settings = dataclasses.replace(settings, http_port=port)
+        log.info("starting workers", extra={"workers": settings.workers,
+                                            "addr": f"{settings.http_host}:{port}"})
+        return Supervisor(settings).run()
+    finally:
+        holder.close()
