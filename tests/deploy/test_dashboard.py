@@ -72,7 +72,7 @@ def test_panel_ids_unique_and_grid_does_not_overlap() -> None:
     cells: dict[tuple[int, int], str] = {}
     for p in panels:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
         for x in range(g["x"], g["x"] + g["w"]):
             for y in range(g["y"], g["y"] + g["h"]):
                 assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"

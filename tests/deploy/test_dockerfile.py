@@ -80,7 +80,7 @@ def test_healthcheck_is_exec_form_app_command() -> None:
     from dockerfile_model import Instruction
 
     argv = Instruction("CMD", cmd).exec_form()
-    assert argv == runtime().last("ENTRYPOINT").exec_form() + ["healthcheck"]
+    assert argv == [*runtime().last("ENTRYPOINT").exec_form(), "healthcheck"]
     timeout = re.search(r"--timeout=(\d+)s", hc.args)
     assert timeout and int(timeout.group(1)) >= 3
 

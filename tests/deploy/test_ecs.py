@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from estat_ingest.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -165,7 +166,8 @@ def test_efs_variant_differs_only_by_the_shared_dlq_volume() -> None:
     assert {k: v for k, v in efs.items() if k not in skip} == {k: v for k, v in base.items() if k not in skip}
     # the EFS task role policy grants exactly that file system through that access point
     (stmt,) = load("task-role-policy-efs.json")["Statement"]
-    assert stmt["Resource"] == [f"arn:aws:elasticfilesystem:ap-northeast-2:123456789012:file-system/{cfg['fileSystemId']}"]
+    fs_arn = f"arn:aws:elasticfilesystem:ap-northeast-2:123456789012:file-system/{cfg['fileSystemId']}"
+    assert stmt["Resource"] == [fs_arn]
     ap = stmt["Condition"]["StringEquals"]["elasticfilesystem:AccessPointArn"]
     assert ap.endswith("access-point/" + cfg["authorizationConfig"]["accessPointId"])
 

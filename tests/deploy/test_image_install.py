@@ -73,7 +73,8 @@ class Image:
         assert entry is not None and entry[0].startswith("/usr/bin/python3")
         return [sys.executable, "-S", *entry[1:], *args]
 
-    def run(self, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.argv(*args), cwd=self.cwd, env=env or self.env(), capture_output=True,
                               text=True, timeout=timeout)
 
@@ -175,7 +176,7 @@ def test_bad_configuration_is_one_line_and_exit_2(image: Image) -> None:
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         code = 200 if self.path == "/health" else 503
         self.send_response(code)
         self.send_header("Content-Length", "2")

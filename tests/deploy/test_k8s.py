@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from estat_ingest.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +99,7 @@ def test_manifests_match_the_kubernetes_schema() -> None:
         reason="kubernetes-validate not installed (pip install kubernetes-validate); schema check skipped")
     for path in all_manifests():
         for d in docs(path):
-            if d["kind"] == "Kustomization" or path.parent.name == "shared-dlq" and d["kind"] == "Deployment":
+            if d["kind"] == "Kustomization" or (path.parent.name == "shared-dlq" and d["kind"] == "Deployment"):
                 continue  # not resources / a partial patch
             kv.validate(d, MIN_K8S, strict=True)
 
