@@ -249,6 +249,8 @@ class DlqStore:
         """Evict oldest first until `size` more bytes fit under DLQ_MAX_SIZE_BYTES and above
         DLQ_MIN_FREE_BYTES. False if they cannot fit under the size cap even with nothing left."""
         lim = self.limits
+        if lim.max_size_bytes > 0 and size > lim.max_size_bytes:
+            return False  # can never fit: evicting older files would lose them for nothing
         async with self._lock:
             while True:
                 over_cap = lim.max_size_bytes > 0 and self.totals.bytes + size > lim.max_size_bytes
