@@ -3,6 +3,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+TOOLS   := $(VENV)/.test-tools
+# Debian packages some tests use (they skip with a message when a package cannot be installed)
+APT_TEST_PACKAGES ?= prometheus
 export DLQ_DIR ?= ./data/dlq
 
 .PHONY: run test lint bench setup clean
@@ -13,12 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+$(TOOLS): $(STAMP)
+	@missing=""; command -v promtool >/dev/null || missing="$(APT_TEST_PACKAGES)"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "note: could not install $$missing; the tests that need it will skip"; \
+	  else echo "note: $$missing not installed (needs root and apt-get); the tests that need it will skip"; fi; \
+	fi
+	touch $(TOOLS)
+
 setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/estat-ingest serve
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
