@@ -26,6 +26,7 @@ import asyncio
 import base64
 import contextlib
 import gzip
+import ssl
 import threading
 import time
 from collections import Counter, defaultdict
@@ -50,8 +51,9 @@ class SeenRequest:
 
 
 class FakeOpenSearch:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self.port = port or free_port()
+        self.ssl_context = ssl_context
         self.docs: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # index → _id → source
         self.create_calls: Counter[str] = Counter()  # _id → create actions received
         self.indexed: Counter[str] = Counter()  # _id → times actually indexed (must be ≤ 1)
@@ -77,7 +79,7 @@ class FakeOpenSearch:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     # ------------------------------------------------------------------ views for assertions
 
@@ -218,7 +220,7 @@ class FakeOpenSearch:
         self._stop = asyncio.Event()
         self._runner = web.AppRunner(self._app(), auto_decompress=False, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=self.ssl_context)
         await site.start()
         self._started.set()
         await self._stop.wait()
@@ -236,6 +238,41 @@ class FakeOpenSearch:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def self_signed(directory: Any) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 (cert.pem, key.pem) written to `directory`."""
+    import datetime
+    import ipaddress
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-opensearch")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    d = Path(directory)
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def server_tls(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def wait_until(cond: Any, timeout: float = 30.0, what: str = "condition") -> None:

@@ -330,6 +330,8 @@ class OpenSearchSink(Sink):
             return Result(Outcome.REJECT, "auth")
         except TimeoutError:
             return Result(Outcome.RETRY, "timeout")
+        except aiohttp.ClientSSLError:  # certificate not trusted, name mismatch, handshake failure
+            return Result(Outcome.RETRY, "tls")
         except (aiohttp.ClientError, OSError):
             return Result(Outcome.RETRY, "connection")
         except Exception as err:  # credential refresh and the like: transient until proven otherwise

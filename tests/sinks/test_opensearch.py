@@ -32,7 +32,7 @@ from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.pipeline.retry import Backoff
 from estat_ingest.sinks.base import Outcome, Payload
 from estat_ingest.sinks.opensearch import Nodes, OpenSearchSink, rejected_name
-from tests.fake_opensearch import FakeOpenSearch
+from tests.fake_opensearch import FakeOpenSearch, self_signed, server_tls
 from tests.helpers import free_port
 
 FAST = Backoff(0.01, 0.05)
@@ -334,6 +334,27 @@ def test_startup_check_logs_unreachable_and_refused_credentials(
     msgs = {(r.getMessage(), getattr(r, "node", None)) for r in caplog.records}
     assert ("opensearch unreachable at start-up (events go to the dlq until it is back)", dead) in msgs
     assert ("opensearch refused the credentials", fake.url) in msgs
+
+
+def test_tls_verified_by_default_ca_bundle_trusted_and_verification_can_be_turned_off(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    with FakeOpenSearch(ssl_context=server_tls(cert, key)) as fake:
+        # system CAs only: the self-signed certificate is refused, nothing reaches the server
+        s = settings(tmp_path / "a", (fake.url,), opensearch_retries=0)
+        m = Metrics()
+        asyncio.run(run(s, m, lambda c: [post(c, {"i": i}) for i in range(5)]))
+        assert fake.bulk_requests() == [] and fake.all_docs() == {}
+        assert sample(m, "upload_attempts_total", sink="opensearch", outcome="retry", reason="tls") >= 1
+        [(_, meta, recs)] = dlq_entries(tmp_path / "a" / "dlq")
+        assert meta["reason"] == "failed" and len(recs) == 5
+        # OPENSEARCH_CA_BUNDLE trusts it
+        s = settings(tmp_path / "b", (fake.url,), opensearch_ca_bundle=cert)
+        asyncio.run(run(s, Metrics(), lambda c: [post(c, {"i": 10 + i}) for i in range(5)]))
+        # OPENSEARCH_VERIFY_TLS=false accepts anything
+        s = settings(tmp_path / "c", (fake.url,), opensearch_verify_tls=False)
+        asyncio.run(run(s, Metrics(), lambda c: [post(c, {"i": 20 + i}) for i in range(5)]))
+        got = sorted(d["event"]["i"] for d in fake.all_docs().values())
+    assert got == [*range(10, 15), *range(20, 25)]
 
 
 # ------------------------------------------------------------------------------------ nodes
