@@ -252,7 +252,9 @@ class OpenSearchSink(Sink):
                                          ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            # a little under the engine's bound on the attempt, so the sink sees its own timeouts
+            # (and marks the node) instead of being cancelled first
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s * 0.95),
             headers=self._headers,
             raise_for_status=False,
         )
