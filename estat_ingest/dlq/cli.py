@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from estat_ingest.dlq import files
+from estat_ingest.dlq.replayer import SINK_WIDE_REJECTS
 from estat_ingest.pipeline.encoder import CorruptPayload, decompress
 from estat_ingest.pipeline.keys import unix_of_name
 from estat_ingest.pipeline.retry import Backoff
@@ -333,7 +334,7 @@ async def _send_with_retries(sink: Sink, payload: Any, backoff: Backoff) -> Resu
                 result = await sink.send(payload)
         except TimeoutError:
             result = Result(Outcome.RETRY, "timeout")
-        if result.ok or result.outcome is Outcome.REJECT:
+        if result.ok or (result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS):
             return result
         if attempt < sink.attempts:
             await asyncio.sleep(backoff.delay(attempt))
@@ -419,7 +420,7 @@ async def _replay(args: argparse.Namespace) -> int:
                     report.delivered_files += 1
                     report.delivered_events += n
                     report.delivered_bytes += len(data)
-                elif result.outcome is Outcome.REJECT:
+                elif result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS:
                     where = await _reject(sink, settings, payload, cpath, f)
                     done = True
                     report.rejected.append(f"{rel}: {result.reason} → {where}")

@@ -41,6 +41,9 @@ SINK_BACKOFF = Backoff(base_s=0.5, cap_s=5.0)  # between probes while the sink i
 FILE_BACKOFF = Backoff(base_s=1.0, cap_s=300.0)  # a file that failed while others succeed
 IDLE_S = 1.0  # pass interval when nothing is waiting (new local writes wake the replayer at once)
 GATE_WAIT_S = 0.05  # re-check of a full upload queue
+# rejections that say "this sink refuses everything right now" (expired credentials, missing IAM
+# permission), not "this file is bad": treated as an outage, never as a reason to move files aside
+SINK_WIDE_REJECTS = frozenset({"auth"})
 
 
 class Replayer:
@@ -212,7 +215,7 @@ class Replayer:
             await self._rewrite(entry, cpath, result.remainder.with_attempts(payload.attempts + 1))
             self._healthy()
             return True
-        if result.outcome is Outcome.REJECT:
+        if result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS:
             self._healthy()  # the sink answered: it is up
             await self._reject(entry, cpath, payload, new_meta, result.reason or "rejected")
             return True

@@ -101,3 +101,17 @@ async def test_sink_outage_probes_one_at_a_time_then_full_speed(tmp_path: Path) 
     assert counter_value(metrics, "upload_attempts_total", sink="memory", outcome="retry",
                          reason="server_error") == 4
     del p
+
+
+@run_async
+async def test_auth_rejection_is_an_outage_not_a_reason_to_move_files_aside(tmp_path: Path) -> None:
+    d = tmp_path / "dlq" / "memory"
+    ids: list[str] = []
+    for c in range(1, 6):
+        ids += write_entry(d, 1_700_000_000 + c, c, 2)[1]
+    sink = MemorySink()
+    sink.script.extend([Result(Outcome.REJECT, "auth")] * 3)  # e.g. expired credentials, then fixed
+    _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
+    assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
+    assert data_files(d / "rejected") == []
+    assert counter_value(metrics, "dlq_events_rejected_total", sink="memory") == 0
