@@ -154,6 +154,24 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+_INDEX_BAD = set('\\/*?"<>| ,#:')
+
+
+def index_name_ok(template: str) -> bool:
+    """OpenSearch index rules on the name the strftime template renders (a sample date; the
+    directives themselves may be upper case, `%Y`): lower case, none of \\ / * ? " < > | , # : or
+    space, not starting with - _ +, not . or .., at most 255 bytes."""
+    from datetime import datetime
+
+    try:
+        name = datetime(2025, 12, 31, 23, 59, 59).strftime(template)
+    except ValueError:
+        return False
+    return (bool(name) and name == name.lower() and not (set(name) & _INDEX_BAD)
+            and not name.startswith(("-", "_", "+")) and name not in (".", "..")
+            and len(name.encode()) <= 255)
+
+
 def _sinks(text: str) -> tuple[str, ...]:
     items = tuple(s.lower() for s in parse_list(text))
     if not items or any(s not in SINK_NAMES for s in items) or len(set(items)) != len(items):
@@ -309,9 +327,9 @@ class Settings:
         put("opensearch_urls", get("OPENSEARCH_URL", parse_list,
                                    lambda v: all(u.startswith(("http://", "https://")) for u in v),
                                    "comma-separated http:// or https:// URLs"))
-        put("opensearch_index", get("OPENSEARCH_INDEX", str.strip,
-                                    lambda v: v == v.lower() and " " not in v and "/" not in v,
-                                    "a lowercase index name (strftime fields allowed) without spaces or /"))
+        put("opensearch_index", get("OPENSEARCH_INDEX", str.strip, index_name_ok,
+                                    "an index name template such as events-%Y.%m.%d that renders lower case, "
+                                    "without spaces or \\ / * ? \" < > | , # :"))
         put("opensearch_index_tz", get("OPENSEARCH_INDEX_TZ", parse_tz))
         put("opensearch_username", get("OPENSEARCH_USERNAME", str.strip))
         put("opensearch_password", get("OPENSEARCH_PASSWORD", str))

@@ -68,11 +68,13 @@ def s3_bodies(s3: Any, bucket: str, prefix: str = "raw/") -> list[str]:
     return [r["body"] for _, r in records_of(s3_objects(s3, bucket, prefix))]
 
 
+@pytest.mark.parametrize("down", ["503", "not_listening"])
 def test_opensearch_down_s3_gets_everything_then_the_dlq_replays(
-        tmp_path: Path, moto: Any, bucket: str, s3: Any) -> None:
+        tmp_path: Path, moto: Any, bucket: str, s3: Any, down: str) -> None:
     fake = FakeOpenSearch()
-    fake.down = True  # every request answers 503
-    fake.start()
+    if down == "503":
+        fake.down = True  # every request answers 503
+        fake.start()
     srv = ServerProcess(env_for(tmp_path, moto, bucket, fake.url), tmp_path)
     try:
         srv.start()
@@ -84,13 +86,18 @@ def test_opensearch_down_s3_gets_everything_then_the_dlq_replays(
         assert sorted(s3_bodies(s3, bucket)) == sorted(sent)
         wait_until(lambda: len(dlq_records(tmp_path / "dlq" / "opensearch")) == len(sent), 30,
                    "every event in the opensearch DLQ")
-        assert fake.all_docs() == {} and fake.bulk_requests()  # it was tried, and refused
+        assert fake.all_docs() == {}
+        assert bool(fake.bulk_requests()) == (down == "503")  # it was tried, and refused
         assert dlq_records(tmp_path / "dlq" / "s3") == []
         metrics = http("GET", srv.url + "/metrics")[2].decode()
         print(f"posted {len(sent)} events in {post_s:.2f}s with OpenSearch down")
         print("\n".join(ln for ln in metrics.splitlines() if ln.startswith("dlq_batches_written_total")))
 
-        fake.down = False  # OpenSearch is back: the replayer empties the opensearch DLQ
+        # OpenSearch is back: the replayer empties the opensearch DLQ
+        if down == "503":
+            fake.down = False
+        else:
+            fake.start()
         wait_until(lambda: len(fake.all_docs()) == len(sent), 60, "every event indexed from the DLQ")
         wait_until(lambda: not top_data_files(tmp_path / "dlq" / "opensearch"), 30, "an empty opensearch DLQ")
     finally:
@@ -110,7 +117,7 @@ def test_sigterm_with_both_sinks_loses_nothing_on_either(
     fake: FakeOpenSearch | None = None
     if opensearch == "slow":
         fake = FakeOpenSearch()
-        fake.delay_s = 0.4  # 6+ bulk requests in series: the drain budget runs out mid-way
+        fake.delay_s = 1.0  # 6+ bulk requests in series: the drain budget runs out mid-request
         fake.start()
         url = fake.url
     else:

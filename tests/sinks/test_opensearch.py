@@ -464,3 +464,17 @@ def test_rejected_names_stay_v1_style_and_distinct() -> None:
         m = NAME_RE.match(r)
         assert m and m.group("unix") == "1764805500" and m.group("counter") == "000042"
         assert r.endswith(".jsonl.gz")
+
+
+@pytest.mark.parametrize(("value", "ok"), [
+    ("events-%Y.%m.%d", True), ("logs-estat", True), ("e-%Y-%m-%d-%H", True),
+    ("Events-%Y", False), ("ev-%b", False), ("logs estat", False), ("a/b", False), ("_x", False), ("a,b", False),
+])
+def test_opensearch_index_template_is_checked_on_the_name_it_renders(value: str, ok: bool) -> None:
+    from estat_ingest.config import ConfigError
+
+    if ok:
+        assert Settings.from_env({"OPENSEARCH_INDEX": value}).opensearch_index == value
+    else:
+        with pytest.raises(ConfigError, match="OPENSEARCH_INDEX"):
+            Settings.from_env({"OPENSEARCH_INDEX": value})
