@@ -188,3 +188,56 @@ def test_fuzz_ndjson_splitter_count_printed() -> None:
     # runs after the fuzz test in file order; the count shows in CI logs with -s / -rA
     print(f"\nNDJSON splitter fuzz: {_runs['n']} examples run (max {FUZZ_EXAMPLES})")
     assert _runs["n"] >= 100
+
+
+# ---------------------------------------------------------------- bounded decoding
+
+DECODE_LIMIT = 2048
+
+
+def _compress(enc: str, data: bytes) -> bytes:
+    import gzip
+    import zlib
+
+    import zstandard
+
+    if enc == "gzip":
+        return gzip.compress(data)
+    if enc == "deflate":
+        return zlib.compress(data)
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@FAST
+@given(st.sampled_from(["gzip", "deflate", "zstd"]), st.binary(max_size=3000) | st.integers(0, 200_000).map(
+    lambda n: b"0" * n))
+def test_decode_round_trips_under_the_limit_and_refuses_over_it(enc: str, data: bytes) -> None:
+    from estat_ingest.http.bodies import BodyError, decode
+
+    packed = _compress(enc, data)
+    if len(data) <= DECODE_LIMIT:
+        assert decode(enc, packed, DECODE_LIMIT) == data
+    else:
+        try:
+            decode(enc, packed, DECODE_LIMIT)
+        except BodyError as err:
+            assert err.status == 413 and err.reason == "too_large"
+        else:
+            raise AssertionError("over-limit body decoded")
+
+
+@FAST
+@given(st.sampled_from(["gzip", "deflate", "zstd", "x-gzip", "br", "identity", "gzip, zstd"]),
+       st.binary(max_size=400), st.integers(0, 400))
+def test_decode_of_any_bytes_is_a_body_under_the_limit_or_a_clean_error(enc: str, data: bytes, cut: int) -> None:
+    from estat_ingest.http.bodies import BodyError, decode
+
+    for candidate in (data, _compress("gzip" if enc == "x-gzip" else enc, data)[:cut]
+                      if enc in ("gzip", "deflate", "zstd", "x-gzip") else data):
+        try:
+            out = decode(enc, candidate, DECODE_LIMIT)
+        except BodyError as err:
+            assert (err.status, err.reason) in {(400, "bad_encoding"), (413, "too_large"),
+                                                (415, "unsupported_encoding")}
+        else:
+            assert len(out) <= DECODE_LIMIT
