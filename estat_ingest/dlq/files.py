@@ -188,26 +188,6 @@ def check_stream(data: bytes, compression: str, meta: dict[str, Any] | None) -> 
     return decompress(data, compression)
 
 
-def count_lines(text: bytes, meta: dict[str, Any] | None, start: int = 0, stop: int | None = None) -> int:
-    """Check that lines [start, stop) are JSON; returns how many were checked."""
-    if text and not text.endswith(b"\n"):
-        raise CorruptPayload("last line has no newline")
-    n = 0
-    pos = 0
-    line_no = 0
-    while pos < len(text):
-        end = text.index(b"\n", pos)
-        if line_no >= start and (stop is None or line_no < stop):
-            try:
-                orjson.loads(text[pos:end])
-            except orjson.JSONDecodeError:
-                raise CorruptPayload(f"line {line_no + 1} is not JSON") from None
-            n += 1
-        line_no += 1
-        pos = end + 1
-    return n
-
-
 def _json_lines(text: bytes) -> list[bytes]:
     if not text:
         return []

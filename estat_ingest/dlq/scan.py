@@ -153,7 +153,7 @@ class ScanResult:
     recovered: list[str] = field(default_factory=list)  # stale claims renamed back (names)
     temps_removed: int = 0
     foreign: list[str] = field(default_factory=list)
-    metas: list[tuple[str, float]] = field(default_factory=list)  # (name, mtime) for orphan checks
+    metas: list[str] = field(default_factory=list)  # meta names seen at start (orphan checks)
     present: set[str] = field(default_factory=set)  # data names and names under a claim
     entries: int = 0
 
@@ -196,8 +196,8 @@ def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], n
                     os.unlink(entry.path)
                     res.temps_removed += 1
             elif kind == "meta":
-                if starting:
-                    res.metas.append((name, entry.stat(follow_symlinks=False).st_mtime))
+                if starting:  # orphan candidates; stat()ed later only if their data file is missing
+                    res.metas.append(name)
             else:
                 res.foreign.append(name)
         except FileNotFoundError:
@@ -205,18 +205,20 @@ def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], n
     return res
 
 
-def remove_orphan_metas(directory: str, metas: list[tuple[str, float]], present: set[str], now: float,
-                        min_age_s: float) -> int:
+def remove_orphan_metas(directory: str, metas: list[str], present: set[str], now: float, min_age_s: float) -> int:
     """After a full sweep at start: meta files whose data file is gone for good (a crash between the
     two unlinks of a delivery). Old enough that no live writer or replayer can be using them."""
     n = 0
-    for meta_name, mtime in metas:
+    for meta_name in metas:
         data_name = meta_name[: -len(files.META_SUFFIX)]
-        if data_name in present or now - mtime <= min_age_s:
+        if data_name in present:
             continue
-        if any(os.path.exists(os.path.join(directory, data_name) + s) for s in ("",)):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(directory, meta_name))
+        path = os.path.join(directory, meta_name)
+        try:
+            if now - os.stat(path).st_mtime <= min_age_s or os.path.exists(os.path.join(directory, data_name)):
+                continue
+            os.unlink(path)
             n += 1
+        except FileNotFoundError:
+            continue
     return n

@@ -105,7 +105,7 @@ class DlqStore:
         chunk = max(1000, lim.scan_limit)
         for scanner in self._scanners:
             start_wraps = scanner.wraps
-            metas: list[tuple[str, float]] = []
+            metas: list[str] = []
             present: set[str] = set()
             while scanner.wraps == start_wraps:
                 res = await asyncio.to_thread(scan_pass, scanner, chunk, self.index.knows, time.time(),
