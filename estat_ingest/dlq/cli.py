@@ -373,8 +373,12 @@ async def _replay(args: argparse.Namespace) -> int:
     report.files = len(todo)
     report.bytes = sum(f.size for _, f in todo)
     needed = {args.sink or g.sink for g, _ in todo}
-    if "s3" in needed and not settings.raw_bucket:
+    if "s3" in needed and not settings.raw_bucket and not args.dry_run:
         print("estat-ingest dlq replay: RAW_BUCKET is not set: the s3 sink needs it (or pass --sink)",
+              file=sys.stderr)
+        return 2
+    if "opensearch" in needed and not settings.opensearch_urls and not args.dry_run:
+        print("estat-ingest dlq replay: OPENSEARCH_URL is not set: the opensearch sink needs it (or pass --sink)",
               file=sys.stderr)
         return 2
     sinks: dict[str, Sink] = {}

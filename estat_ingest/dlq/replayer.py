@@ -70,6 +70,7 @@ class Replayer:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._claims: dict[tuple[str, str], str] = {}  # in flight: key → claimed path
+        self._errors: dict[tuple[str, str], int] = {}  # unexpected errors per file (I/O)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,7 +175,9 @@ class Replayer:
         done = False
         try:
             done = await self._with_claim(entry, cpath)
-        except Exception:
+        except Exception:  # e.g. EIO reading it: back off on this file instead of spinning on it
+            self._errors[entry.key] = errors = self._errors.get(entry.key, 0) + 1
+            self._not_before[entry.key] = time.time() + self.file_backoff.delay(errors)
             log.exception("dlq replay of one file failed", extra={"sink": self.sink.name, "file": name})
         finally:
             self._claims.pop(entry.key, None)
@@ -232,6 +235,8 @@ class Replayer:
 
     async def _consume(self, entry: Entry, cpath: str) -> None:
         removed = await asyncio.to_thread(files.remove, cpath, entry.directory, entry.name)
+        self._not_before.pop(entry.key, None)
+        self._errors.pop(entry.key, None)
         if removed:
             self.store.gone(entry)
         else:  # our claim was recovered by another process while we were slow: it is back on disk
