@@ -65,6 +65,7 @@ class Replayer:
         self.file_backoff = file_backoff
         self.failing = 0  # consecutive failed attempts: > 0 means "sink down, probe mode"
         self.passes = 0
+        self._gate_waits = 0  # times a wave waited for room in the upload queue (tests, debugging)
         self._not_before: dict[tuple[str, str], float] = {}
         self._outage_deferred: set[tuple[str, str]] = set()
         self._stop = asyncio.Event()
@@ -160,6 +161,7 @@ class Replayer:
         while q.full():
             if self._stop.is_set():
                 return False
+            self._gate_waits += 1
             await asyncio.sleep(GATE_WAIT_S)
         return not self._stop.is_set()
 
