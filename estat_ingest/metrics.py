@@ -6,7 +6,10 @@ on drops) so `sum()` over them is v1's number. New metrics follow Prometheus nam
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.samples import Sample
 
 from estat_ingest import __version__
 
@@ -19,15 +22,45 @@ _BYTE_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB … 1 GiB
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+class LoopCounter(Counter):
+    """A Counter for the per-request hot path (measured: `inc` 0.33 µs → ≈0.05 µs).
+
+    `inc` adds to a plain int without prometheus_client's lock; the sum is folded into the real
+    counter whenever the value is read (scrape, `get_sample_value`). Increment it from the event
+    loop's thread only (every /collect counter is). Unlabelled counters only.
+    """
+
+    def _metric_init(self) -> None:
+        super()._metric_init()
+        self._pending: float = 0
+
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        self._pending += amount
+
+    def _fold(self) -> None:
+        pending = self._pending
+        if pending:
+            self._pending = 0
+            super().inc(pending)
+
+    def _child_samples(self) -> Iterable[Sample]:
+        self._fold()
+        return super()._child_samples()
+
+    def reset(self) -> None:
+        self._pending = 0
+        super().reset()
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
 
         # --- v1 names, v1 meaning
-        self.http_requests = Counter(
+        self.http_requests = LoopCounter(
             "http_requests_total", "Requests to /collect that reached the enqueue step (accepted + queue full)",
             registry=r)
-        self.http_accepted = Counter(
+        self.http_accepted = LoopCounter(
             "http_requests_accepted_total", "Requests to /collect answered 200", registry=r)
         self.http_too_large = Counter(
             "http_requests_rejected_body_too_large_total", "Requests answered 413", registry=r)
@@ -60,7 +93,7 @@ class Metrics:
         self.api_key_requests = Counter(
             "http_requests_api_key_total", "Accepted /collect requests by API key name (never the key)",
             ["key_name"], registry=r)
-        self.events_accepted = Counter(
+        self.events_accepted = LoopCounter(
             "ingest_events_accepted_total", "Events accepted (NDJSON requests carry several)", registry=r)
         self.queue_depth = Gauge("ingest_queue_depth_events", "Events waiting between HTTP and batchers",
                                  registry=r)
