@@ -69,6 +69,16 @@ class Limits:
                    s.dlq_claim_timeout_s)
 
 
+def sibling_dirs(top: str, sink: str, own: str) -> list[str]:
+    """The same sink's directory under DLQ_DIR and under every worker root `DLQ_DIR/w<N>/`."""
+    out = [os.path.join(top, sink)]
+    with contextlib.suppress(FileNotFoundError), os.scandir(top) as it:
+        for e in it:
+            if e.name.startswith("w") and e.name[1:].isdigit() and e.is_dir(follow_symlinks=False):
+                out.append(os.path.join(top, e.name, sink))
+    return sorted(d for d in out if os.path.abspath(d) != os.path.abspath(own) and os.path.isdir(d))
+
+
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
@@ -90,6 +100,7 @@ class DlqStore:
             if sink == "s3":
                 v1_dirs = tuple(dict.fromkeys([root] + ([settings.dlq_dir] if settings is not None else [])))
         self.sources: tuple[str, ...] = (self.dir, *v1_dirs)
+        self._top = settings.dlq_dir if settings is not None else None
         self.index = Index()
         self.changed = asyncio.Event()  # set when a file is written (wakes the replayer)
         self._scanners = [Scanner(d) for d in self.sources]
@@ -101,6 +112,13 @@ class DlqStore:
     async def start(self) -> None:
         """Create the directory, clean crash leftovers, build the index by a full scan in chunks."""
         await asyncio.to_thread(os.makedirs, self.dir, exist_ok=True)
+        if self._top is not None:
+            siblings = await asyncio.to_thread(sibling_dirs, self._top, self.sink, self.dir)
+            new = [d for d in siblings if d not in self.sources]
+            if new:  # e.g. `serve` after `serve --workers 4`: the other roots' files are not orphaned
+                self.sources = (*self.sources, *new)
+                self._scanners += [Scanner(d) for d in new]
+                log.info("dlq also replays sibling directories", extra={"sink": self.sink, "dirs": new})
         lim = self.limits
         chunk = max(1000, lim.scan_limit)
         for scanner in self._scanners:

@@ -115,3 +115,14 @@ async def test_auth_rejection_is_an_outage_not_a_reason_to_move_files_aside(tmp_
     assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
     assert data_files(d / "rejected") == []
     assert counter_value(metrics, "dlq_events_rejected_total", sink="memory") == 0
+
+
+@run_async
+async def test_files_left_by_other_worker_roots_are_replayed_too(tmp_path: Path) -> None:
+    # `serve --workers 4` wrote DLQ_DIR/w3/memory; now a single `serve` runs: nothing may be orphaned
+    ids = write_entry(tmp_path / "dlq" / "w3" / "memory", 1_700_000_000, 1, 3)[1]
+    ids += write_entry(tmp_path / "dlq" / "memory", 1_700_000_001, 2, 2)[1]
+    sink = MemorySink()
+    await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
+    assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
+    assert data_files(tmp_path / "dlq" / "w3" / "memory") == []
