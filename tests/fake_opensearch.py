@@ -139,6 +139,7 @@ class FakeOpenSearch:
             status = self.status_script.pop(0)
             if status != 200:
                 seen.status = status
+                seen.ids = self._ids_of(raw, request.headers.get("Content-Encoding"))
                 return web.json_response({"error": {"type": "scripted", "reason": "scripted"}, "status": status},
                                          status=status)
         if not self._auth_ok(request):
@@ -160,6 +161,12 @@ class FakeOpenSearch:
         errors = any(next(iter(i.values()))["status"] >= 300 for i in items)
         return web.Response(body=orjson.dumps({"took": 3, "errors": errors, "items": items}),
                             content_type="application/json")
+
+    @staticmethod
+    def _ids_of(raw: bytes, encoding: str | None) -> list[str]:
+        body = gzip.decompress(raw) if encoding == "gzip" else raw
+        lines = [ln for ln in body.split(b"\n") if ln.strip()]
+        return [next(iter(orjson.loads(a).values()))["_id"] for a in lines[0::2]]
 
     def _apply(self, body: bytes, default_index: str | None, seen: SeenRequest) -> list[dict[str, Any]]:
         lines = [ln for ln in body.split(b"\n") if ln.strip()]

@@ -104,13 +104,32 @@ class Doc:
     line: bytes  # the original JSONL record (what goes back to the DLQ)
     index: str
     id: str
+    body: bytes  # its two NDJSON lines: the `create` action and the document
 
 
 @dataclass(slots=True)
 class Bulk:
     docs: list[Doc] = field(default_factory=list)
-    body: list[bytes] = field(default_factory=list)
     invalid: list[tuple[bytes, str]] = field(default_factory=list)  # (line, why) — records not indexable
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one attempt (one or several `_bulk` requests) did to its documents."""
+
+    created: int = 0
+    duplicate: int = 0
+    retry: list[Doc] = field(default_factory=list)
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+    rejected: list[tuple[bytes, dict[str, object]]] = field(default_factory=list)  # (record, its error)
+
+    @property
+    def done(self) -> int:
+        return self.created + self.duplicate
+
+    def retry_later(self, docs: Sequence[Doc], reason: str) -> None:
+        self.retry.extend(docs)
+        self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + len(docs)
 
 
 class DocumentBuilder:
@@ -183,10 +202,9 @@ class DocumentBuilder:
             "event": self.event_of(rec.get("body", "")),
             "id": event_id,
         }
-        bulk.body.append(orjson.dumps({"create": {"_index": index, "_id": event_id}},
-                                      option=orjson.OPT_APPEND_NEWLINE))
-        bulk.body.append(orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE))
-        bulk.docs.append(Doc(line if line.endswith(b"\n") else line + b"\n", index, event_id))
+        body = orjson.dumps({"create": {"_index": index, "_id": event_id}}, option=orjson.OPT_APPEND_NEWLINE) \
+            + orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
+        bulk.docs.append(Doc(line if line.endswith(b"\n") else line + b"\n", index, event_id, body))
 
 
 def rejected_name(name: str, attempt: int) -> str:
@@ -271,7 +289,7 @@ class OpenSearchSink(Sink):
     # ---------------------------------------------------------------- one request
 
     async def _request(self, method: str, path: str, body: bytes, headers: dict[str, str],
-                       node: str | None = None) -> tuple[str, int, bytes]:
+                       node: str | None = None, timeout_s: float | None = None) -> tuple[str, int, bytes]:
         """(node, status, response body); raises aiohttp.ClientError / OSError / TimeoutError."""
         assert self._session is not None, "start() was not called"
         node = node or self.nodes.pick()
@@ -287,7 +305,9 @@ class OpenSearchSink(Sink):
         if self.signer is not None:
             headers = await self.signer.sign(method, url, headers, sha)
         try:
-            async with self._session.request(method, url, data=data or None, headers=headers) as resp:
+            # (passing timeout=None would switch the session's timeout off: only pass a real one)
+            extra: dict[str, Any] = {} if timeout_s is None else {"timeout": aiohttp.ClientTimeout(total=timeout_s)}
+            async with self._session.request(method, url, data=data or None, headers=headers, **extra) as resp:
                 content = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError):
@@ -311,23 +331,65 @@ class OpenSearchSink(Sink):
                 add(bulk, line)
         return bulk
 
+    def _chunks(self, docs: list[Doc]) -> list[list[Doc]]:
+        """Requests of at most BULK_BATCH_SIZE documents and BULK_BATCH_BYTES_MB of records (the
+        batcher's measure, so a fresh batch is always one request; a DLQ file written under larger
+        limits, or an S3 file replayed here, is cut to fit)."""
+        max_docs, max_bytes = self.settings.bulk_batch_size, self.settings.bulk_batch_bytes
+        chunks: list[list[Doc]] = []
+        cur: list[Doc] = []
+        size = 0
+        for d in docs:
+            if cur and (len(cur) >= max_docs or size + len(d.line) > max_bytes):
+                chunks.append(cur)
+                cur, size = [], 0
+            cur.append(d)
+            size += len(d.line)
+        if cur:
+            chunks.append(cur)
+        return chunks
+
     async def send(self, payload: Payload) -> Result:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
         lines = payload.lines
         if lines is None:  # a DLQ replay: the records are only in the compressed file
             raw = await asyncio.to_thread(decompress, payload.data, payload.compression)
             lines = _split_lines(raw)
         bulk = await self._build(lines)
         attempt = payload.attempts + 1
-        rejected: list[tuple[Doc | None, bytes, dict[str, object]]] = [
-            (None, line, {"_id": None, "index": None, "status": None, "type": "invalid_record", "reason": why})
-            for line, why in bulk.invalid]
-        if not bulk.docs:
-            self._count("rejected", len(rejected))
-            return await self._outcome(payload, attempt, 0, [], rejected, "invalid_record")
-        body = b"".join(bulk.body)
+        tally = Tally(rejected=[
+            (line, {"_id": None, "index": None, "status": None, "type": "invalid_record", "reason": why})
+            for line, why in bulk.invalid])
+        self._count("rejected", len(tally.rejected))
+        chunks = self._chunks(bulk.docs)
+        deadline = t0 + self.timeout_s * 0.95  # answer before the engine's bound cancels the attempt
+        for k, chunk in enumerate(chunks):
+            if k and loop.time() - t0 > self.timeout_s / 2:
+                # not enough time left for another request: keep the progress, send the rest next time
+                tally.retry_later([d for c in chunks[k:] for d in c], "time_budget")
+                break
+            whole = await self._bulk_request(payload, attempt, chunk, tally, deadline)
+            if whole is None:
+                continue
+            if not tally.done and not tally.retry and not tally.rejected:
+                return whole  # nothing happened to any document: the payload stays as it is
+            tally.retry_later([d for c in chunks[k:] for d in c], whole.reason)
+            if whole.outcome is Outcome.REJECT:
+                return await self._outcome(payload, attempt, tally, Outcome.REJECT, whole.reason)
+            break
+        reasons = tally.retry_reasons
+        reason = max(reasons, key=lambda r: reasons[r]) if reasons else ""
+        return await self._outcome(payload, attempt, tally, Outcome.RETRY, reason)
+
+    async def _bulk_request(self, payload: Payload, attempt: int, docs: list[Doc], tally: Tally,
+                            deadline: float) -> Result | None:
+        """One `_bulk` request; item outcomes go to `tally`. A Result when the whole request failed."""
+        body = b"".join(d.body for d in docs)
+        left = max(0.05, deadline - asyncio.get_running_loop().time())
         try:
             node, status, content = await self._request(
-                "POST", "/_bulk", body, {"Content-Type": "application/x-ndjson"})
+                "POST", "/_bulk", body, {"Content-Type": "application/x-ndjson"}, timeout_s=left)
         except NoCredentials:
             return Result(Outcome.REJECT, "auth")
         except TimeoutError:
@@ -343,10 +405,9 @@ class OpenSearchSink(Sink):
 
         whole = self._classify_status(status)
         if whole is not None:
-            if not whole.ok:
-                log.warning("opensearch bulk request failed", extra={
-                    "sink": self.name, "node": node, "batch": payload.name, "status": status,
-                    "events": payload.num_events, "response": content[:300].decode("utf-8", "replace")})
+            log.warning("opensearch bulk request failed", extra={
+                "sink": self.name, "node": node, "batch": payload.name, "status": status,
+                "events": len(docs), "response": content[:300].decode("utf-8", "replace")})
             return whole
         try:
             response = orjson.loads(content)
@@ -357,17 +418,14 @@ class OpenSearchSink(Sink):
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return Result(Outcome.RETRY, "bad_response")
 
-        docs = bulk.docs
         if not errors and len(items) == len(docs):
+            tally.created += len(docs)
             self._count("created", len(docs))
-            self._count("rejected", len(rejected))
-            if rejected:
-                return await self._outcome(payload, attempt, len(docs), [], rejected, "")
-            return Result(Outcome.OK, delivered=len(docs))
-
+            return None
         created = duplicate = 0
         retry: list[Doc] = []
-        retry_reasons: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        rejected: list[tuple[bytes, dict[str, object]]] = []
         for i, doc in enumerate(docs):
             item = items[i] if i < len(items) else None
             info: dict[str, Any] = {}
@@ -377,38 +435,44 @@ class OpenSearchSink(Sink):
             st = info.get("status")
             if not isinstance(st, int):
                 retry.append(doc)  # no answer for this document: it may or may not be there
-                retry_reasons["missing_item"] = retry_reasons.get("missing_item", 0) + 1
-                continue
-            if 200 <= st < 300:
+                reasons["missing_item"] = reasons.get("missing_item", 0) + 1
+            elif 200 <= st < 300:
                 created += 1
             elif st == 409:
                 duplicate += 1
             elif st == 429 or st >= 500:
                 retry.append(doc)
                 key = "throttled" if st == 429 else "server_error"
-                retry_reasons[key] = retry_reasons.get(key, 0) + 1
+                reasons[key] = reasons.get(key, 0) + 1
             else:
                 error = info.get("error")
                 if not isinstance(error, dict):
                     error = {"type": "unknown", "reason": str(error)}
-                rejected.append((doc, doc.line, {
+                rejected.append((doc.line, {
                     "_id": doc.id, "index": info.get("_index", doc.index), "status": st,
                     "type": error.get("type", "unknown"), "reason": str(error.get("reason", ""))[:MAX_REASON]}))
         self._count("created", created)
         self._count("duplicate", duplicate)
         self._count("retried", len(retry))
         self._count("rejected", len(rejected))
+        tally.created += created
+        tally.duplicate += duplicate
+        tally.retry.extend(retry)
+        for key, n in reasons.items():
+            tally.retry_reasons[key] = tally.retry_reasons.get(key, 0) + n
+        tally.rejected.extend(rejected)
         if rejected or retry:
-            example = next((e for _, _, e in rejected if e["status"] is not None), None)
             log.warning("opensearch bulk partially failed", extra={
                 "sink": self.name, "node": node, "batch": payload.name, "attempt": attempt,
                 "items_created": created, "items_duplicate": duplicate, "items_retried": len(retry),
-                "items_rejected": len(rejected), "retry_reasons": retry_reasons, "example_error": example})
-        reason = max(retry_reasons, key=lambda k: retry_reasons[k]) if retry_reasons else ""
-        return await self._outcome(payload, attempt, created + duplicate, retry, rejected, reason)
+                "items_rejected": len(rejected), "retry_reasons": reasons,
+                "example_error": rejected[0][1] if rejected else None})
+        return None
 
-    async def _outcome(self, payload: Payload, attempt: int, done: int, retry: list[Doc],
-                       rejected: list[tuple[Doc | None, bytes, dict[str, object]]], reason: str) -> Result:
+    async def _outcome(self, payload: Payload, attempt: int, tally: Tally, failed: Outcome, reason: str
+                       ) -> Result:
+        """The attempt's Result: delivered count, remainder (only what is worth retrying, under the
+        batch's name) and rejected records (under a name of their own), or OK."""
         s = self.settings
         level = s.zstd_level if payload.compression == "zstd" else s.gzip_level
 
@@ -417,18 +481,20 @@ class OpenSearchSink(Sink):
             return replace(payload, name=name, num_events=len(lines), data=data, lines=tuple(lines), meta=meta)
 
         rej_payload: Payload | None = None
-        if rejected:
+        if tally.rejected:
             # its own name (one per attempt), so it never overwrites the batch's file or another
             # attempt's rejects; a replay of such a file that is rejected again yields another one,
             # which the replayer moves to rejected/ at once
-            meta: dict[str, object] = {"item_errors": [e for _, _, e in rejected], "rejected_from": payload.name}
-            rej_payload = await subset(rejected_name(payload.name, attempt), [ln for _, ln, _ in rejected], meta)
-        if retry:
-            rem = await subset(payload.name, [d.line for d in retry],
-                               {"retried_items": len(retry), "retry_reason": reason})
-            return Result(Outcome.RETRY, reason or "item_retry", remainder=rem, rejected=rej_payload, delivered=done)
-        reason = ("rejected_items" if not done else "partial") if rej_payload else ""
-        return Result(Outcome.OK, reason, rejected=rej_payload, delivered=done)
+            meta: dict[str, object] = {"item_errors": [e for _, e in tally.rejected],
+                                       "rejected_from": payload.name}
+            rej_payload = await subset(rejected_name(payload.name, attempt), [ln for ln, _ in tally.rejected], meta)
+        done = tally.done
+        if tally.retry:
+            rem = await subset(payload.name, [d.line for d in tally.retry],
+                               {"retried_items": len(tally.retry), "retry_reason": reason})
+            return Result(failed, reason or "item_retry", remainder=rem, rejected=rej_payload, delivered=done)
+        ok_reason = ("rejected_items" if not done else "partial") if rej_payload else ""
+        return Result(Outcome.OK, ok_reason, rejected=rej_payload, delivered=done)
 
     @staticmethod
     def _classify_status(status: int) -> Result | None:

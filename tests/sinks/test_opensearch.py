@@ -478,3 +478,58 @@ def test_opensearch_index_template_is_checked_on_the_name_it_renders(value: str,
     else:
         with pytest.raises(ConfigError, match="OPENSEARCH_INDEX"):
             Settings.from_env({"OPENSEARCH_INDEX": value})
+
+
+# ------------------------------------------------------------------------------------ big payloads
+
+
+def replay_payload(n: int, name: str = "1764805500_t-abc123_000001.jsonl.gz") -> Payload:
+    from estat_ingest.pipeline.encoder import compress
+    from estat_ingest.pipeline.record import IdGen, encode_record
+
+    ids = IdGen()
+    lines = [encode_record(TS, "198.51.100.7", "ua", "", orjson.dumps({"i": i}).decode(), ids.next(TS))
+             for i in range(n)]
+    return Payload(name=name, partition="dt=2025-12-04/hr=08", num_events=n, data=compress(b"".join(lines), "gzip", 1),
+                   compression="gzip", first_ts=TS, attempts=3)
+
+
+async def send_once(s: Settings, payload: Payload) -> Any:
+    sink = OpenSearchSink(s, metrics=Metrics())
+    await sink.start()
+    try:
+        return await sink.send(payload)
+    finally:
+        await sink.aclose()
+
+
+@pytest.mark.parametrize(("second", "outcome", "reason"), [
+    (503, Outcome.RETRY, "server_error"), (401, Outcome.REJECT, "auth")])
+def test_a_payload_over_the_bulk_limits_is_cut_and_progress_is_kept(
+        tmp_path: Path, fake: FakeOpenSearch, second: int, outcome: Outcome, reason: str) -> None:
+    """A DLQ file written under larger limits (or an S3 file replayed here) goes out in requests of
+    BULK_BATCH_SIZE; when one fails, what was delivered is reported and only the rest remains."""
+    s = settings(tmp_path, (fake.url,), bulk_batch_size=100)
+    payload = replay_payload(230)
+    fake.status_script = [200, second]
+    result = asyncio.run(send_once(s, payload))
+    assert result.outcome is outcome and result.reason == reason and result.delivered == 100
+    rem = result.remainder
+    assert rem is not None and rem.name == payload.name and rem.num_events == 130 and rem.lines is not None
+    assert [orjson.loads(orjson.loads(x)["body"])["i"] for x in rem.lines] == list(range(100, 230))
+    assert decompress(rem.data, "gzip") == b"".join(rem.lines)  # what the DLQ would keep
+    result = asyncio.run(send_once(s, rem))
+    assert result.outcome is Outcome.OK and result.delivered == 130
+    assert [len(r.ids) for r in fake.bulk_requests()] == [100, 100, 100, 30]
+    assert sorted(d["event"]["i"] for d in fake.all_docs().values()) == list(range(230))
+    assert all(n == 1 for n in fake.indexed.values())
+
+
+def test_a_long_attempt_stops_sending_at_half_its_budget_and_keeps_the_rest(
+        tmp_path: Path, fake: FakeOpenSearch) -> None:
+    s = settings(tmp_path, (fake.url,), bulk_batch_size=100, opensearch_timeout_s=2.0)
+    fake.delay_script = [1.2]  # the first request alone takes more than half of OPENSEARCH_TIMEOUT
+    result = asyncio.run(send_once(s, replay_payload(250)))
+    assert result.outcome is Outcome.RETRY and result.reason == "time_budget" and result.delivered == 100
+    assert result.remainder is not None and result.remainder.num_events == 150
+    assert [len(r.ids) for r in fake.bulk_requests()] == [100]
