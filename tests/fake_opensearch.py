@@ -111,7 +111,7 @@ class FakeOpenSearch:
         return request.headers.get("Authorization") == want
 
     async def _root(self, request: web.Request) -> web.StreamResponse:
-        self._record(request, b"")
+        self._record(request, await request.read())
         if self.down:
             return web.Response(status=self.down_status)
         if not self._auth_ok(request):

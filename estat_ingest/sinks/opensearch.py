@@ -219,7 +219,7 @@ def rejected_name(name: str, attempt: int) -> str:
 
 
 def _prepare(body: bytes, gzip: bool, level: int, want_sha: bool) -> tuple[bytes, str]:
-    data = compress(body, "gzip", level) if gzip else body
+    data = compress(body, "gzip", level) if gzip and body else body
     return data, hashlib.sha256(data).hexdigest() if want_sha else ""
 
 

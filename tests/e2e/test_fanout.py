@@ -147,6 +147,9 @@ def test_sigterm_with_both_sinks_loses_nothing_on_either(
         assert Counter(spilled) == want
     done = [r for r in srv.log_records() if r.get("message") == "shutdown complete"]
     assert done and done[0]["lost_events"] == 0
+    if fake is None:  # the start-up check said so, and /ready was 200 all along (start() waited for it)
+        assert any(r.get("message", "").startswith("opensearch unreachable at start-up") and r.get("node") == url
+                   for r in srv.log_records())
     print(f"{opensearch}: indexed {len(set(indexed))}, in the opensearch dlq {len(spilled)}, "
           f"drain report {done[0]}")
 

@@ -443,6 +443,20 @@ def test_sigv4_signature_verifies_for_es_and_aoss(tmp_path: Path, fake: FakeOpen
     with pytest.raises(AssertionError):
         verify_sigv4(req, "not-the-secret", "eu-west-1", service)
     assert len(fake.all_docs()) == 25
+    # the start-up probe (GET /, no body even with OPENSEARCH_GZIP) is signed too
+    async def probe() -> None:
+        sink = OpenSearchSink(s, credentials=creds)
+        await sink.start()
+        try:
+            await sink.check()
+        finally:
+            await sink.aclose()
+
+    fake.requests.clear()
+    asyncio.run(probe())
+    [get] = fake.requests
+    assert get.method == "GET" and get.raw == b"" and "Content-Encoding" not in get.headers
+    verify_sigv4(get, creds.secret_key, "eu-west-1", service)
 
 
 def test_sigv4_default_credential_chain(tmp_path: Path, fake: FakeOpenSearch) -> None:
