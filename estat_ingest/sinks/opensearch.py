@@ -1,4 +1,4 @@
-"""OpenSearch sink: one `_bulk` request per attempt, with item-level outcomes.
+"""OpenSearch sink: `_bulk` requests with item-level outcomes (one request per fresh batch).
 
 Invariants
 - Every document is sent with the `create` action and `_id` = the record's event id, so a retry
@@ -9,6 +9,9 @@ Invariants
   item is read: 2xx and 409 are done, 429/5xx items are retried alone (`Result.remainder` holds
   only their records), other 4xx items (mapping errors) go to the DLQ as their original records
   with the index, status and error of each one in the DLQ meta (`Result.rejected`).
+- A payload over the BULK limits (an old DLQ file, an S3 file replayed here) goes out as several
+  requests in one attempt; a request that fails as a whole, or half the attempt's time spent,
+  stops it with what was delivered reported and only the rest as the remainder.
 - Counters are per item (`opensearch_items_total{outcome}`), never per request.
 - The sink never sleeps or retries: the engine owns attempts (1 + OPENSEARCH_RETRIES), the
   per-attempt bound (OPENSEARCH_TIMEOUT) and backoff.
