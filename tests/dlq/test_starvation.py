@@ -50,7 +50,7 @@ async def test_5000_files_oldest_first_and_peer_files_within_the_pass_bound(tmp_
     await p.start()
     store = p.lanes[0].store
     try:
-        await wait_for(lambda: len(sink.delivered) == N, 90, f"{N} files delivered")
+        await wait_for(lambda: len(sink.delivered) == N and len(store.index) == 0, 90, f"{N} files delivered")
         delivered = [int(x.name[:10]) for x in sink.delivered]
         # concurrency 4: within one wave of 4 the completion order may differ; across waves it is sorted
         assert all(delivered[i] <= delivered[i + 4] for i in range(len(delivered) - 4))
@@ -62,7 +62,8 @@ async def test_5000_files_oldest_first_and_peer_files_within_the_pass_bound(tmp_
         random.Random(8).shuffle(peer_order)
         for c, i in enumerate(peer_order):
             write_entry(d, base - 10_000 + i, c + 1, 1, instance=f"peer{i:04d}")
-        await wait_for(lambda: len(sink.delivered) == N + PEER, 60, "peer files delivered")
+        await wait_for(lambda: len(sink.delivered) == N + PEER and len(store.index) == 0, 60,
+                       "peer files delivered and deleted")
         # documented bound: found within ceil(entries / limit) passes (entries = data + meta),
         # then delivered within ceil(files / limit) more passes (a pass attempts up to `limit` files)
         bound = math.ceil(2 * PEER / LIMIT) + math.ceil(PEER / LIMIT) + 1
