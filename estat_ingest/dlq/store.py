@@ -259,11 +259,12 @@ class DlqStore:
                 e = self.index.pop()
                 assert e is not None
                 dropped += await self.drop(e, "ttl")
-        if not await self.make_room(0):
-            pass  # nothing left to evict; the next write reports what it cannot keep
+        # the size cap every pass; the free-disk margin only when we are about to write (the disk may
+        # be filled by something else: evicting the whole DLQ for it without a write gains nothing)
+        await self.make_room(0, check_free=False)
         return dropped
 
-    async def make_room(self, size: int) -> bool:
+    async def make_room(self, size: int, check_free: bool = True) -> bool:
         """Evict oldest first until `size` more bytes fit under DLQ_MAX_SIZE_BYTES and above
         DLQ_MIN_FREE_BYTES. False if they cannot fit under the size cap even with nothing left."""
         lim = self.limits
@@ -273,7 +274,7 @@ class DlqStore:
             while True:
                 over_cap = lim.max_size_bytes > 0 and self.totals.bytes + size > lim.max_size_bytes
                 low_disk = False
-                if not over_cap and lim.min_free_bytes > 0:
+                if not over_cap and check_free and lim.min_free_bytes > 0:
                     try:
                         low_disk = await asyncio.to_thread(free_bytes, self.dir) - size < lim.min_free_bytes
                     except OSError:

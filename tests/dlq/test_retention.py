@@ -100,3 +100,22 @@ async def test_restart_rebuilds_exact_gauges_and_cleans_crash_leftovers(tmp_path
     left = sorted(p.name for p in d.iterdir() if p.name.startswith("."))
     # our own pid's temp (before this start: a dead predecessor in a container) is removed too
     assert left == [f".{names[0]}.tmp-999999-abcdef"]  # a dead pid, but younger than 10 s: may be a peer host
+
+
+@run_async
+async def test_free_disk_margin_evicts_oldest_for_a_new_write_and_still_writes_it(tmp_path: Path) -> None:
+    d = tmp_path / "dlq" / "memory"
+    now = int(time.time())
+    names = [write_entry(d, now - 100 + i, i + 1, 4)[0] for i in range(3)]
+    metrics = Metrics()
+    # a margin no disk can meet: every old file goes, oldest first, and the new batch is still written
+    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics, limits=Limits(max_age_s=0, min_free_bytes=10**18))
+    await store.start()
+    await store.enforce()  # a pass alone does not evict for the disk margin
+    assert data_files(d) == names
+    raw = lines_for("new", 5, now)
+    p = Payload(f"{now:010d}_test-x_000050.jsonl.gz", partition(now, "UTC"), 5, compress(raw, "gzip", 1), "gzip", now)
+    assert await store.write(p, "failed")
+    assert data_files(d) == [p.name]
+    assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="capacity") == 12
+    assert counter_value(metrics, "dlq_files_current", sink="memory") == 1
