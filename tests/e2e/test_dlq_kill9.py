@@ -1,12 +1,13 @@
-"""kill -9 in the middle of DLQ writes and replays (real subprocesses, repeated), then a restart with S3
-back: no corrupt object is ever stored under RAW_PREFIX and every completed DLQ file is delivered,
-byte for byte, under its own key (v1 §9 c)."""
+"""kill -9 in the middle of DLQ writes (real subprocesses, 3 rounds) and once while the replayer holds a
+claim, then a restart with S3 back: no corrupt object is ever stored under RAW_PREFIX, the stale claim
+is recovered, and every completed DLQ file is delivered, byte for byte, under its own key (v1 §9 c)."""
 
 from __future__ import annotations
 
 import gzip
 import random
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -48,7 +49,11 @@ def hammer(srv: ServerProcess, stop: threading.Event, tag: str) -> None:
 def test_kill9_during_dlq_writes_then_restart_delivers_every_completed_file(tmp_path: Path, moto: Any,
                                                                            bucket: str, s3: Any) -> None:
     dlq = tmp_path / "dlq"
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every upload fails fast → DLQ writes
+    refused = f"http://127.0.0.1:{free_port()}"  # nothing listens: every upload fails at once
+    hole = socket.socket()  # listens, never answers: every upload (and replay) hangs until S3_TIMEOUT,
+    hole.bind(("127.0.0.1", 0))  # so kills also land while a replayer holds a claim
+    hole.listen(1024)
+    blackhole = f"http://127.0.0.1:{hole.getsockname()[1]}"
     env = {"RAW_BUCKET": bucket, "AWS_REGION": "us-east-1", "DLQ_DIR": str(dlq), "BATCH_SIZE": "50",
            "FLUSH_INTERVAL": "50ms", "S3_APP_RETRIES": "0", "S3_TIMEOUT": "1s", "DLQ_CLAIM_TIMEOUT": "1s",
            "UPLOAD_CONCURRENCY": "4", "LOG_LEVEL": "warning"}
@@ -59,7 +64,7 @@ def test_kill9_during_dlq_writes_then_restart_delivers_every_completed_file(tmp_
     rng = random.Random(3)
     seen: dict[str, bytes] = {}
     for r in range(ROUNDS):
-        srv = ServerProcess({**env, "S3_ENDPOINT_URL": dead}, tmp_path).start()
+        srv = ServerProcess({**env, "S3_ENDPOINT_URL": refused}, tmp_path).start()
         stop = threading.Event()
         t = threading.Thread(target=hammer, args=(srv, stop, f"r{r}"), daemon=True)
         t.start()
@@ -78,6 +83,18 @@ def test_kill9_during_dlq_writes_then_restart_delivers_every_completed_file(tmp_
         print(f"round {r}: {len(now)} completed files, {len(claims)} claimed, {len(temps)} temp files at kill")
         assert len(now) >= want - 5, srv.log()[-2000:]
         seen.update(now)
+    # one more: no traffic, the replayer probes the backlog against an endpoint that never answers;
+    # kill -9 while it holds a claim — the restart must recover the claim and deliver the file
+    srv = ServerProcess({**env, "S3_ENDPOINT_URL": blackhole, "S3_TIMEOUT": "5s"}, tmp_path).start()
+    deadline = time.monotonic() + 20
+    while not list((dlq / "s3").glob("*.claim-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    srv.signal(signal.SIGKILL)
+    srv.wait(10)
+    hole.close()
+    claimed = [p.name for p in (dlq / "s3").glob("*.claim-*")]
+    assert claimed, "the replayer never claimed a file: " + srv.log()[-2000:]
+    seen.update(completed_files(dlq / "s3"))
     assert len(seen) >= ROUNDS * 5
     srv = ServerProcess({**env, "S3_ENDPOINT_URL": moto.endpoint, "LOG_LEVEL": "info"}, tmp_path).start()
     try:
