@@ -153,7 +153,8 @@ def server_kwargs(app: web.Application) -> dict[str, Any]:
     (aiohttp would inflate a bomb in full). The request line must hold a GET payload of
     MAX_BODY_SIZE (the query string), so an over-size GET gets our 413, not the parser's 400.
     keepalive_timeout is above the ALB's 60 s idle timeout; aiohttp also closes a connection whose
-    request headers are still incomplete when it fires (slowloris bound).
+    request headers are still incomplete when it fires (slowloris bound). Parser errors go to
+    ProtocolLog (counted, rate-limited).
     """
     settings = app[COLLECTOR].settings
     return {
@@ -162,6 +163,10 @@ def server_kwargs(app: web.Application) -> dict[str, Any]:
         "max_field_size": settings.max_header_bytes,
         "max_headers": settings.max_headers,
         "keepalive_timeout": 75.0,
+        # after a 408/413 the unread rest of a body is drained (so the client can read the answer
+        # instead of a reset) for at most this long, then the connection is closed; aiohttp's
+        # default of 10 s would let a trickling client hold it 10 s more
+        "lingering_time": 2.0,
         "logger": ProtocolLog(app[METRICS]),
     }
 
