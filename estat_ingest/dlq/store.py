@@ -95,12 +95,16 @@ class DlqStore:
         self.totals = DirTotals()
         self.limits = limits or (Limits.of(settings) if settings is not None else Limits())
         self.owner = owner or files.owner_id(settings.instance_id if settings is not None else "estat")
+        # DLQ_DIR itself when `root` is DLQ_DIR or a worker root in it (an unrelated root, as in
+        # tests, never reaches into the configured DLQ_DIR)
+        top = None
+        if settings is not None:
+            r, t = os.path.abspath(root), os.path.abspath(settings.dlq_dir)
+            top = t if r == t or os.path.dirname(r) == t else None
         if v1_dirs is None:  # v1 pairs lie directly in DLQ_DIR; only the s3 lane replays them
-            v1_dirs = ()
-            if sink == "s3":
-                v1_dirs = tuple(dict.fromkeys([root] + ([settings.dlq_dir] if settings is not None else [])))
+            v1_dirs = tuple(dict.fromkeys([root] + ([top] if top else []))) if sink == "s3" else ()
         self.sources: tuple[str, ...] = (self.dir, *v1_dirs)
-        self._top = settings.dlq_dir if settings is not None else None
+        self._top = top
         self.index = Index()
         self.changed = asyncio.Event()  # set when a file is written (wakes the replayer)
         self._scanners = [Scanner(d) for d in self.sources]
