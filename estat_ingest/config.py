@@ -258,6 +258,7 @@ class Settings:
     request_read_timeout_s: float = 10.0
     max_in_flight: int = 1024
     max_json_depth: int = 64
+    record_api_key_name: bool = False
     # logs
     log_level: str = "info"
     log_format: str = "json"
@@ -385,6 +386,7 @@ class Settings:
         put("max_in_flight", get("MAX_IN_FLIGHT", parse_int, lambda v: 1 <= v <= 1_000_000,
                                  "1 to 1000000 requests"))
         put("max_json_depth", get("MAX_JSON_DEPTH", parse_int, lambda v: 1 <= v <= 512, "1 to 512 levels"))
+        put("record_api_key_name", get("RECORD_API_KEY_NAME", parse_bool))
         put("log_level", get("LOG_LEVEL", _choice("debug", "info", "warning", "error")))
         put("log_format", get("LOG_FORMAT", _choice("json", "text")))
 

@@ -81,7 +81,7 @@ class InFlight:
         if self.count == 0 and self._zero is not None:
             self._zero.set()
 
-    async def wait_zero(self, timeout: float) -> bool:
+    async def wait_zero(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
         if self.count == 0:
             return True
         self._zero = asyncio.Event()
@@ -253,6 +253,10 @@ class Collector:
         cookie = self._cookie(headers.get("Cookie", ""))
         next_id = self.ids.next
         records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
+        if key_name and settings.record_api_key_name:
+            # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
+            tail = b',"api_key_name":' + orjson.dumps(key_name) + b"}\n"
+            records = [(t, line[:-2] + tail) for t, line in records]
 
         m = self.metrics
         m.http_requests.inc()

@@ -123,6 +123,20 @@ def test_api_key_accepted_in_header_or_query(headers: dict[str, str], query: str
     assert b"k-web" not in q._items[0][1]
 
 
+def test_record_api_key_name_appends_the_name_after_id_when_enabled() -> None:
+    c, q, m = make(api_keys=KEYS, record_api_key_name=True)
+    assert c.handle("POST", "/collect", "", H(X_Api_Key="k-app-9876543210"), b'{"a":1}', None).status == 200
+    nd = H(X_Api_Key="k-web-0123456789", Content_Type="application/x-ndjson")
+    assert c.handle("POST", "/collect", "", nd, b'{"b":1}\n{"b":2}\n', None).status == 200
+    recs = records(q)
+    assert [list(r) for r in recs] == [["ts", "ip", "user_agent", "cookie", "body", "id", "api_key_name"]] * 3
+    assert [r["api_key_name"] for r in recs] == ["app", "web", "web"]
+    assert all(b"k-app" not in line and b"k-web" not in line for _, line in q._items)
+    c, q, m = make(api_keys=KEYS)  # off by default: v1's six fields
+    assert c.handle("POST", "/collect", "", H(X_Api_Key="k-app-9876543210"), b'{"a":1}', None).status == 200
+    assert list(records(q)[0]) == ["ts", "ip", "user_agent", "cookie", "body", "id"]
+
+
 def test_401_missing_or_wrong_key_with_www_authenticate() -> None:
     c, q, m = make(api_keys=KEYS)
     r = c.handle("POST", "/collect", "", H(), b"{}", None)
@@ -234,7 +248,8 @@ def test_v1_defect_l_forged_leftmost_xff_is_not_recorded() -> None:
 
 def test_new_settings_are_range_checked() -> None:
     for var, bad in (("MAX_HEADER_BYTES", "10"), ("MAX_HEADERS", "0"), ("REQUEST_READ_TIMEOUT", "0s"),
-                     ("MAX_IN_FLIGHT", "0"), ("MAX_JSON_DEPTH", "0"), ("MAX_JSON_DEPTH", "x")):
+                     ("MAX_IN_FLIGHT", "0"), ("MAX_JSON_DEPTH", "0"), ("MAX_JSON_DEPTH", "x"),
+                     ("RECORD_API_KEY_NAME", "maybe")):
         with pytest.raises(ConfigError) as err:
             Settings.from_env({var: bad})
         assert var in str(err.value) and "\n" not in str(err.value)
