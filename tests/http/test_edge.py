@@ -257,3 +257,34 @@ def test_new_settings_are_range_checked() -> None:
                            "MAX_IN_FLIGHT": "10", "MAX_JSON_DEPTH": "12"})
     assert (s.max_header_bytes, s.max_headers, s.request_read_timeout_s, s.max_in_flight, s.max_json_depth) == (
         16384, 50, 2.0, 10, 12)
+
+
+def test_cloudfront_viewer_address_formats_and_trust() -> None:
+    from estat_ingest.http.clientip import ClientIp
+
+    ips = ClientIp(("10.0.0.0/8", "127.0.0.0/8", "130.176.0.0/16"))  # 130.176/16: a CloudFront range
+    # ALB (10.x) ← CloudFront edge (trusted) ← viewer: the viewer, from XFF or the header
+    assert ips("10.0.0.2", "203.0.113.10, 130.176.1.1", "203.0.113.10:5555") == "203.0.113.10"
+    assert ips("10.0.0.2", "130.176.1.1", "[2001:db8::7]:443") == "2001:db8::7"
+    assert ips("10.0.0.2", "130.176.1.1", "2001:db8::7:443") == "2001:db8::7"
+    # a client hitting the ALB directly with a forged header: the ALB appended its real address
+    assert ips("10.0.0.2", "198.51.100.9", "203.0.113.10:5555") == "198.51.100.9"
+    # an unparsable hop stops the walk at the last trusted address and disables the header
+    assert ips("10.0.0.2", "203.0.113.10, unknown", "203.0.113.10:1") == "10.0.0.2"
+    assert ips("::ffff:198.51.100.3", None, None) == "198.51.100.3"
+    assert ips(None, "203.0.113.10", None) == ""
+
+
+def test_rejections_are_logged_at_most_once_per_reason_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    c, q, m = make()
+    now = [1000.0]
+    c.reject_log.clock = lambda: now[0]
+    with caplog.at_level("WARNING", logger="estat_ingest.http"):
+        for _ in range(50):
+            c.handle("POST", "/collect", "", H(), b"{", None)
+            c.handle("POST", "/collect", "", H(), b"", None)
+        now[0] += 11
+        c.handle("POST", "/collect", "", H(), b"{", None)
+    lines = [(r.reason, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == [("invalid_json", 0), ("empty", 0), ("invalid_json", 49)]
+    assert value(m, "http_requests_rejected_total", reason="invalid_json") == 51
