@@ -9,12 +9,16 @@ body again.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
+
+log = logging.getLogger("estat_ingest.sinks.opensearch")
 
 #: headers aiohttp adds or that proxies rewrite: never part of the signature
 _UNSIGNED = frozenset({"content-length", "user-agent", "accept-encoding", "connection", "expect"})
@@ -24,19 +28,34 @@ class NoCredentials(RuntimeError):
     pass
 
 
+RELOAD_S = 30.0  # with no credentials, look the chain up again at most this often
+
+
 class SigV4Signer:
     def __init__(self, service: str, region: str, credentials: Any = None) -> None:
         self.service = service
         self.region = region
         self._credentials = credentials  # botocore Credentials/AioCredentials; None = default chain
+        self._loaded_at: float | None = None
+
+    async def _load(self) -> None:
+        from aiobotocore.session import get_session
+
+        self._loaded_at = time.monotonic()
+        self._credentials = await get_session().get_credentials()
 
     async def start(self) -> None:
+        """Look the default chain up once; a failure here must not stop the server (it is retried)."""
         if self._credentials is None:
-            from aiobotocore.session import get_session
-
-            self._credentials = await get_session().get_credentials()
+            try:
+                await self._load()
+            except Exception as err:
+                log.warning("aws credentials could not be loaded (retried on the next request)",
+                            extra={"sink": "opensearch", "error": f"{type(err).__name__}: {err}"[:300]})
 
     async def _frozen(self) -> ReadOnlyCredentials:
+        if self._credentials is None and (self._loaded_at is None or time.monotonic() - self._loaded_at > RELOAD_S):
+            await self._load()  # an error here is transient until proven otherwise: the caller retries
         creds = self._credentials
         if creds is None:
             raise NoCredentials("no AWS credentials found by the default chain")
@@ -47,7 +66,6 @@ class SigV4Signer:
         if hasattr(frozen, "__await__"):
             frozen = await frozen
         return frozen  # type: ignore[no-any-return,unused-ignore]
-
     async def sign(self, method: str, url: str, headers: Mapping[str, str], payload_sha256: str) -> dict[str, str]:
         """Headers to send: `headers` plus x-amz-content-sha256, X-Amz-Date, the token and Authorization."""
         frozen = await self._frozen()

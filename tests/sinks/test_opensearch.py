@@ -547,3 +547,25 @@ def test_a_long_attempt_stops_sending_at_half_its_budget_and_keeps_the_rest(
     assert result.outcome is Outcome.RETRY and result.reason == "time_budget" and result.delivered == 100
     assert result.remainder is not None and result.remainder.num_events == 150
     assert [len(r.ids) for r in fake.bulk_requests()] == [100]
+
+
+def test_sigv4_without_any_credentials_starts_and_sends_batches_to_the_dlq(
+        tmp_path: Path, fake: FakeOpenSearch, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no IMDS lookups off 127.0.0.1
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s = settings(tmp_path, (fake.url,), opensearch_aws_sigv4=True, aws_region="us-east-1")
+    m = Metrics()
+    dlq = tmp_path / "dlq" / "opensearch"
+    with caplog.at_level(logging.INFO, logger="estat_ingest.sinks.opensearch"):
+        asyncio.run(run(s, m, lambda c: [post(c, {"i": i}) for i in range(4)],
+                        until=lambda: bool(top_files(dlq) or top_files(dlq / "rejected"))))
+    assert fake.requests == []  # nothing unsigned ever left
+    [(_, meta, recs)] = dlq_entries(tmp_path / "dlq")
+    assert meta["reason"] == "rejected" and len(recs) == 4
+    assert sample(m, "upload_attempts_total", sink="opensearch", outcome="reject", reason="auth") >= 1
+    assert any(r.getMessage() == "opensearch: no AWS credentials for SigV4" for r in caplog.records)
