@@ -418,12 +418,22 @@ async def _replay(args: argparse.Namespace) -> int:
                 payload = files.payload_of(f.name, data, meta, n, settings.partition_tz)
                 sink = sinks[sink_name]
                 result = await _send_with_retries(sink, payload, backoff)
-                if result.ok and result.remainder is None and result.rejected is None:
+                if result.rejected is not None:  # items rejected for good (OpenSearch mapping errors)
+                    await asyncio.to_thread(_write_aside, g, f, result.rejected)
+                    report.rejected.append(f"{rel}: {result.rejected.num_events} items → "
+                                           f"{files.REJECTED}/{result.rejected.name}")
+                if result.ok:
                     await asyncio.to_thread(files.remove, cpath, f.directory, f.name)
                     done = True
-                    report.delivered_files += 1
-                    report.delivered_events += n
+                    report.delivered_files += result.rejected is None
+                    report.delivered_events += n if result.delivered is None else result.delivered
                     report.delivered_bytes += len(data)
+                elif result.remainder is not None:  # keep only what is worth retrying
+                    await asyncio.to_thread(_rewrite, g, f, cpath, result.remainder)
+                    done = True
+                    report.delivered_events += result.delivered or 0
+                    report.failed.append(f"{rel}: {result.remainder.num_events} of {n} events left "
+                                         f"({result.reason})")
                 elif result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS:
                     where = await _reject(sink, settings, payload, cpath, f)
                     done = True
@@ -462,6 +472,25 @@ async def _replay(args: argparse.Namespace) -> int:
         for line in report.failed:
             print(f"FAILED    {line}")
     return 0 if ok else 1
+
+
+def _store_for(g: Group) -> Any:
+    from estat_ingest.dlq.store import DlqStore
+    from estat_ingest.metrics import Metrics
+
+    return DlqStore(os.path.dirname(g.directory), g.sink, Metrics(), v1_dirs=())
+
+
+def _write_aside(g: Group, f: Found, payload: Any) -> None:
+    _store_for(g).write_sync(payload, "rejected", os.path.join(f.directory, files.REJECTED))
+
+
+def _rewrite(g: Group, f: Found, cpath: str, remainder: Any) -> None:
+    from dataclasses import replace
+
+    _store_for(g).write_sync(replace(remainder, name=f.name), "partial", f.directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(cpath)
 
 
 async def _reject(sink: Sink, settings: Any, payload: Any, cpath: str, f: Found) -> str:

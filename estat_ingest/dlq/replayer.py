@@ -207,15 +207,12 @@ class Replayer:
         new_meta["attempts"] = payload.attempts + 1
         if result.rejected is not None:
             await self._move_rejected(entry, None, result.rejected, "rejected")
-        if result.ok and result.delivered is None:
-            await self._delivered(entry, cpath, payload, events)
+        if result.ok:  # all of it, or all but the items rejected for good (moved aside above)
+            await self._delivered(entry, cpath, payload, events if result.delivered is None else result.delivered)
             return True
         if result.delivered:
             self.metrics.dlq_reuploaded.labels(self.sink.name).inc(result.delivered)
             self.metrics.events_delivered.labels(self.sink.name).inc(result.delivered)
-        if result.ok or (result.remainder is None and result.delivered):
-            await self._consume(entry, cpath)
-            return True
         if result.remainder is not None:  # partial success: keep only what is worth retrying
             await self._rewrite(entry, cpath, result.remainder.with_attempts(payload.attempts + 1))
             self._healthy()
