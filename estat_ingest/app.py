@@ -21,7 +21,7 @@ from aiohttp import web
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
-from estat_ingest.http.routes import COLLECTOR, METRICS, add_routes, server_kwargs
+from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, add_routes, server_kwargs
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -157,6 +157,7 @@ async def serve(
         **server_kwargs(app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
     )
     await runner.setup()  # runs cleanup_ctx start-up: sinks, DLQ, pipeline
+    app[GUARD].attach(runner.server)  # header-read deadline sweeps the server's connections
     own_sock = sock or make_socket(settings.http_host, settings.http_port)
     site = web.SockSite(runner, own_sock)
     await site.start()

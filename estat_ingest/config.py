@@ -259,6 +259,7 @@ class Settings:
     max_in_flight: int = 1024
     max_json_depth: int = 64
     record_api_key_name: bool = False
+    header_read_timeout_s: float = 20.0
     # logs
     log_level: str = "info"
     log_format: str = "json"
@@ -387,6 +388,8 @@ class Settings:
                                  "1 to 1000000 requests"))
         put("max_json_depth", get("MAX_JSON_DEPTH", parse_int, lambda v: 1 <= v <= 512, "1 to 512 levels"))
         put("record_api_key_name", get("RECORD_API_KEY_NAME", parse_bool))
+        put("header_read_timeout_s", get("HEADER_READ_TIMEOUT", parse_duration, lambda v: 0.5 <= v <= 600,
+                                         "500ms to 10m"))
         put("log_level", get("LOG_LEVEL", _choice("debug", "info", "warning", "error")))
         put("log_format", get("LOG_FORMAT", _choice("json", "text")))
 

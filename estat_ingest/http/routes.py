@@ -13,10 +13,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
 from estat_ingest.http.collect import LOG_EVERY_S, PIXEL_PATHS, Collector, Reply
+from estat_ingest.http.guard import ConnectionGuard
 from estat_ingest.metrics import CONTENT_TYPE, Metrics
 
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector", Collector)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard", ConnectionGuard)
 READ_CHUNK = 64 * 1024
 
 
@@ -44,6 +46,7 @@ def to_response(reply: Reply) -> web.Response:
 
 
 async def collect(request: web.Request) -> web.StreamResponse:
+    served(request)
     collector = request.app[COLLECTOR]
     settings = collector.settings
     collector.inflight.enter()
@@ -172,23 +175,37 @@ def server_kwargs(app: web.Application) -> dict[str, Any]:
 
 
 async def health(request: web.Request) -> web.Response:
+    served(request)
     return web.Response(text="ok")
 
 
 async def ready(request: web.Request) -> web.Response:
+    served(request)
     if request.app[COLLECTOR].ready:
         return web.Response(text="ready")
     return web.Response(status=503, text="not ready")
 
 
 async def metrics(request: web.Request) -> web.Response:
+    served(request)
     body = request.app[METRICS].render()
     resp = web.Response(body=body)
     resp.headers["Content-Type"] = CONTENT_TYPE
     return resp
 
 
+def served(request: web.Request) -> None:
+    """A request reached a handler: its connection met the header-read deadline."""
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.served(request.protocol)
+
+
 def add_routes(app: web.Application) -> None:
+    if COLLECTOR in app and METRICS in app:
+        guard = ConnectionGuard(app[COLLECTOR].settings, app[METRICS])
+        app[GUARD] = guard
+        app.cleanup_ctx.append(guard.ctx)
     app.router.add_route("*", "/collect", collect)
     for path in sorted(PIXEL_PATHS):
         app.router.add_route("*", path, collect)

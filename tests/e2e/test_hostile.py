@@ -28,6 +28,7 @@ from tests.helpers import ServerProcess, file_objects, http, records_of
 RSS_BOUND_BYTES = 128 * 1024 * 1024
 MAX = 16384
 READ_TIMEOUT_S = 2.0
+HEADER_TIMEOUT_S = 3.0
 
 
 def rss_bytes(pid: int) -> int:
@@ -107,6 +108,7 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
     srv = ServerProcess({
         "FILE_SINK_DIR": str(tmp / "data"), "DLQ_DIR": str(tmp / "dlq"), "FLUSH_INTERVAL": "200ms",
         "MAX_BODY_SIZE": str(MAX), "REQUEST_READ_TIMEOUT": f"{READ_TIMEOUT_S}s", "LOG_LEVEL": "info",
+        "HEADER_READ_TIMEOUT": f"{HEADER_TIMEOUT_S}s",
     }, tmp).start()
     h = Hostile(srv, tmp / "data")
     try:
@@ -274,8 +276,14 @@ def test_random_bytes_over_raw_sockets(hostile: Hostile) -> None:
 def test_200_slow_clients_do_not_stop_a_normal_client(hostile: Hostile) -> None:
     srv = hostile.srv
     before_408 = metric(srv, "http_requests_rejected_total", reason="read_timeout")
+    before_hdr = metric(srv, "http_requests_rejected_total", reason="header_timeout")
     slow_headers: list[socket.socket] = []
     slow_bodies: list[socket.socket] = []
+    # a keep-alive connection that has served a request is not subject to the header deadline
+    keep = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    keep.sendall(health)
+    assert keep.recv(4096).startswith(b"HTTP/1.1 200")
     try:
         for i in range(200):
             s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
@@ -300,9 +308,15 @@ def test_200_slow_clients_do_not_stop_a_normal_client(hostile: Hostile) -> None:
                 answer += chunk
             assert status_of(answer) == 408, answer[:200]
         assert metric(srv, "http_requests_rejected_total", reason="read_timeout") - before_408 == 100
-        # slow headers are still just held (aiohttp closes them at the 75 s keep-alive deadline)
+        # slow headers: closed by the connection guard once HEADER_READ_TIMEOUT has passed
+        for s in slow_headers:
+            s.settimeout(HEADER_TIMEOUT_S + 15)
+            assert s.recv(4096) == b""
+        assert metric(srv, "http_requests_rejected_total", reason="header_timeout") - before_hdr == 100
+        keep.sendall(health)  # more than HEADER_READ_TIMEOUT later, same connection
+        assert keep.recv(4096).startswith(b"HTTP/1.1 200")
     finally:
-        for s in slow_headers + slow_bodies:
+        for s in [*slow_headers, *slow_bodies, keep]:
             s.close()
     hostile.still_healthy()
     assert orjson.dumps({"normal": marker}).decode() in delivered_bodies(hostile.data)
