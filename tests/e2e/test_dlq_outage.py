@@ -103,6 +103,11 @@ def test_outage_dlq_grows_then_empties_every_event_once(tmp_path: Path, own_moto
             sent += post_batch(srv, "after", k * 10, 10)
         wait(lambda: data_files(dlq / "s3") == [] and not list((dlq / "s3").glob("*.claim-*")), 60,
              "the DLQ to empty", srv)
+
+        def gauge_files() -> float:  # set in the same loop turn as dlq_events_reuploaded_total
+            return metric_sum(http("GET", srv.url + "/metrics")[2].decode(), "dlq_files_current")
+
+        wait(lambda: gauge_files() == 0, 30, "dlq_files_current to reach 0", srv)
         wait(lambda: sum(1 for _ in records_of(s3_objects(s3, bucket))) >= len(sent), 30, "all events in S3", srv)
         text = http("GET", srv.url + "/metrics")[2].decode()
     finally:
