@@ -45,6 +45,10 @@ LOG_EVERY_S = 10.0
 log = logging.getLogger("estat_ingest.http")
 
 
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 class RejectLog:
     """One warning per rejection reason per `every` seconds, with how many were not logged."""
 
@@ -252,7 +256,13 @@ class Collector:
         ua = headers.get("User-Agent", "")
         cookie = self._cookie(headers.get("Cookie", ""))
         next_id = self.ids.next
-        records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
+        try:
+            records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
+        except TypeError:
+            # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
+            # replaced by U+FFFD, as v1 did, instead of failing the request
+            ua, cookie = _printable(ua), _printable(cookie)
+            records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
         if key_name and settings.record_api_key_name:
             # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
             tail = b',"api_key_name":' + orjson.dumps(key_name) + b"}\n"

@@ -288,3 +288,12 @@ def test_rejections_are_logged_at_most_once_per_reason_per_interval(caplog: pyte
     lines = [(r.reason, r.suppressed) for r in caplog.records]  # type: ignore[attr-defined]
     assert lines == [("invalid_json", 0), ("empty", 0), ("invalid_json", 49)]
     assert value(m, "http_requests_rejected_total", reason="invalid_json") == 51
+
+
+def test_non_utf8_header_bytes_are_replaced_not_a_500() -> None:
+    # aiohttp decodes header bytes with surrogateescape; \xff in a User-Agent arrives as \udcff
+    c, q, m = make()
+    h = CIMultiDict({"User-Agent": "bot\udcff/1", "Cookie": "sid=\udcfe"})
+    assert c.handle("POST", "/collect", "", h, b"{}", None).status == 200
+    rec = records(q)[0]
+    assert rec["user_agent"] == "bot\ufffd/1" and rec["cookie"] == "sid=\ufffd"
