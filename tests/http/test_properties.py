@@ -241,3 +241,31 @@ def test_decode_of_any_bytes_is_a_body_under_the_limit_or_a_clean_error(enc: str
                                                 (415, "unsupported_encoding")}
         else:
             assert len(out) <= DECODE_LIMIT
+
+
+# ---------------------------------------------------------------- the whole function never fails
+
+HEADER_NAMES = ["User-Agent", "Cookie", "X-Forwarded-For", "CloudFront-Viewer-Address", "Origin", "Accept",
+                "Content-Type", "Content-Encoding", "Authorization", "X-Api-Key",
+                "Access-Control-Request-Method"]
+# what aiohttp can hand over: any text, with undecodable bytes as lone surrogates (surrogateescape)
+header_text = st.text(alphabet=st.characters(blacklist_categories=("Cc",)) | st.sampled_from(
+    ["\udcff", "\udc80", "\ufffd", "\t"]), max_size=40)
+EDGE, EDGE_Q, EDGE_M = make(max_body_bytes=4096, api_keys=(("web", "k"),), cors_allow_origins=("https://a.example",),
+                            cookie_allowlist=("_ga",))
+EDGE_OPEN, _, _ = make(max_body_bytes=4096)
+
+
+@FAST
+@given(st.sampled_from(["GET", "POST", "OPTIONS", "PUT", "HEAD", "BREW"]),
+       st.sampled_from(["/collect", "/collect.gif", "/pixel.gif"]),
+       st.text(max_size=60), st.lists(st.tuples(st.sampled_from(HEADER_NAMES), header_text), max_size=8),
+       st.binary(max_size=200), st.one_of(st.none(), st.text(max_size=30)), st.booleans())
+def test_handle_never_raises_and_answers_a_known_status(
+    method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes, peer: str | None, keys: bool
+) -> None:
+    c = EDGE if keys else EDGE_OPEN
+    r = c.handle(method, path, query, CIMultiDict(headers), body, peer)
+    assert r.status in (200, 204, 400, 401, 405, 413, 415, 503)
+    if r.status >= 400:
+        assert r.body.endswith(b"\n")
