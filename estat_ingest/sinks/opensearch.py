@@ -99,6 +99,26 @@ class Nodes:
         self._down_until[i] = 0.0
 
 
+class LogLimiter:
+    """At most one log line per key and interval; the next one says how many were suppressed."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None: do not log. Otherwise log, with this many suppressed since the last line."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+
 # ------------------------------------------------------------------------------------ documents
 
 
@@ -254,6 +274,7 @@ class OpenSearchSink(Sink):
             token = base64.b64encode(f"{s.opensearch_username}:{s.opensearch_password}".encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
         self._session: aiohttp.ClientSession | None = None
+        self._logs = LogLimiter()  # failure logs: one line per kind per 10 s, with a suppressed count
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -408,9 +429,12 @@ class OpenSearchSink(Sink):
 
         whole = self._classify_status(status)
         if whole is not None:
-            log.warning("opensearch bulk request failed", extra={
-                "sink": self.name, "node": node, "batch": payload.name, "status": status,
-                "events": len(docs), "response": content[:300].decode("utf-8", "replace")})
+            suppressed = self._logs.allow(f"status:{status}")
+            if suppressed is not None:
+                log.warning("opensearch bulk request failed", extra={
+                    "sink": self.name, "node": node, "batch": payload.name, "status": status,
+                    "events": len(docs), "response": content[:300].decode("utf-8", "replace"),
+                    "suppressed": suppressed})
             return whole
         try:
             response = orjson.loads(content)
@@ -464,12 +488,13 @@ class OpenSearchSink(Sink):
         for key, n in reasons.items():
             tally.retry_reasons[key] = tally.retry_reasons.get(key, 0) + n
         tally.rejected.extend(rejected)
-        if rejected or retry:
+        suppressed = self._logs.allow("partial") if rejected or retry else None
+        if suppressed is not None:
             log.warning("opensearch bulk partially failed", extra={
                 "sink": self.name, "node": node, "batch": payload.name, "attempt": attempt,
                 "items_created": created, "items_duplicate": duplicate, "items_retried": len(retry),
                 "items_rejected": len(rejected), "retry_reasons": reasons,
-                "example_error": rejected[0][1] if rejected else None})
+                "example_error": rejected[0][1] if rejected else None, "suppressed": suppressed})
         return None
 
     async def _outcome(self, payload: Payload, attempt: int, tally: Tally, failed: Outcome, reason: str

@@ -569,3 +569,16 @@ def test_sigv4_without_any_credentials_starts_and_sends_batches_to_the_dlq(
     assert meta["reason"] == "rejected" and len(recs) == 4
     assert sample(m, "upload_attempts_total", sink="opensearch", outcome="reject", reason="auth") >= 1
     assert any(r.getMessage() == "opensearch: no AWS credentials for SigV4" for r in caplog.records)
+
+
+def test_failure_logs_are_rate_limited_with_a_suppressed_count() -> None:
+    from estat_ingest.sinks.opensearch import LogLimiter
+
+    now = [0.0]
+    lim = LogLimiter(10.0, clock=lambda: now[0])
+    assert lim.allow("partial") == 0
+    assert [lim.allow("partial") for _ in range(5)] == [None] * 5
+    assert lim.allow("status:503") == 0  # another kind is not held back
+    now[0] = 10.5
+    assert lim.allow("partial") == 5
+    assert lim.allow("partial") is None
