@@ -7,7 +7,6 @@ side: every 2xx event is delivered or in that sink's DLQ files.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -53,6 +52,17 @@ def send_events(srv: ServerProcess, tag: str, nd_requests: int = 20, per_request
         assert srv.post(body)[0] == 200
         sent.append(body.decode())
     return sent
+
+
+def stop(srv: ServerProcess, timeout: float = 30.0) -> int:
+    """SIGTERM and wait; a server that does not exit in time is killed (never left running)."""
+    if srv.proc is None:
+        return -1
+    try:
+        return srv.stop(timeout)
+    except subprocess.TimeoutExpired:
+        srv.kill()
+        raise
 
 
 def env_for(tmp_path: Path, moto: Any, bucket: str, os_url: str, **extra: str) -> dict[str, str]:
@@ -101,7 +111,7 @@ def test_opensearch_down_s3_gets_everything_then_the_dlq_replays(
         wait_until(lambda: len(fake.all_docs()) == len(sent), 60, "every event indexed from the DLQ")
         wait_until(lambda: not top_data_files(tmp_path / "dlq" / "opensearch"), 30, "an empty opensearch DLQ")
     finally:
-        code = srv.stop()
+        code = stop(srv)
         fake.stop()
     assert code == 0, srv.log()
     docs = fake.all_docs()
@@ -124,12 +134,12 @@ def test_sigterm_with_both_sinks_loses_nothing_on_either(
         url = f"http://127.0.0.1:{free_port()}"  # nothing listens
     env = env_for(tmp_path, moto, bucket, url, SHUTDOWN_TIMEOUT="3s", BULK_BATCH_SIZE="100",
                   OPENSEARCH_RETRIES="3", BATCH_SIZE="300")
-    srv = ServerProcess(env, tmp_path).start()
+    srv = ServerProcess(env, tmp_path)
     try:
+        srv.start()
         sent = send_events(srv, opensearch, nd_requests=10, per_request=50, singles=100)
     finally:
-        srv.signal(signal.SIGTERM)
-        code = srv.wait(30)
+        code = stop(srv)
         if fake is not None:
             fake.stop()
     assert code == 0, srv.log()
@@ -160,11 +170,12 @@ def test_dlq_replay_command_delivers_opensearch_files(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     env = {"SINKS": "opensearch", "OPENSEARCH_URL": url, "DLQ_DIR": str(tmp_path / "dlq"),
            "BULK_BATCH_SIZE": "40", "OPENSEARCH_RETRIES": "0", "SHUTDOWN_TIMEOUT": "3s"}
-    srv = ServerProcess(env, tmp_path).start()
+    srv = ServerProcess(env, tmp_path)
     try:
+        srv.start()
         sent = send_events(srv, "cli", nd_requests=4, per_request=50, singles=10)
     finally:
-        code = srv.stop()
+        code = stop(srv)
     assert code == 0, srv.log()
     assert sorted(r["body"] for r in dlq_records(tmp_path / "dlq" / "opensearch")) == sorted(sent)
     with FakeOpenSearch(port) as fake:
