@@ -287,7 +287,7 @@ def test_non_utf8_header_bytes_are_stored_as_replacement_characters(hostile: Hos
     srv = hostile.srv
     marker = uuid.uuid4().hex.encode()
     answer = raw(srv.port, b"POST /collect HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n"
-                 b"User-Agent: bot\xff" + marker + b"\r\nCookie: sid=\xfe\r\n\r\n{}")
+                 b"User-Agent: bot\xff" + marker + b"\r\nCookie: sid=\xfe\r\n\r\n{}", half_close=False)
     assert status_of(answer) == 200
     hostile.still_healthy()
     [rec] = [r for _, r in records_of(file_objects(hostile.data)) if marker.decode() in r["user_agent"]]
