@@ -38,6 +38,9 @@ log = logging.getLogger("estat_ingest.engine")
 
 Item = tuple[float, bytes]  # (receive time, JSONL line)
 TAKE_MAX = 1024
+# Overflow spills (fan-out) run beside the dispatcher so a down sink's DLQ writes do not hold up
+# the healthy sinks; at most this many per lane, then the dispatcher waits (memory stays bounded).
+MAX_PENDING_SPILLS = 2
 
 
 @dataclass(slots=True)
@@ -48,6 +51,7 @@ class Lane:
     store: DlqStore
     concurrency: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    spills: set[asyncio.Task[None]] = field(default_factory=set)  # overflow spills under way
 
 
 @dataclass(slots=True)
@@ -204,6 +208,8 @@ class Pipeline:
             if b is not None:
                 await self._hand_over(lane, b)
         for lane in lanes:
+            if lane.spills:
+                await asyncio.wait(lane.spills)
             for _ in lane.tasks:
                 await lane.upload_q.put(None)
 
@@ -211,13 +217,22 @@ class Pipeline:
         m = self.metrics
         m.batch_events.labels(lane.sink.name).observe(len(batch))
         m.batch_bytes.labels(lane.sink.name).observe(batch.nbytes)
-        if (self.fan_out and lane.upload_q.full()) or self._abort.is_set():
-            payload = await self._encode(lane, batch)
-            await self._spill(lane, payload, "overflow" if not self._abort.is_set() else "shutdown")
+        if self._abort.is_set():
+            await self._spill(lane, await self._encode(lane, batch), "shutdown")
+            return
+        if self.fan_out and lane.upload_q.full():
+            if len(lane.spills) >= MAX_PENDING_SPILLS:
+                await asyncio.wait(lane.spills, return_when=asyncio.FIRST_COMPLETED)
+            task = asyncio.create_task(self._overflow(lane, batch), name=f"spill-{lane.sink.name}")
+            lane.spills.add(task)
+            task.add_done_callback(lane.spills.discard)
             return
         self._open_batches += 1
         self._idle.clear()
         await lane.upload_q.put(batch)
+
+    async def _overflow(self, lane: Lane, batch: Batch) -> None:
+        await self._spill(lane, await self._encode(lane, batch), "overflow")
 
     # ------------------------------------------------------------------ uploaders
 

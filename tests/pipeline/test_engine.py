@@ -288,3 +288,48 @@ def test_dlq_write_creates_v1_pair_with_checksum(tmp_path: Path) -> None:
         assert sample(m, "dlq_size_bytes", sink="memory") == os.path.getsize(f)
 
     asyncio.run(main())
+
+
+def test_fan_out_stuck_sink_spills_its_batches_and_never_stalls_the_other(tmp_path: Path) -> None:
+    """With several sinks, a full upload queue sends that sink's closed batches to its own DLQ."""
+
+    class Stuck(MemorySink):
+        name = "stuck"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.open = asyncio.Event()
+            self.timeout_s = 60
+
+        async def send(self, payload: Any) -> Result:
+            await self.open.wait()
+            return await super().send(payload)
+
+    async def main() -> None:
+        s = settings(tmp_path, batch_max_events=10, upload_queue_batches=1, upload_concurrency=1, channel_size=50)
+        healthy, stuck = MemorySink(), Stuck()
+        m = Metrics()
+        pipe = Pipeline(s, m, [healthy, stuck], backoff=FAST)
+        await pipe.start()
+        c = Collector(s, pipe.queue, m)
+        c.accepting = True
+        for i in range(500):
+            while c.handle("POST", "/collect", "", CIMultiDict(), orjson.dumps({"i": i}), None).status != 200:
+                await asyncio.sleep(0.001)  # 503: the queue is momentarily full; a client would retry
+            await asyncio.sleep(0)
+        for _ in range(400):  # bounded wait: the healthy sink gets everything while the other is stuck
+            if len(healthy.lines()) == 500:
+                break
+            await asyncio.sleep(0.01)
+        assert len(healthy.lines()) == 500
+        spilled = sample(m, "dlq_events_enqueued_total", sink="stuck")
+        assert spilled >= 400 and sample(m, "dlq_batches_written_total", sink="stuck", reason="overflow") > 0
+        stuck.open.set()
+        await pipe.drain(10)
+        in_dlq = sum(len(gzip.decompress(f.read_bytes()).splitlines())
+                     for f in dlq_files(tmp_path / "dlq" / "stuck"))
+        assert len(stuck.lines()) + in_dlq == 500  # every event in the stuck sink or its DLQ, once
+        got = sorted(orjson.loads(orjson.loads(x)["body"])["i"] for x in stuck.lines())
+        assert len(set(got)) == len(got)
+
+    asyncio.run(main())
