@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import orjson
+
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks.base import Outcome, Result
@@ -126,3 +128,28 @@ async def test_files_left_by_other_worker_roots_are_replayed_too(tmp_path: Path)
     await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
     assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
     assert data_files(tmp_path / "dlq" / "w3" / "memory") == []
+
+
+@run_async
+async def test_a_file_that_keeps_failing_alone_is_moved_aside_after_max_attempts(tmp_path: Path) -> None:
+    class FailsOne(MemorySink):
+        async def send(self, payload):  # type: ignore[no-untyped-def]
+            if "_000001" in payload.name:
+                self.calls.append(payload)
+                return Result(Outcome.RETRY, "server_error")  # retryable, but only ever for this file
+            return await super().send(payload)
+
+    d = tmp_path / "dlq" / "memory"
+    stuck, _ = write_entry(d, 1_700_000_000, 1, 4)  # meta says 3 attempts already (the fresh ones)
+    ids: list[str] = []
+    for c in range(2, 6):
+        ids += write_entry(d, 1_700_000_000 + c, c, 1)[1]
+    sink = FailsOne()
+    _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0, dlq_max_attempts=2)
+    assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
+    assert [x.name for x in sink.calls].count(stuck) == 2
+    assert data_files(d / "rejected") == [stuck]
+    meta = orjson.loads((d / "rejected" / (stuck + ".meta.json")).read_bytes())
+    assert meta["attempts"] == 5 and meta["replay_failures"] == 2 and meta["num_events"] == 4
+    assert meta["rejected_reason"] == "max_attempts:server_error"
+    assert counter_value(metrics, "dlq_events_rejected_total", sink="memory") == 4
