@@ -130,3 +130,21 @@ def test_replay_exit_1_when_not_everything_is_delivered_subprocess(tmp_path: Pat
     assert data_files(root / "file") == [name]  # never deleted without delivery
     objs = file_objects(tmp_path / "out")
     assert len(objs) == 1 and len(decode_object(next(iter(objs)), next(iter(objs.values())))) == 2
+
+
+def test_usage_and_configuration_errors_exit_2(tmp_path: Path, capsys: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = make_root(tmp_path)
+    monkeypatch.delenv("RAW_BUCKET", raising=False)
+    monkeypatch.setenv("SINKS", "file")
+    code, _, err = run(capsys, "dlq", "replay", str(root), "--sink", "s3")
+    assert code == 2 and "RAW_BUCKET" in err
+    assert len(data_files(root / "s3")) == 3  # nothing touched
+    code, _, err = run(capsys, "dlq", "replay", str(root), "--sink", "nosuch")
+    assert code == 2 and "--sink" in err
+    code, _, err = run(capsys, "dlq", "replay", str(root), "--concurrency", "0")
+    assert code == 2
+    code, _, err = run(capsys, "dlq", "cat", str(root / "s3" / "missing.jsonl.gz"))
+    assert code == 2
+    monkeypatch.setenv("S3_TIMEOUT", "forever")
+    code, _, err = run(capsys, "dlq", "replay", str(root / "file"))
+    assert code == 2 and "S3_TIMEOUT" in err
