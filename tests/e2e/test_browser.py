@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,21 @@ def chromium() -> Iterator[str]:
     yield CHROMIUM
 
 
+@pytest.fixture
+def spawn() -> Iterator[Callable[[dict[str, str], Path], ServerProcess]]:
+    """Start servers; any still running at teardown (a failed start, a failed test) is killed."""
+    made: list[ServerProcess] = []
+
+    def start(env: dict[str, str], cwd: Path) -> ServerProcess:
+        srv = ServerProcess(env, cwd)
+        made.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in made:
+        srv.kill()
+
+
 def run_chromium(binary: str, url: str, profile: Path, page: PageServer, timeout: float = 60) -> None:
     proc = subprocess.Popen(
         [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -134,15 +149,14 @@ def events(root: Path, run: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_fetch_and_send_beacon_from_a_real_browser(chromium: str, tmp_path: Path) -> None:
+def test_fetch_and_send_beacon_from_a_real_browser(chromium: str, tmp_path: Path, spawn: Any) -> None:
     run = uuid.uuid4().hex
     with PageServer() as page:
         origin = f"http://127.0.0.1:{page.port}"
-        ok = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "ok"), "DLQ_DIR": str(tmp_path / "dlq-ok"),
-                            "FLUSH_INTERVAL": "200ms", "CORS_ALLOW_ORIGINS": origin}, tmp_path).start()
-        bad = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "bad"), "DLQ_DIR": str(tmp_path / "dlq-bad"),
-                             "FLUSH_INTERVAL": "200ms", "CORS_ALLOW_ORIGINS": "https://other.example"},
-                            tmp_path).start()
+        ok = spawn({"FILE_SINK_DIR": str(tmp_path / "ok"), "DLQ_DIR": str(tmp_path / "dlq-ok"),
+                    "FLUSH_INTERVAL": "200ms", "CORS_ALLOW_ORIGINS": origin}, tmp_path)
+        bad = spawn({"FILE_SINK_DIR": str(tmp_path / "bad"), "DLQ_DIR": str(tmp_path / "dlq-bad"),
+                     "FLUSH_INTERVAL": "200ms", "CORS_ALLOW_ORIGINS": "https://other.example"}, tmp_path)
         try:
             url = f"{origin}/?ok={ok.port}&bad={bad.port}&run={run}"
             run_chromium(chromium, url, tmp_path / "profile", page)

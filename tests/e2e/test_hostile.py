@@ -15,8 +15,9 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -109,15 +110,36 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         "FILE_SINK_DIR": str(tmp / "data"), "DLQ_DIR": str(tmp / "dlq"), "FLUSH_INTERVAL": "200ms",
         "MAX_BODY_SIZE": str(MAX), "REQUEST_READ_TIMEOUT": f"{READ_TIMEOUT_S}s", "LOG_LEVEL": "info",
         "HEADER_READ_TIMEOUT": f"{HEADER_TIMEOUT_S}s",
-    }, tmp).start()
+    }, tmp)
+    try:
+        srv.start()
+    except BaseException:
+        srv.kill()  # a server that never became ready must not outlive the test
+        raise
     h = Hostile(srv, tmp / "data")
     try:
         yield h
     finally:
-        code = srv.stop()
+        code = srv.stop() if srv.proc is not None and srv.proc.poll() is None else -1
+        srv.kill()
         print(f"\nhostile server RSS: baseline {h.baseline_rss / 2**20:.1f} MiB, "
               f"peak seen {h.peak_rss / 2**20:.1f} MiB, bound {RSS_BOUND_BYTES / 2**20:.0f} MiB")
         assert code == 0
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[dict[str, str], Path], ServerProcess]]:
+    """Start servers; any still running at teardown (a failed start, a failed test) is killed."""
+    made: list[ServerProcess] = []
+
+    def start(env: dict[str, str], cwd: Path) -> ServerProcess:
+        srv = ServerProcess(env, cwd)
+        made.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in made:
+        srv.kill()
 
 
 def post_raw(port: int, body: bytes, extra: bytes = b"") -> bytes:
@@ -346,10 +368,9 @@ def test_200_slow_clients_do_not_stop_a_normal_client(hostile: Hostile) -> None:
 # ---------------------------------------------------------------- separate servers
 
 
-def test_in_flight_cap_answers_503_and_recovers(tmp_path: Path) -> None:
-    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
-                         "FLUSH_INTERVAL": "200ms", "MAX_IN_FLIGHT": "4", "REQUEST_READ_TIMEOUT": "30s"},
-                        tmp_path).start()
+def test_in_flight_cap_answers_503_and_recovers(tmp_path: Path, spawn: Any) -> None:
+    srv = spawn({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
+                 "FLUSH_INTERVAL": "200ms", "MAX_IN_FLIGHT": "4", "REQUEST_READ_TIMEOUT": "30s"}, tmp_path)
     held: list[socket.socket] = []
     try:
         for _ in range(4):
@@ -376,15 +397,15 @@ def test_in_flight_cap_answers_503_and_recovers(tmp_path: Path) -> None:
     assert sorted(delivered_bodies(tmp_path / "data")).count('{"after":1}') == 1
 
 
-def test_xff_spoofing_never_records_a_forged_address(tmp_path: Path) -> None:
+def test_xff_spoofing_never_records_a_forged_address(tmp_path: Path, spawn: Any) -> None:
     """v1 defect (l): v1 recorded the leftmost public XFF entry; every assertion here fails on v1."""
     forged = "1.2.3.4"
     # loopback trusted (the default): the test client plays the load balancer that appended 203.0.113.9
-    a = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "a"), "DLQ_DIR": str(tmp_path / "dlqa"),
-                       "FLUSH_INTERVAL": "200ms"}, tmp_path).start()
+    a = spawn({"FILE_SINK_DIR": str(tmp_path / "a"), "DLQ_DIR": str(tmp_path / "dlqa"),
+               "FLUSH_INTERVAL": "200ms"}, tmp_path)
     # loopback NOT trusted: the peer itself is the client; no header may change that
-    b = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "b"), "DLQ_DIR": str(tmp_path / "dlqb"),
-                       "FLUSH_INTERVAL": "200ms", "TRUSTED_PROXIES": "10.0.0.0/8"}, tmp_path).start()
+    b = spawn({"FILE_SINK_DIR": str(tmp_path / "b"), "DLQ_DIR": str(tmp_path / "dlqb"),
+               "FLUSH_INTERVAL": "200ms", "TRUSTED_PROXIES": "10.0.0.0/8"}, tmp_path)
     try:
         h1 = {"X-Forwarded-For": f"{forged}, 203.0.113.9"}
         h2 = {"X-Forwarded-For": f"{forged}", "CloudFront-Viewer-Address": f"{forged}:443"}
@@ -399,10 +420,10 @@ def test_xff_spoofing_never_records_a_forged_address(tmp_path: Path) -> None:
     assert ips_b == {'{"case":1}': "127.0.0.1", '{"case":2}': "127.0.0.1"}
 
 
-def test_api_keys_cors_and_pixel_end_to_end(tmp_path: Path) -> None:
-    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
-                         "FLUSH_INTERVAL": "200ms", "API_KEYS": "web:s3cret-web-key,app:s3cret-app-key",
-                         "CORS_ALLOW_ORIGINS": "https://shop.example"}, tmp_path).start()
+def test_api_keys_cors_and_pixel_end_to_end(tmp_path: Path, spawn: Any) -> None:
+    srv = spawn({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
+                 "FLUSH_INTERVAL": "200ms", "API_KEYS": "web:s3cret-web-key,app:s3cret-app-key",
+                 "CORS_ALLOW_ORIGINS": "https://shop.example"}, tmp_path)
     try:
         assert srv.post(b'{"k":0}')[0] == 401
         status, headers, _ = srv.post(b'{"k":0}', {"X-Api-Key": "wrong"})
