@@ -184,7 +184,12 @@ class Replayer:
         finally:
             self._claims.pop(entry.key, None)
             if not done:  # give the file back (also on cancellation at shutdown)
-                if files.release(cpath, d, name):
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    released = files.release(cpath, d, name)  # one rename; awaiting is not possible now
+                else:
+                    released = await asyncio.to_thread(files.release, cpath, d, name)
+                if released:
                     store.index.push_back(entry)
                 else:
                     store.gone(entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -153,3 +154,28 @@ async def test_a_file_that_keeps_failing_alone_is_moved_aside_after_max_attempts
     assert meta["attempts"] == 5 and meta["replay_failures"] == 2 and meta["num_events"] == 4
     assert meta["rejected_reason"] == "max_attempts:server_error"
     assert counter_value(metrics, "dlq_events_rejected_total", sink="memory") == 4
+
+
+@run_async
+async def test_shutdown_mid_replay_gives_the_claim_back_and_nothing_is_lost(tmp_path: Path) -> None:
+    class Hangs(MemorySink):
+        async def send(self, payload):  # type: ignore[no-untyped-def]
+            self.calls.append(payload)
+            await asyncio.Event().wait()  # never answers
+            raise AssertionError("unreachable")
+
+    d = tmp_path / "dlq" / "memory"
+    name, ids = write_entry(d, 1_700_000_000, 1, 6)
+    sink = Hangs()
+    sink.timeout_s = 60
+    p = Pipeline(settings(tmp_path, dlq_max_age_s=0), Metrics(), [sink])
+    await p.start()
+    try:
+        await wait_for(lambda: bool(list(d.glob("*.claim-*"))) and sink.calls, 10, "a replay in flight")
+    finally:
+        await p.drain(5)
+    assert data_files(d) == [name] and not list(d.glob("*.claim-*"))
+    assert (d / (name + ".meta.json")).exists()
+    sink2 = MemorySink()  # the next start delivers it
+    await run_until_empty(tmp_path, sink2, dlq_max_age_s=0)
+    assert ids_in((x.name, x.data) for x in sink2.delivered) == ids
