@@ -440,6 +440,8 @@ async def _replay(args: argparse.Namespace) -> int:
                     report.rejected.append(f"{rel}: {result.reason} → {where}")
                 else:
                     report.failed.append(f"{rel}: {result.reason or result.outcome.value}")
+            except Exception as err:  # one unreadable file must not stop the others
+                report.failed.append(f"{rel}: {type(err).__name__}: {err}")
             finally:
                 if not done:
                     await asyncio.to_thread(files.release, cpath, f.directory, f.name)
@@ -456,7 +458,7 @@ async def _replay(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await s.aclose()
     progress.update(report, final=True)
-    ok = not (report.corrupt or report.failed or report.rejected)
+    ok = not (report.corrupt or report.failed or report.rejected or report.skipped_claimed)
     if args.json:
         _print_json({**asdict(report), "ok": ok})
     else:
@@ -471,6 +473,9 @@ async def _replay(args: argparse.Namespace) -> int:
             print(f"REJECTED  {line}")
         for line in report.failed:
             print(f"FAILED    {line}")
+        if report.skipped_claimed:
+            print(f"SKIPPED   {report.skipped_claimed} files claimed by another replayer (younger than "
+                  "DLQ_CLAIM_TIMEOUT): run again later, or with --steal-claims if that process is dead")
     return 0 if ok else 1
 
 

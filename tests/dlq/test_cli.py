@@ -148,3 +148,25 @@ def test_usage_and_configuration_errors_exit_2(tmp_path: Path, capsys: Any, monk
     monkeypatch.setenv("S3_TIMEOUT", "forever")
     code, _, err = run(capsys, "dlq", "replay", str(root / "file"))
     assert code == 2 and "S3_TIMEOUT" in err
+
+
+def test_replay_respects_live_claims_and_steals_them_when_told(tmp_path: Path, capsys: Any,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    root = tmp_path / "dlq"
+    d = root / "file"
+    live, live_ids = write_entry(d, 1_700_000_000, 1, 2)
+    stale, stale_ids = write_entry(d, 1_700_000_001, 2, 3)
+    now = int(time.time())
+    (d / live).rename(d / f"{live}.claim-{now}-otherhost-42")  # a live replayer is sending it
+    (d / stale).rename(d / f"{stale}.claim-{now - 3600}-deadhost-7")  # left by a dead one
+    monkeypatch.setenv("SINKS", "file")
+    monkeypatch.setenv("FILE_SINK_DIR", str(tmp_path / "out"))
+    code, out, _ = run(capsys, "dlq", "replay", str(root), "--no-progress")
+    assert code == 1 and "SKIPPED   1 files claimed" in out
+    assert sorted(r["id"] for _, r in records_of(file_objects(tmp_path / "out"))) == sorted(stale_ids)
+    code, out, _ = run(capsys, "dlq", "replay", str(root), "--no-progress", "--steal-claims", "--json")
+    assert code == 0 and orjson.loads(out)["delivered_files"] == 1
+    assert sorted(r["id"] for _, r in records_of(file_objects(tmp_path / "out"))) == sorted(stale_ids + live_ids)
+    assert list(d.iterdir()) == []
