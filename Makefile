@@ -4,8 +4,8 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TOOLS   := $(VENV)/.test-tools
-# Debian packages some tests use (they skip with a message when a package cannot be installed)
-APT_TEST_PACKAGES ?= prometheus
+# Debian packages some tests use: promtool (alert rules) and chromium (browser test); those tests
+# skip with a message when the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
 
 .PHONY: run test lint bench setup clean
@@ -17,12 +17,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(TOOLS): $(STAMP)
-	@missing=""; command -v promtool >/dev/null || missing="$(APT_TEST_PACKAGES)"; \
+	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
-	      || echo "note: could not install $$missing; the tests that need it will skip"; \
-	  else echo "note: $$missing not installed (needs root and apt-get); the tests that need it will skip"; fi; \
+	    echo "installing test tools:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "note: could not install$$missing; the tests that need it will skip"; \
+	  else echo "note:$$missing not installed (needs root and apt-get); the tests that need it will skip"; fi; \
 	fi
 	touch $(TOOLS)
 
