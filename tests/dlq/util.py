@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -84,9 +83,6 @@ def ids_in(payload_datas: Iterable[tuple[str, bytes]]) -> list[str]:
 
     return [r["id"] for name, data in payload_datas for r in decode_object(name, data)]
 
-
-def env_of(tmp: Path) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items()}
 
 
 def run_async(fn: Any) -> Any:
