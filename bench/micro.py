@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH: a snapshot may be under test
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bodies import event_body
@@ -35,12 +35,18 @@ def summary(xs: list[float]) -> dict[str, float]:
 
 
 def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Time each function `reps` times, interleaved A B A B …, return seconds per call."""
+    """Time each function `reps` times, interleaved A B A B …, return seconds per call.
+
+    The order rotates every repetition (A B C D, B C D A, …) so that cache and allocator state left
+    by one function does not always fall on the same next one.
+    """
     out: dict[str, list[float]] = {k: [] for k in fns}
     for fn in fns.values():
         fn()  # warm
-    for _ in range(reps):
-        for name, fn in fns.items():
+    items = list(fns.items())
+    for rep in range(reps):
+        k = rep % len(items)
+        for name, fn in items[k:] + items[:k]:
             t0 = time.perf_counter()
             fn()
             out[name].append(time.perf_counter() - t0)
