@@ -360,6 +360,24 @@ def test_metric_table_parser() -> None:
     assert documented_metrics(md) == {"a_total": ("counter", "`sink`, `reason`"), "b": ("gauge", "—")}
 
 
+# ------------------------------------------------------------------------------------ module map
+
+
+def test_architecture_module_map_matches_the_package() -> None:
+    """Every module of estat_ingest/ (package __init__ files aside) is in the module map of
+    docs/architecture.md, and every module the map names exists."""
+    pkg = ROOT / "estat_ingest"
+    modules = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*.py") if p.name != "__init__.py"}
+    assert "pipeline/engine.py" in modules
+    mapped: set[str] = set()
+    for cells in table_rows(read(DOCS / "architecture.md")):
+        mapped |= set(re.findall(r"`([\w/]+\.py)`", cells[0]))
+    missing = sorted(modules - mapped)
+    stale = sorted(m for m in mapped - modules if not (pkg / m).is_file())
+    assert not missing, f"modules missing from the module map of docs/architecture.md: {missing}"
+    assert not stale, f"modules in the map of docs/architecture.md that do not exist: {stale}"
+
+
 # ------------------------------------------------------------------------------------ 3. links
 
 
