@@ -91,6 +91,10 @@ class Replayer:
         await asyncio.gather(task, return_exceptions=True)
 
     async def run(self) -> None:
+        try:  # the rest of the start-up scan, if start() ran out of its budget
+            await self.store.finish_start()
+        except Exception:
+            log.exception("dlq start-up scan failed", extra={"sink": self.sink.name})
         while not self._stop.is_set():
             try:
                 worked = await self.run_pass()

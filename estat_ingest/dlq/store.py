@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -62,11 +62,22 @@ class Limits:
     min_free_bytes: int = 0
     scan_limit: int = 1000
     claim_timeout_s: float = 300.0
+    # how long start() may scan before it returns and the replayer finishes the scan in the
+    # background (a big backlog on slow storage such as EFS must not delay /ready); None = all
+    start_scan_budget_s: float | None = None
 
     @classmethod
     def of(cls, s: Settings) -> Limits:
         return cls(s.dlq_max_age_s, s.dlq_max_size_bytes, s.dlq_min_free_bytes, s.dlq_scan_limit,
-                   s.dlq_claim_timeout_s)
+                   s.dlq_claim_timeout_s, start_scan_budget_s=1.0)
+
+
+@dataclass(slots=True)
+class _Sweep:
+    scanner: Scanner
+    start_wraps: int
+    metas: list[str] = field(default_factory=list)
+    present: set[str] = field(default_factory=set)
 
 
 def sibling_dirs(top: str, sink: str, own: str) -> list[str]:
@@ -110,6 +121,8 @@ class DlqStore:
         self._scanners = [Scanner(d) for d in self.sources]
         self._reported_foreign: set[tuple[str, str]] = set()
         self._lock = asyncio.Lock()
+        self._sweeps: list[_Sweep] = []  # start-up sweeps not finished yet
+        self.indexed = asyncio.Event()  # set once every source directory has been read in full
 
     # ---------------------------------------------------------------- start-up
 
@@ -123,27 +136,44 @@ class DlqStore:
                 self.sources = (*self.sources, *new)
                 self._scanners += [Scanner(d) for d in new]
                 log.info("dlq also replays sibling directories", extra={"sink": self.sink, "dirs": new})
+        self._sweeps = [_Sweep(sc, sc.wraps) for sc in self._scanners]
+        loop = asyncio.get_running_loop()
+        budget = self.limits.start_scan_budget_s
+        await self.finish_start(None if budget is None else loop.time() + budget)
+        if not self.indexed.is_set():
+            log.info("dlq start-up scan continues in the background", extra={
+                "sink": self.sink, "files_so_far": self.totals.files})
+
+    async def finish_start(self, deadline: float | None = None) -> bool:
+        """Read the source directories in full (chunks in a thread), until done or `deadline`
+        (loop time). True when the index holds everything that was on disk at start."""
         lim = self.limits
         chunk = max(1000, lim.scan_limit)
-        for scanner in self._scanners:
-            start_wraps = scanner.wraps
-            metas: list[str] = []
-            present: set[str] = set()
-            while scanner.wraps == start_wraps:
-                res = await asyncio.to_thread(scan_pass, scanner, chunk, self.index.knows, time.time(),
+        loop = asyncio.get_running_loop()
+        while self._sweeps:
+            sw = self._sweeps[0]
+            while sw.scanner.wraps == sw.start_wraps:
+                if deadline is not None and loop.time() > deadline:
+                    self._publish()
+                    return False
+                res = await asyncio.to_thread(scan_pass, sw.scanner, chunk, self.index.knows, time.time(),
                                               lim.claim_timeout_s, True)
                 self._absorb(res)
-                metas.extend(res.metas)
-                present |= res.present
+                sw.metas.extend(res.metas)
+                sw.present |= res.present
                 if res.entries == 0:
                     break
-            if metas:
-                await asyncio.to_thread(remove_orphan_metas, scanner.directory, metas, present, time.time(),
-                                        lim.claim_timeout_s)
+            if sw.metas:
+                await asyncio.to_thread(remove_orphan_metas, sw.scanner.directory, sw.metas, sw.present,
+                                        time.time(), lim.claim_timeout_s)
+            self._sweeps.pop(0)
         self._publish()
-        if self.totals.files:
-            log.info("dlq found at start", extra={"sink": self.sink, "files": self.totals.files,
-                                                  "bytes": self.totals.bytes})
+        if not self.indexed.is_set():
+            self.indexed.set()
+            if self.totals.files:
+                log.info("dlq found at start", extra={"sink": self.sink, "files": self.totals.files,
+                                                      "bytes": self.totals.bytes})
+        return True
 
     def _absorb(self, res: ScanResult) -> None:
         for e in res.new:

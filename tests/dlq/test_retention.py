@@ -119,3 +119,19 @@ async def test_free_disk_margin_evicts_oldest_for_a_new_write_and_still_writes_i
     assert data_files(d) == [p.name]
     assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="capacity") == 12
     assert counter_value(metrics, "dlq_files_current", sink="memory") == 1
+
+
+@run_async
+async def test_start_up_scan_over_its_budget_finishes_in_the_background(tmp_path: Path) -> None:
+    d = tmp_path / "dlq" / "memory"
+    now = int(time.time())
+    names = [write_entry(d, now - 3000 + i, i + 1, 1)[0] for i in range(2500)]
+    metrics = Metrics()
+    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics,
+                     limits=Limits(max_age_s=0, scan_limit=100, start_scan_budget_s=0.0))
+    await store.start()  # returns at once: a big backlog never delays readiness
+    assert not store.indexed.is_set() and len(store.index) < 2500
+    assert await store.finish_start()
+    assert store.indexed.is_set() and len(store.index) == 2500
+    assert counter_value(metrics, "dlq_files_current", sink="memory") == 2500
+    assert counter_value(metrics, "dlq_size_bytes", sink="memory") == sum((d / n).stat().st_size for n in names)
