@@ -11,7 +11,7 @@ Sections: 1 single-event /collect (full pipeline vs bare aiohttp) · 2 NDJSON ev
 down) · 5 encoder vs raw zlib/zstd · 6 DLQ scan pass at 1k/10k/100k files · 7 generator CPU.
 
     python bench/run.py            # ~ 5 minutes
-    python bench/run.py --quick    # ~ 1 minute, fewer and shorter runs
+    python bench/run.py --quick    # ~ 1.5 minutes, fewer and shorter runs
     python bench/run.py --loadgen python   # force the Python generator even when wrk exists
 Figures go to bench/results.json as well (override with --out).
 """
@@ -196,16 +196,17 @@ class Server:
 
 
 def run_load(srv: Server, body_file: Path, *, ctype: str = "application/json", conns: int = 64,
-             duration: float = 10.0, rate: float | None = None, warmup: float = 1.0,
+             duration: float = 10.0, rate: float | None = None, warmup: float | None = None,
              sample_rss: bool = False) -> dict[str, Any]:
     """One measured load run against `srv`; returns throughput, latency and CPU accounting."""
     url = f"http://127.0.0.1:{srv.port}/collect"
+    warmup = WARMUP_S if warmup is None else warmup
     use_wrk = WRK is not None and rate is None
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_CTYPE": ctype}
     if use_wrk:
         cmd = pinned(GEN_CORE) + [WRK, "-t1", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s",
                                   "-s", str(HERE / "wrk.lua"), url]
-        warm = pinned(GEN_CORE) + [WRK, "-t1", f"-c{conns}", f"-d{max(warmup, 1):g}s", "-s",
+        warm = pinned(GEN_CORE) + [WRK, "-t1", f"-c{conns}", f"-d{max(warmup, 0.5):g}s", "-s",
                                    str(HERE / "wrk.lua"), url]
     else:
         cmd = pinned(GEN_CORE) + [PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(body_file),
@@ -382,9 +383,9 @@ def verdict(ok: bool) -> str:
 
 
 def main() -> int:
-    global PIN, WRK, WORK
+    global PIN, WRK, WORK, WARMUP_S
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1 minute: 2 rounds of 4 s, smaller DLQ set")
+    p.add_argument("--quick", action="store_true", help="~1.5 minutes: 2 rounds of 3 s, fewer repetitions")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
@@ -400,9 +401,11 @@ def main() -> int:
             say("note: httptools is not installed: the fastfront variant is skipped (pip install httptools)")
             cfg.fast = False
     cfg.rounds = 2 if cfg.quick else 3
-    cfg.duration = 4.0 if cfg.quick else 10.0
-    cfg.rss_duration = 5.0 if cfg.quick else 15.0
+    cfg.duration = 3.0 if cfg.quick else 10.0
+    cfg.rss_duration = 4.0 if cfg.quick else 15.0
+    cfg.warmup = 0.5 if cfg.quick else 1.0
     only = set(filter(None, cfg.only.split(",")))
+    WARMUP_S = cfg.warmup
     for item in cfg.env:
         name, _, value = item.partition("=")
         EXTRA_ENV[name] = value
@@ -550,6 +553,7 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 PIN = False
+WARMUP_S = 1.0
 EXTRA_ENV: dict[str, str] = {}
 WRK: str | None = None
 WORK = Path(tempfile.gettempdir())

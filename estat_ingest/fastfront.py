@@ -29,8 +29,12 @@ import socket
 import time
 from collections.abc import Mapping
 
-import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+try:
+    import httptools
+except ImportError:  # not a declared dependency until this front is adopted (docs/tuning.md)
+    httptools = None  # type: ignore[assignment]
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import OK_REPLY, PIXEL_PATHS, Collector, Reply
@@ -85,6 +89,8 @@ class Front:
     """The listening side: shared state of every connection, the sweeper, start/stop."""
 
     def __init__(self, settings: Settings, collector: Collector, metrics: Metrics) -> None:
+        if httptools is None:
+            raise RuntimeError("the fast HTTP front needs httptools: pip install httptools")
         self.settings = settings
         self.collector = collector
         self.metrics = metrics
