@@ -315,6 +315,9 @@ class Pipeline:
         try:
             done, _ = await asyncio.wait({send, abort}, timeout=sink.timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # our caller was cancelled: the attempt goes with it
+            send.cancel()
+            raise
         finally:
             abort.cancel()
         if send not in done:
