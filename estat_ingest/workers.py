@@ -20,6 +20,7 @@ Invariants
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -70,19 +71,44 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
+class _EarlyStop:
+    """A signal that arrives while the worker starts, before `serve` has its own handlers (sinks
+    are imported and built first), must still mean "drain", not the default "die"."""
+
+    def __init__(self) -> None:
+        self.signals = 0
+        self.trigger: asyncio.Event | None = None
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.signals += 1
+        if self.trigger is not None:
+            self.trigger.set()  # nothing awaits it yet: this only sets its flag
+
+    async def serve(self, settings: Settings, index: int, sock: socket.socket) -> int:
+        from estat_ingest.app import serve
+        from estat_ingest.pipeline.engine import dlq_root_for
+
+        self.trigger = asyncio.Event()
+        if self.signals:
+            self.trigger.set()
+        return await serve(settings, worker=index, dlq_root=dlq_root_for(settings, index), sock=sock,
+                           shutdown_trigger=self.trigger)
+
+
 def worker_main(settings: Settings, index: int) -> None:
     """Entry point of one worker process (runs in a freshly spawned interpreter)."""
+    early = _EarlyStop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, early)
     os.setpgid(0, 0)
     _die_with_parent()
     from estat_ingest import log as logsetup
-    from estat_ingest.app import serve
     from estat_ingest.cli import _run
-    from estat_ingest.pipeline.engine import dlq_root_for
 
     logsetup.setup(settings.log_level, settings.log_format, service="estat-ingest",
                    instance=settings.instance_id, worker=index)
     sock = bind_reuseport(settings.http_host, settings.http_port)
-    code = _run(serve(settings, worker=index, dlq_root=dlq_root_for(settings, index), sock=sock))
+    code = _run(early.serve(settings, index, sock))
     sys.exit(code)
 
 
