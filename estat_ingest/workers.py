@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import signal
 import socket
@@ -45,6 +46,7 @@ STABLE_AFTER_S = 30.0  # a worker that lived this long resets its restart delay
 KILL_GRACE_S = 10.0  # beyond SHUTDOWN_TIMEOUT before a stuck worker is killed
 
 _PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def bind_reuseport(host: str, port: int) -> socket.socket:
@@ -98,8 +100,9 @@ class _EarlyStop:
 def worker_main(settings: Settings, index: int) -> None:
     """Entry point of one worker process (runs in a freshly spawned interpreter)."""
     early = _EarlyStop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, early)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent until now
     os.setpgid(0, 0)
     _die_with_parent()
     from estat_ingest import log as logsetup
@@ -138,7 +141,13 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         proc = self.ctx.Process(target=worker_main, args=(self.settings, slot.index),
                                 name=f"estat-ingest-w{slot.index}")
-        proc.start()
+        # The child inherits a mask that blocks SIGTERM/SIGINT until worker_main has its handler:
+        # a signal forwarded while the new interpreter is still starting waits instead of killing.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         slot.proc, slot.started_at, slot.restart_at, slot.exitcode = proc, time.monotonic(), None, None
         log.info("worker started", extra={"worker": slot.index, "pid": proc.pid})
 
@@ -171,6 +180,9 @@ class Supervisor:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> int:
+        # multiprocessing starts its resource tracker on the first spawn and, doing so, UNBLOCKS
+        # SIGTERM/SIGINT (resource_tracker.ensure_running): start it before we block them.
+        multiprocessing.resource_tracker.ensure_running()
         old = self._install()
         handled = 0
         try:
@@ -208,7 +220,7 @@ class Supervisor:
                 signal.signal(sig, handler)  # type: ignore[arg-type]
             self._wake_r.close()
             self._wake_w.close()
-        codes = {s.index: s.exitcode for s in self.slots}
+        codes = {str(s.index): s.exitcode for s in self.slots}
         ok = all(c == 0 for c in codes.values())
         log.info("all workers stopped", extra={"exit_codes": codes, "ok": ok})
         return 0 if ok else 1

@@ -189,3 +189,19 @@ def test_a_killed_worker_is_restarted_and_serving_continues(tmp_path: Path) -> N
 def _listening(srv: ServerProcess) -> list[int]:
     """Worker index of every "listening" line so far, sorted."""
     return sorted(r["worker"] for r in srv.log_records() if r.get("message") == "listening")
+
+
+def test_sigterm_while_workers_start_still_drains_and_exits_0(tmp_path: Path) -> None:
+    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq")},
+                        tmp_path, args=("--workers", "2")).start(wait_ready=False)
+    try:
+        # the parent logs "worker started" right after spawning: the workers are still importing
+        wait_for(lambda: sum(r.get("message") == "worker started" for r in srv.log_records()) == 2,
+                 what="two workers spawned")
+        srv.signal(signal.SIGTERM)
+        code = srv.wait(60)
+    finally:
+        srv.kill()
+    assert code == 0, srv.log()
+    stopped = [r for r in srv.log_records() if r.get("message") == "worker stopped"]
+    assert sorted((r["worker"], r["exit_code"]) for r in stopped) == [(0, 0), (1, 0)]
