@@ -306,14 +306,15 @@ def section_ndjson(cfg: argparse.Namespace, work: Path, body: Path, per_req: int
             "runs": runs}
 
 
-def section_half_load(cfg: argparse.Namespace, work: Path, body: Path, max_rps: float) -> dict[str, Any]:
+def section_half_load(cfg: argparse.Namespace, work: Path, body: Path, max_rps: float,
+                      kind: str = "full") -> dict[str, Any]:
     rate = round(max_rps / 2)
     runs = []
     for rnd in range(max(1, cfg.rounds - 1)):
-        with Server("full", work) as srv:
+        with Server(kind, work) as srv:
             r = run_load(srv, body, duration=cfg.duration, rate=rate)
         runs.append(r)
-        say(f"  run {rnd + 1}: offered {rate:,}/s achieved {r['rps']:,.0f}/s  p50 {r['p50_ms']:.2f} ms  "
+        say(f"  {kind} run {rnd + 1}: offered {rate:,}/s achieved {r['rps']:,.0f}/s  p50 {r['p50_ms']:.2f} ms  "
             f"p99 {r['p99_ms']:.2f} ms  p999 {r['p999_ms']:.2f} ms  max {r['max_ms']:.1f} ms  ({cpu_note(r)})")
     return {"rate": rate, "achieved": med([r["rps"] for r in runs]), "p50_ms": med([r["p50_ms"] for r in runs]),
             "p99_ms": med([r["p99_ms"] for r in runs]), "p999_ms": med([r["p999_ms"] for r in runs]),
@@ -460,6 +461,10 @@ def main() -> int:
             say(f"\n3. latency at a constant offered load of half the maximum ({full_max / 2:,.0f} req/s; "
                 "open loop, bench/loadgen.py, latency from the due time)")
             results["half_load"] = section_half_load(cfg, work, b300, full_max)
+            fast_max = results.get("collect", {}).get("fast", {}).get("rps", {}).get("median")
+            if cfg.fast and fast_max and fast_max == fast_max:
+                say(f"   the same for the fastfront variant, at half of its own maximum ({fast_max / 2:,.0f} req/s)")
+                results["half_load_fast"] = section_half_load(cfg, work, b300, fast_max, kind="fast")
         if want("rss"):
             say(f"\n4. peak RSS under sustained overload (256 conns, {cfg.rss_duration:g}s, "
                 f"{'settings: ' + str(EXTRA_ENV) if EXTRA_ENV else 'default settings'})")
@@ -524,6 +529,11 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
     if "half_load" in res:
         h = res["half_load"]
         row("p99 at half load (ms)", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
+            f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
+            f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
+    if "half_load_fast" in res:
+        h = res["half_load_fast"]
+        row("  fastfront p99 at its half load", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
             f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
             f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
     if "rss" in res:
