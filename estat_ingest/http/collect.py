@@ -219,6 +219,11 @@ class Collector:
             return self.too_large()
         if not self.accepting:
             return self.unavailable("draining")
+        if self.queue.room() <= 0:
+            # full: answer before decoding, validating and encoding anything (an overloaded server
+            # should not spend its CPU on events it will refuse)
+            self.metrics.http_requests.inc()
+            return self.unavailable("queue_full")
 
         if method == "POST":
             encoding = headers.get("Content-Encoding")
