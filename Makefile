@@ -8,7 +8,7 @@ TOOLS   := $(VENV)/.test-tools
 # skip with a message when the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
 
-.PHONY: run test lint bench setup clean
+.PHONY: run test lint bench bench-quick setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +41,13 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); } || \
+	  echo "note: wrk not installed (apt-get install wrk); using the Python load generator"
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS=--quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
