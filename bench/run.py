@@ -204,18 +204,13 @@ def run_load(srv: Server, body_file: Path, *, ctype: str = "application/json", c
     use_wrk = WRK is not None and rate is None
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_CTYPE": ctype}
     if use_wrk:
-        cmd = pinned(GEN_CORE) + [WRK, "-t1", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s",
-                                  "-s", str(HERE / "wrk.lua"), url]
-        warm = pinned(GEN_CORE) + [WRK, "-t1", f"-c{conns}", f"-d{max(warmup, 0.5):g}s", "-s",
-                                   str(HERE / "wrk.lua"), url]
+        cmd = [*pinned(GEN_CORE), WRK, "-t1", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(HERE / "wrk.lua"), url]
+        warm = [*pinned(GEN_CORE), WRK, "-t1", f"-c{conns}", f"-d{max(warmup, 0.5):g}s", "-s", str(HERE / "wrk.lua"), url]
     else:
-        cmd = pinned(GEN_CORE) + [PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(body_file),
-                                  "--content-type", ctype, "-c", str(conns), "-d", str(duration)]
+        cmd = [*pinned(GEN_CORE), PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(body_file), "--content-type", ctype, "-c", str(conns), "-d", str(duration)]
         if rate is not None:
             cmd += ["--rate", str(rate)]
-        warm = pinned(GEN_CORE) + [PY, str(HERE / "loadgen.py"), "--url", url, "--body-file",
-                                   str(body_file), "--content-type", ctype, "-c", str(conns),
-                                   "-d", str(warmup)]
+        warm = [*pinned(GEN_CORE), PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(body_file), "--content-type", ctype, "-c", str(conns), "-d", str(warmup)]
     if warmup > 0:
         subprocess.run(warm, env=env, capture_output=True, check=False)
     busy0, scpu0, t0 = busy_jiffies(), proc_cpu_s(srv.pid), time.monotonic()
@@ -342,7 +337,7 @@ def section_rss(cfg: argparse.Namespace, work: Path, bodies: dict[str, Path]) ->
 
 
 def micro(what: str, *args: str) -> dict[str, Any]:
-    p = subprocess.run(pinned(SERVER_CORE) + [PY, str(HERE / "micro.py"), what, *args], cwd=WORK,
+    p = subprocess.run([*pinned(SERVER_CORE), PY, str(HERE / "micro.py"), what, *args], cwd=WORK,
                        capture_output=True, text=True, check=False, env={**os.environ, "BENCH_TMP": str(WORK)})
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("BENCHJSON ")), None)
     if line is None:

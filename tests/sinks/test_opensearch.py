@@ -99,7 +99,7 @@ async def run(s: Settings, m: Metrics, feed: Any, until: Any = None, **sink_kw: 
         await pipe.flush_and_wait()
         if until is not None:
             async with asyncio.timeout(30):
-                while not until():  # noqa: ASYNC110 - the condition is on disk and in another thread
+                while not until():
                     await asyncio.sleep(0.02)
     finally:
         report = await pipe.drain(5)
