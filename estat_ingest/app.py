@@ -45,6 +45,18 @@ class Lifecycle:
             self.started_at = time.monotonic()
         self.stop.set()
 
+    async def wait_for_stop(self, trigger: asyncio.Event | None = None) -> None:
+        """Until a signal (or `trigger`, the test seam) starts the shutdown."""
+        waiters = [asyncio.ensure_future(self.stop.wait())]
+        if trigger is not None:
+            waiters.append(asyncio.ensure_future(trigger.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self.begin()
+
     def remaining(self) -> float:
         if self.started_at is None:
             return self.settings.shutdown_timeout_s
@@ -166,15 +178,7 @@ async def serve(
     log.info("listening", extra={"addr": f"{host}:{port}", "sinks": list(settings.sinks),
                                  "dlq_dir": pipeline.dlq_root, "instance": pipeline.namer.instance})
 
-    waiters = [asyncio.ensure_future(lifecycle.stop.wait())]
-    if shutdown_trigger is not None:
-        waiters.append(asyncio.ensure_future(shutdown_trigger.wait()))
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-    lifecycle.begin()
+    await lifecycle.wait_for_stop(shutdown_trigger)
     set_ready(app, False)
     # Stop listening, then let requests already inside /collect finish (slow bodies included):
     # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut them off.

@@ -362,15 +362,7 @@ async def serve_fast(settings: Settings, *, sock: socket.socket | None = None,
     collector.ready = True
     metrics.ready.set(1)
     log.info("listening", extra={"addr": f"{settings.http_host}:{settings.http_port}", "front": "fast"})
-    waiters = [asyncio.ensure_future(lifecycle.stop.wait())]
-    if shutdown_trigger is not None:
-        waiters.append(asyncio.ensure_future(shutdown_trigger.wait()))
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()
-    lifecycle.begin()
+    await lifecycle.wait_for_stop(shutdown_trigger)
     collector.ready = False
     metrics.ready.set(0)
     await front.stop(lifecycle.http_grace())

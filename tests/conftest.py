@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import free_port, s3_client
+from tests.helpers import ServerProcess, free_port, s3_client
 
 # botocore reads credentials itself; tests use moto's dummy ones, never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -59,3 +60,18 @@ def bucket(moto: Moto) -> str:
 @pytest.fixture
 def s3(moto: Moto) -> Any:
     return s3_client(moto.endpoint)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[dict[str, str], Path], ServerProcess]]:
+    """Start servers; any still running at teardown (a failed start, a failed test) is killed."""
+    made: list[ServerProcess] = []
+
+    def start(env: dict[str, str], cwd: Path) -> ServerProcess:
+        srv = ServerProcess(env, cwd)
+        made.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in made:
+        srv.kill()

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.helpers import ServerProcess, file_objects, records_of
+from tests.helpers import file_objects, records_of
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -102,21 +102,6 @@ def chromium() -> Iterator[str]:
     if not os.path.exists(CHROMIUM) or shutil.which(CHROMIUM) is None:
         pytest.skip(f"{CHROMIUM} not installed (Debian: apt-get install -y chromium); browser test skipped")
     yield CHROMIUM
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[[dict[str, str], Path], ServerProcess]]:
-    """Start servers; any still running at teardown (a failed start, a failed test) is killed."""
-    made: list[ServerProcess] = []
-
-    def start(env: dict[str, str], cwd: Path) -> ServerProcess:
-        srv = ServerProcess(env, cwd)
-        made.append(srv)
-        return srv.start()
-
-    yield start
-    for srv in made:
-        srv.kill()
 
 
 def run_chromium(binary: str, url: str, profile: Path, page: PageServer, timeout: float = 60) -> None:

@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,21 +125,6 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
         print(f"\nhostile server RSS: baseline {h.baseline_rss / 2**20:.1f} MiB, "
               f"peak seen {h.peak_rss / 2**20:.1f} MiB, bound {RSS_BOUND_BYTES / 2**20:.0f} MiB")
         assert code == 0
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[[dict[str, str], Path], ServerProcess]]:
-    """Start servers; any still running at teardown (a failed start, a failed test) is killed."""
-    made: list[ServerProcess] = []
-
-    def start(env: dict[str, str], cwd: Path) -> ServerProcess:
-        srv = ServerProcess(env, cwd)
-        made.append(srv)
-        return srv.start()
-
-    yield start
-    for srv in made:
-        srv.kill()
 
 
 def post_raw(port: int, body: bytes, extra: bytes = b"") -> bytes:

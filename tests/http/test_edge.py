@@ -12,23 +12,9 @@ import zstandard
 from multidict import CIMultiDict
 
 from estat_ingest.config import ConfigError, Settings
-from estat_ingest.http.collect import GIF, Collector
-from estat_ingest.metrics import Metrics
+from estat_ingest.http.collect import GIF
 from estat_ingest.pipeline.queue import EventQueue
-
-
-def make(**overrides: Any) -> tuple[Collector, EventQueue[tuple[float, bytes]], Metrics]:
-    settings = Settings.from_env({}, **overrides)
-    q: EventQueue[tuple[float, bytes]] = EventQueue(settings.channel_size)
-    m = Metrics()
-    c = Collector(settings, q, m, clock=lambda: 1764821594.25)
-    c.accepting = True
-    return c, q, m
-
-
-def value(m: Metrics, name: str, **labels: str) -> float:
-    v = m.registry.get_sample_value(name, labels or None)
-    return 0.0 if v is None else v
+from tests.http.util import make, value
 
 
 def records(q: EventQueue[tuple[float, bytes]]) -> list[dict[str, Any]]:
