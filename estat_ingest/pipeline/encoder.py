@@ -1,14 +1,17 @@
 """Batch encoding and verification (pure functions; call them through asyncio.to_thread).
 
-JSONL lines were encoded once at accept time, so a batch is `b"".join(lines)` (cheap, done on the
-loop) compressed in a thread: zlib and zstandard release the GIL, so the loop loses only the CPU
-the compression takes. `verify` reads a whole stream back (gzip CRC32 and ISIZE, zstd frame
+JSONL lines were encoded once at accept time, so a batch is its lines joined and compressed, in a
+thread: zlib and zstandard release the GIL, so the loop loses only the CPU the compression takes.
+`encode_lines` joins and compresses ~1 MiB at a time and can release the lines as it goes, so an
+in-flight batch never exists twice in memory (lines + one joined copy) — with 64 MiB batches that
+copy was the largest single item of peak RSS. `verify` reads a whole stream back (gzip CRC32 and ISIZE, zstd frame
 checksum and content size) and checks that every line is JSON.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 import zlib
 
 import orjson
@@ -22,6 +25,40 @@ def compress(data: bytes, compression: str, level: int) -> bytes:
     # one gzip member, no name/mtime (as v1): wbits 31 = gzip container
     co = zlib.compressobj(level, zlib.DEFLATED, 31)
     return co.compress(data) + co.flush()
+
+
+CHUNK_BYTES = 1 << 20
+
+
+def encode_lines(lines: list[bytes], nbytes: int, compression: str, level: int, release: bool = False) -> bytes:
+    """Compress JSONL `lines` (`nbytes` in all) as one gzip member / zstd frame, ~1 MiB at a time.
+
+    With `release`, the list is emptied as it is consumed, so each chunk's lines can be freed as
+    soon as it is compressed. Python work per call is one loop step per chunk, not per line.
+    """
+    step: Callable[[bytes], bytes]
+    finish: Callable[[], bytes]
+    if compression == "zstd":
+        zc = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        zco = zc.compressobj(size=nbytes)
+        step, finish = zco.compress, zco.flush
+    else:
+        co = zlib.compressobj(level, zlib.DEFLATED, 31)
+        step, finish = co.compress, co.flush
+    n = len(lines)
+    per_chunk = max(1, (CHUNK_BYTES * n) // nbytes) if nbytes > 0 else max(1, n)
+    out: list[bytes] = []
+    if release:
+        while lines:
+            chunk = lines[:per_chunk]
+            del lines[:per_chunk]
+            out.append(step(b"".join(chunk)))
+            del chunk
+    else:
+        for start in range(0, n, per_chunk):
+            out.append(step(b"".join(lines[start:start + per_chunk])))
+    out.append(finish())
+    return b"".join(out)
 
 
 class CorruptPayload(ValueError):

@@ -28,7 +28,7 @@ from estat_ingest.dlq.replayer import Replayer
 from estat_ingest.dlq.store import DlqStore
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.batcher import Batch, Batcher
-from estat_ingest.pipeline.encoder import compress
+from estat_ingest.pipeline.encoder import encode_lines
 from estat_ingest.pipeline.keys import Namer, partition
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.retry import Backoff
@@ -247,18 +247,20 @@ class Pipeline:
 
     async def _encode(self, lane: Lane, batch: Batch) -> Payload:
         s = self.settings
-        raw = b"".join(batch.lines)
         level = s.zstd_level if s.compression == "zstd" else s.gzip_level
-        data = await asyncio.to_thread(compress, raw, s.compression, level)
+        n = len(batch)
+        kept = tuple(batch.lines) if lane.sink.wants_lines else None
+        # compressed ~1 MiB at a time; the lines are released as they go unless the sink keeps them
+        data = await asyncio.to_thread(encode_lines, batch.lines, batch.nbytes, s.compression, level, kept is None)
         self.metrics.batch_compressed_bytes.labels(lane.sink.name).observe(len(data))
         return Payload(
             name=self.namer.next(batch.first_ts),
             partition=partition(batch.first_ts, s.partition_tz),
-            num_events=len(batch),
+            num_events=n,
             data=data,
             compression=s.compression,
             first_ts=batch.first_ts,
-            lines=tuple(batch.lines) if lane.sink.wants_lines else None,
+            lines=kept,
         )
 
     async def deliver(self, lane: Lane, payload: Payload) -> None:

@@ -60,3 +60,25 @@ def test_queue_offer_many_is_all_or_nothing_and_close_drains() -> None:
         assert await q.take(10, None) is None
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("codec", ["gzip", "zstd"])
+@pytest.mark.parametrize("release", [False, True])
+def test_encode_lines_is_one_stream_equal_to_the_joined_lines(codec: str, release: bool) -> None:
+    import zstandard
+
+    from estat_ingest.pipeline.encoder import encode_lines
+
+    lines = [b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * (i % 3000)) for i in range(3000)]  # ~4.5 MB: many chunks
+    joined = b"".join(lines)
+    data = encode_lines(lines, len(joined), codec, 1 if codec == "gzip" else 3, release=release)
+    assert decompress(data, codec) == joined
+    assert verify(data, codec) == 3000
+    assert (lines == []) is release  # released lines are gone, kept lines untouched
+    if codec == "zstd":
+        assert zstandard.get_frame_parameters(data).content_size == len(joined)
+    else:
+        import zlib
+
+        d = zlib.decompressobj(31)
+        assert d.decompress(data) == joined and d.eof and not d.unused_data  # a single gzip member
