@@ -38,6 +38,7 @@ class Lifecycle:
 
     settings: Settings
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    hurry: asyncio.Event = field(default_factory=asyncio.Event)  # a second signal: skip the waits
     started_at: float | None = None  # monotonic time of the first signal
 
     def begin(self) -> None:
@@ -155,6 +156,7 @@ async def serve(
             set_ready(app, False)
         else:
             log.warning("second signal: spilling to the dlq now", extra={"signal": signame})
+            lifecycle.hurry.set()
             pipeline.abort()
 
     if install_signals:
@@ -184,7 +186,13 @@ async def serve(
     # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut them off.
     await site.stop()
     collector = app[COLLECTOR]
-    if not await collector.inflight.wait_zero(lifecycle.http_grace()):
+    drained = asyncio.ensure_future(collector.inflight.wait_zero(lifecycle.http_grace()))
+    hurry = asyncio.ensure_future(lifecycle.hurry.wait())
+    await asyncio.wait({drained, hurry}, return_when=asyncio.FIRST_COMPLETED)
+    hurry.cancel()
+    if not drained.done():
+        drained.cancel()
+    if collector.inflight.count:
         log.warning("in-flight requests still open after the grace period", extra={
             "requests": collector.inflight.count})
     await runner.cleanup()  # idle connections closed → pipeline drained (cleanup_ctx)

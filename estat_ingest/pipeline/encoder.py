@@ -11,8 +11,8 @@ checksum and content size) and checks that every line is JSON.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 import zlib
+from collections.abc import Callable
 
 import orjson
 import zstandard

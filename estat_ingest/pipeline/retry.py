@@ -1,4 +1,4 @@
-"""Retry policy (pure): capped exponential backoff with full jitter."""
+"""Retry policy (pure): capped exponential backoff with "equal jitter" (half fixed, half random)."""
 
 from __future__ import annotations
 
