@@ -31,7 +31,10 @@ def completed_files(d: Path) -> dict[str, bytes]:
         if not p.is_file() or p.name.startswith(".") or p.name.endswith(".meta.json"):
             continue
         name = p.name.split(".claim-")[0]
-        out[name] = p.read_bytes()
+        try:
+            out[name] = p.read_bytes()
+        except FileNotFoundError:  # claimed or released by the running server between list and read
+            continue
     return out
 
 
