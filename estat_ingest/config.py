@@ -193,8 +193,10 @@ class Settings:
     http_port: int = 8080
     max_body_bytes: int = 16384
     validate_json: bool = True
+    http_front: str = "aiohttp"
     # pipeline
     channel_size: int = 4000
+    buffer_max_bytes: int = 96 * 1024 * 1024
     batch_max_events: int = 5000
     batch_max_bytes: int = 64 * 1024 * 1024
     flush_interval_s: float = 120.0
@@ -300,8 +302,11 @@ class Settings:
         put("max_body_bytes", get("MAX_BODY_SIZE", parse_size, lambda v: 1 <= v <= 64 * 1024**2,
                                   "1 byte to 64MiB"))
         put("validate_json", get("VALIDATE_JSON", parse_bool))
+        put("http_front", get("HTTP_FRONT", _choice("aiohttp", "fast")))
         put("channel_size", get("CHANNEL_SIZE", parse_int, lambda v: 1 <= v <= 10_000_000,
                                 "1 to 10000000 events"))
+        put("buffer_max_bytes", get("BUFFER_MAX_BYTES", parse_size, lambda v: 1024**2 <= v <= 64 * 1024**3,
+                                    "1MiB to 64GiB"))
         put("batch_max_events", get("BATCH_SIZE", parse_int, lambda v: 1 <= v <= 10_000_000,
                                     "1 to 10000000 events"))
         put("batch_max_bytes", get("BATCH_MAX_BYTES", parse_size, lambda v: 1024 <= v <= 4 * 1024**3,
