@@ -98,6 +98,10 @@ class Metrics:
         self.queue_depth = Gauge("ingest_queue_depth_events", "Events waiting between HTTP and batchers",
                                  registry=r)
         self.queue_capacity = Gauge("ingest_queue_capacity_events", "CHANNEL_SIZE", registry=r)
+        self.buffer_bytes = Gauge(
+            "ingest_buffer_bytes", "Bytes of accepted events held in memory, not yet delivered or spilled "
+            "(counted once per sink)", registry=r)
+        self.buffer_capacity = Gauge("ingest_buffer_capacity_bytes", "BUFFER_MAX_BYTES", registry=r)
         self.upload_queue_depth = Gauge(
             "upload_queue_depth_batches", "Closed batches waiting for an uploader", ["sink"], registry=r)
         self.batch_events = Histogram(

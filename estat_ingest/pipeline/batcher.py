@@ -63,3 +63,8 @@ class Batcher:
     @property
     def pending(self) -> int:
         return len(self._batch) if self._batch else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of JSONL in the open batch."""
+        return self._batch.nbytes if self._batch else 0

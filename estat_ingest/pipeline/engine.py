@@ -10,6 +10,10 @@ Invariants
   batch to its own DLQ instead of stalling the others.
 - A batch's name and partition are fixed when it closes; every attempt and replay uses them.
 - Blocking work (compression, DLQ writes) runs in threads; JSON work never does.
+- Memory: the queue charges every accepted line to BUFFER_MAX_BYTES (once per lane) and each lane
+  gives its batch's bytes back when the batch is delivered or spilled. While the budget is spent,
+  /collect answers 503 and the dispatcher closes open batches that hold a real share of it early,
+  so the budget drains instead of waiting for FLUSH_INTERVAL.
 - `drain(deadline)`: close the queue, flush partial batches, deliver until the deadline, then
   abort: whatever is queued or in flight is written to the DLQ. A second signal aborts at once.
 """
@@ -75,7 +79,8 @@ class Pipeline:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.queue: EventQueue[Item] = EventQueue(settings.channel_size)
+        self.queue: EventQueue[Item] = EventQueue(settings.channel_size, settings.buffer_max_bytes,
+                                                  _line_size, max(1, len(sinks)))
         self.namer = Namer(settings.instance_id, settings.ext, worker)
         self.backoff = backoff or Backoff()
         self.dlq_root = dlq_root or settings.dlq_dir
@@ -106,6 +111,8 @@ class Pipeline:
         self._idle.set()
         metrics.queue_capacity.set(settings.channel_size)
         metrics.queue_depth.set_function(lambda: len(self.queue))
+        metrics.buffer_capacity.set(settings.buffer_max_bytes)
+        metrics.buffer_bytes.set_function(lambda: self.queue.held_bytes)
         for lane in self.lanes:
             metrics.upload_queue_depth.labels(lane.sink.name).set_function(lane.upload_q.qsize)
 
@@ -198,8 +205,11 @@ class Pipeline:
                         await self._hand_over(lane, closed)
             now = loop.time()
             force, self._force_flush = self._force_flush, False
+            # budget spent: close batches holding a real share of it, so it drains now rather than
+            # at FLUSH_INTERVAL (small leftovers wait, so overload does not mean tiny objects)
+            share = queue.max_bytes // (4 * max(1, len(lanes))) if queue.over_budget else None
             for lane in lanes:
-                if force or lane.batcher.due(now):
+                if force or lane.batcher.due(now) or (share is not None and lane.batcher.nbytes >= share):
                     b = lane.batcher.take()
                     if b is not None:
                         await self._hand_over(lane, b)
@@ -218,7 +228,10 @@ class Pipeline:
         m.batch_events.labels(lane.sink.name).observe(len(batch))
         m.batch_bytes.labels(lane.sink.name).observe(batch.nbytes)
         if self._abort.is_set():
-            await self._spill(lane, await self._encode(lane, batch), "shutdown")
+            try:
+                await self._spill(lane, await self._encode(lane, batch), "shutdown")
+            finally:
+                self.queue.release(batch.nbytes)
             return
         if self.fan_out and lane.upload_q.full():
             if len(lane.spills) >= MAX_PENDING_SPILLS:
@@ -232,7 +245,10 @@ class Pipeline:
         await lane.upload_q.put(batch)
 
     async def _overflow(self, lane: Lane, batch: Batch) -> None:
-        await self._spill(lane, await self._encode(lane, batch), "overflow")
+        try:
+            await self._spill(lane, await self._encode(lane, batch), "overflow")
+        finally:
+            self.queue.release(batch.nbytes)
 
     # ------------------------------------------------------------------ uploaders
 
@@ -241,9 +257,13 @@ class Pipeline:
             batch = await lane.upload_q.get()
             if batch is None:
                 return
-            payload = await self._encode(lane, batch)
-            del batch  # the raw lines are garbage now unless the sink asked to keep them
-            await self.deliver(lane, payload)
+            nbytes = batch.nbytes
+            try:
+                payload = await self._encode(lane, batch)
+                del batch  # the raw lines are garbage now unless the sink asked to keep them
+                await self.deliver(lane, payload)
+            finally:
+                self.queue.release(nbytes)
 
     async def _encode(self, lane: Lane, batch: Batch) -> Payload:
         s = self.settings
@@ -364,6 +384,10 @@ class Pipeline:
             self.report.spilled_events += payload.num_events
         else:
             self.report.lost_events += payload.num_events
+
+
+def _line_size(item: Item) -> int:
+    return len(item[1])
 
 
 def dlq_root_for(settings: Settings, worker: int | None) -> str:

@@ -3,21 +3,33 @@
 Handlers never wait: `offer`/`offer_many` either take the item(s) or say no (→ 503). The
 dispatcher is the only consumer. `close()` is called only after the HTTP server has stopped, so no
 handler ever meets a closed queue; a closed queue still hands out what it holds, then `None`.
+
+Two bounds: `capacity` items waiting here, and a byte budget for the whole pipeline
+(BUFFER_MAX_BYTES). Accepting an item charges `size(item) * weight` bytes (weight = the number of
+sinks holding the line); the engine gives them back with `release` when a batch has been delivered
+or spilled. The budget is checked before an offer, not against its size, so a request is refused
+only while the pipeline already holds the budget: memory can pass it by at most one request, and
+no request is too large to ever fit.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class EventQueue(Generic[T]):
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int | None = None,
+                 size: Callable[[T], int] | None = None, weight: int = 1) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes if max_bytes is not None and size is not None else 1 << 62
+        self.held_bytes = 0  # charged by offers, given back by `release`
+        self._size = size
+        self._weight = weight
         self._items: deque[T] = deque()
         self._closed = False
         self._wakeup: asyncio.Event | None = None
@@ -29,23 +41,39 @@ class EventQueue(Generic[T]):
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def over_budget(self) -> bool:
+        return self.held_bytes >= self.max_bytes
+
     def room(self) -> int:
+        """Items an offer could add now; 0 when the byte budget is spent."""
+        if self.held_bytes >= self.max_bytes:
+            return 0
         return self.capacity - len(self._items)
 
     def offer(self, item: T) -> bool:
-        if self._closed or len(self._items) >= self.capacity:
+        if self._closed or len(self._items) >= self.capacity or self.held_bytes >= self.max_bytes:
             return False
+        if self._size is not None:
+            self.held_bytes += self._size(item) * self._weight
         self._items.append(item)
         self._wake()
         return True
 
     def offer_many(self, items: Sequence[T]) -> bool:
         """All or nothing."""
-        if self._closed or len(self._items) + len(items) > self.capacity:
+        if (self._closed or len(self._items) + len(items) > self.capacity
+                or self.held_bytes >= self.max_bytes):
             return False
+        if self._size is not None:
+            self.held_bytes += sum(map(self._size, items)) * self._weight
         self._items.extend(items)
         self._wake()
         return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back bytes charged by offers (a batch delivered or spilled)."""
+        self.held_bytes -= nbytes
 
     def close(self) -> None:
         self._closed = True

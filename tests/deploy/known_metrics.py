@@ -42,6 +42,8 @@ GAUGES: dict[str, frozenset[str]] = {
     "ingest_ready": frozenset(),
     "ingest_queue_depth_events": frozenset(),
     "ingest_queue_capacity_events": frozenset(),
+    "ingest_buffer_bytes": frozenset(),
+    "ingest_buffer_capacity_bytes": frozenset(),
     "upload_queue_depth_batches": frozenset({"sink"}),
     "dlq_oldest_file_age_seconds": frozenset({"sink"}),
 }
