@@ -65,12 +65,14 @@ KNOWN_METRICS: frozenset[str] = frozenset(COUNTERS) | frozenset(GAUGES) | frozen
 
 # labels every scraped series carries
 TARGET_LABELS = frozenset({"instance", "job"})
+# series Prometheus itself writes for every scrape target
+PROMETHEUS_SERIES: dict[str, frozenset[str]] = {"up": frozenset()}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
 def series_labels(name: str) -> frozenset[str] | None:
     """Labels of an exposed series name (histograms by their _bucket/_sum/_count), None if unknown."""
-    for table in (COUNTERS, GAUGES):
+    for table in (COUNTERS, GAUGES, PROMETHEUS_SERIES):
         if name in table:
             return table[name] | TARGET_LABELS
     for suffix in HISTOGRAM_SUFFIXES:

@@ -25,6 +25,7 @@ EXPECTED = {
     "EstatIngestUploadErrors": ("upload-errors", "upload_attempts_total", 'upload_attempts_total{outcome!="ok"}'),
     "EstatIngestDLQOldestFile": ("dlq-oldest-file", "dlq_oldest_file_age_seconds", "> 3600"),
     "EstatIngestNotReady": ("not-ready", "ingest_ready", "(ingest_ready) == 0"),
+    "EstatIngestDown": ("target-down", "up", 'up{job="estat-ingest"} == 0'),
 }
 
 
