@@ -39,6 +39,17 @@ class IdGen:
         c = self._counter = (self._counter + 1) & 0xFFFFFF
         return f"{self._prefix}{c:06x}"
 
+    def reserve(self, now: float, n: int) -> tuple[str, int]:
+        """The ids `n` calls of `next(now)` would return, as (prefix, first counter): the i-th
+        (from 0) is `f"{prefix}{(first + i) & 0xFFFFFF:06x}"`. One call per request, not per event."""
+        ms = int(now * 1000)
+        if ms > self._last_ms:
+            self._last_ms = ms
+            self._prefix = f"{ms:012x}{self._middle}"
+        first = self._counter + 1
+        self._counter = (self._counter + n) & 0xFFFFFF
+        return self._prefix, first
+
 
 def encode_record(ts: float, ip: str, user_agent: str, cookie: str, body: str, event_id: str) -> bytes:
     """One JSONL line (with its newline)."""
@@ -46,6 +57,40 @@ def encode_record(ts: float, ip: str, user_agent: str, cookie: str, body: str, e
         {"ts": int(ts), "ip": ip, "user_agent": user_agent, "cookie": cookie, "body": body, "id": event_id},
         option=orjson.OPT_APPEND_NEWLINE,
     )
+
+
+def record_head(ts: float, ip: str, user_agent: str, cookie: str) -> bytes:
+    """What every record of one request starts with: `{"ts":…,"ip":…,"user_agent":…,"cookie":…,"body":`.
+
+    Encoded by orjson (so escaped exactly as in `encode_record`); raises TypeError where
+    encode_record would (header text holding surrogates).
+    """
+    head = orjson.dumps({"ts": int(ts), "ip": ip, "user_agent": user_agent, "cookie": cookie, "body": ""})
+    return head[:-3]  # without `""}`
+
+
+def record_format(head: bytes, id_prefix: str, extra: bytes = b"") -> bytes:
+    """A bytes %-format: `fmt % (orjson.dumps(body), counter)` is the record of `body` with the id
+    `f"{id_prefix}{counter:06x}"`, then `extra` (encoded `,"name":value` fields, e.g. api_key_name),
+    then `}` and the newline. `%` in the head or extra (user agents, cookies) is escaped."""
+    return (head.replace(b"%", b"%%") + b'%b,"id":"' + id_prefix.encode() + b'%06x"'
+            + extra.replace(b"%", b"%%") + b"}\n")
+
+
+def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[str], ids: IdGen,
+                   extra: bytes = b"") -> list[tuple[float, bytes]]:
+    """Queue items `(ts, line)` for the events of one request, ids taken from `ids` in order.
+
+    Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body, ids.next(ts)))` per body
+    (plus `extra` after `id`), at about a third of the cost per event: the fields before `body` are
+    encoded once per request, the ids reserved once, and each event costs one orjson call (the body
+    as a JSON string) and one bytes formatting.
+    """
+    head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
+    prefix, first = ids.reserve(ts, len(bodies))
+    fmt = record_format(head, prefix, extra)
+    dumps = orjson.dumps
+    return [(ts, fmt % (dumps(body), (first + i) & 0xFFFFFF)) for i, body in enumerate(bodies)]
 
 
 def now() -> float:
