@@ -27,12 +27,12 @@ import orjson
 
 from estat_ingest.config import Settings
 from estat_ingest.http.auth import WWW_AUTHENTICATE, ApiKeys, strip_api_key
-from estat_ingest.http.bodies import BodyError, decode, split_ndjson, too_deep
+from estat_ingest.http.bodies import BodyError, decode, max_openers, ndjson_lines, split_ndjson, too_deep
 from estat_ingest.http.clientip import ClientIp
 from estat_ingest.http.cors import Cors
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
-from estat_ingest.pipeline.record import IdGen, encode_record
+from estat_ingest.pipeline.record import IdGen, encode_records
 
 ALLOW = "GET, POST, OPTIONS"
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
@@ -237,14 +237,20 @@ class Collector:
         else:
             ndjson = False
         if ndjson:
-            bodies: list[str] = []
-            for n, raw in split_ndjson(payload):
-                text, err = self._validate(raw, True)
-                if text is None:
-                    return self.reject(400, err, f"line {n}: {err.replace('_', ' ')}")
-                bodies.append(text)
-            if not bodies:
+            lines = ndjson_lines(payload)
+            if not lines:
                 return self.reject(400, "empty", "empty NDJSON body")
+            if len(lines) > self.queue.room():
+                # cannot take all of them: refuse before validating and encoding (all-or-nothing)
+                self.metrics.http_requests.inc()
+                return self.unavailable("queue_full")
+            if settings.validate_json:
+                refused = self._check_lines(payload, lines)
+                if refused is not None:
+                    return refused
+                bodies = [raw.decode("utf-8") for raw in lines]
+            else:  # as `_validate` without VALIDATE_JSON: invalid UTF-8 replaced by U+FFFD
+                bodies = [raw.decode("utf-8", "replace") for raw in lines]
         else:
             text, err = self._validate(payload, method == "POST")
             if text is None:
@@ -260,18 +266,14 @@ class Collector:
         ip = self.client_ip(peer, xff, headers.get("CloudFront-Viewer-Address"))
         ua = headers.get("User-Agent", "")
         cookie = self._cookie(headers.get("Cookie", ""))
-        next_id = self.ids.next
+        # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
+        extra = b',"api_key_name":' + orjson.dumps(key_name) if key_name and settings.record_api_key_name else b""
         try:
-            records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
+            records = encode_records(now, ip, ua, cookie, bodies, self.ids, extra)
         except TypeError:
             # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
             # replaced by U+FFFD, as v1 did, instead of failing the request
-            ua, cookie = _printable(ua), _printable(cookie)
-            records = [(now, encode_record(now, ip, ua, cookie, b, next_id(now))) for b in bodies]
-        if key_name and settings.record_api_key_name:
-            # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
-            tail = b',"api_key_name":' + orjson.dumps(key_name) + b"}\n"
-            records = [(t, line[:-2] + tail) for t, line in records]
+            records = encode_records(now, ip, _printable(ua), _printable(cookie), bodies, self.ids, extra)
 
         m = self.metrics
         m.http_requests.inc()
@@ -283,6 +285,30 @@ class Collector:
         if key_name:
             m.api_key_requests.labels(key_name).inc()
         return PIXEL_REPLY if pixel else OK_REPLY
+
+    def _check_lines(self, payload: bytes, lines: list[bytes]) -> Reply | None:
+        """None when every NDJSON line is valid JSON (VALIDATE_JSON), else the 400 for the first bad one.
+
+        The common case costs one `orjson.loads` per line and one bracket count for the whole body;
+        any failure (or a line with more openers than MAX_JSON_DEPTH) re-checks line by line with
+        `_validate`, so the reason and the line number are exactly those of a per-line check.
+        """
+        loads = orjson.loads
+        try:
+            for raw in lines:
+                loads(raw)
+        except orjson.JSONDecodeError:
+            return self._first_bad_line(payload)
+        if max_openers(payload) > self.settings.max_json_depth:
+            return self._first_bad_line(payload)
+        return None
+
+    def _first_bad_line(self, payload: bytes) -> Reply | None:
+        for n, raw in split_ndjson(payload):
+            text, err = self._validate(raw, True)
+            if text is None:
+                return self.reject(400, err, f"line {n}: {err.replace('_', ' ')}")
+        return None
 
     def _validate(self, raw: bytes, is_json: bool) -> tuple[str | None, str]:
         """(payload text, "") or (None, reason)."""

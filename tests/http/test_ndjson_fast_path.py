@@ -1,0 +1,182 @@
+"""The NDJSON fast path of /collect (one split, one orjson.loads per line, one bracket count per body,
+records from a per-request head) answers and enqueues exactly what the per-line path did: same
+records byte for byte, same 400 reasons and line numbers, all-or-nothing."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
+
+from estat_ingest.config import Settings
+from estat_ingest.http.bodies import max_openers, ndjson_lines, split_ndjson
+from estat_ingest.http.collect import Collector
+from estat_ingest.metrics import Metrics
+from estat_ingest.pipeline.queue import EventQueue
+from estat_ingest.pipeline.record import encode_record
+from tests.http.util import value
+
+TS = 1764821594.25
+ND = "application/x-ndjson"
+
+
+def make(capacity: int = 100_000, **overrides: Any) -> tuple[Collector, EventQueue[tuple[float, bytes]], Metrics]:
+    s = Settings.from_env({}, **{"max_body_bytes": 1 << 20, "max_json_depth": 8, **overrides})
+    q: EventQueue[tuple[float, bytes]] = EventQueue(capacity)
+    m = Metrics()
+    c = Collector(s, q, m, clock=lambda: TS)
+    c.accepting = True
+    return c, q, m
+
+
+def headers(ua: str = "estat-test/1", **more: str) -> CIMultiDict[str]:
+    return CIMultiDict({"Content-Type": ND, "User-Agent": ua, **more})
+
+
+def reference(c: Collector, payload: bytes, ua: str, ids: Any) -> tuple[int, bytes, list[tuple[float, bytes]]]:
+    """The per-line algorithm /collect used before the fast path: (status, reply body, records)."""
+    bodies = []
+    for n, raw in split_ndjson(payload):
+        text, err = c._validate(raw, True)
+        if text is None:
+            return 400, f"line {n}: {err.replace('_', ' ')}\n".encode(), []
+        bodies.append(text)
+    if not bodies:
+        return 400, b"empty NDJSON body\n", []
+    try:
+        orjson.dumps(ua)
+    except TypeError:  # surrogates from non-UTF-8 header bytes: U+FFFD
+        # (the per-line path also skipped one id here, as its first encode_record failed after
+        # taking it; the fast path fails before taking any: ids stay unique and ordered either way)
+        ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    recs = [(TS, encode_record(TS, "127.0.0.1", ua, "", b, ids.next(TS))) for b in bodies]
+    return 200, b"", recs
+
+
+def check(c: Collector, q: EventQueue[tuple[float, bytes]], payload: bytes, ua: str = "estat-test/1") -> int:
+    twin = copy.copy(c.ids)
+    before = list(q._items)
+    r = c.handle("POST", "/collect", "", headers(ua), payload, "127.0.0.1")
+    status, body, recs = reference(c, payload, ua, twin)
+    assert (r.status, r.body) == (status, body)
+    assert list(q._items) == before + recs  # all or nothing, byte-identical
+    return r.status
+
+
+EVENT = b'{"event":"page_view","url":"https://x.example/?q=a%20b","n":1.5e3,"ok":true,"s":"\\"q\\" \\\\ \\u00e9"}'
+DEEP = b'{"a":' * 9 + b"1" + b"}" * 9  # depth 9 > 8
+BRACKETS_IN_STRINGS = b'{"s":"[[[[{{{{[[[[{{{{"}'  # 17 openers, depth 1
+
+
+@pytest.mark.parametrize("payload", [
+    EVENT + b"\n" + EVENT + b"\n",  # trailing newline
+    EVENT + b"\n" + EVENT,  # last line without newline
+    EVENT + b"\r\n" + EVENT + b"\r\n",  # CRLF
+    b"\n\n" + EVENT + b"\n \t \n\r\n" + EVENT + b"\n\n",  # blank and whitespace-only lines skipped
+    b"  " + EVENT + b"  \n\t1\r\n" + b'"str"\n[]\n{}\nnull\n',  # JSON whitespace kept as sent
+    '{"k":"é € 😀 \u2028"}\n{"pct":"%s %06x %%"}\n'.encode(),
+    BRACKETS_IN_STRINGS + b"\n" + EVENT,  # many openers, but not deep: accepted after the exact check
+    b'{"a":' * 8 + b"1" + b"}" * 8,  # exactly MAX_JSON_DEPTH
+])
+def test_accepted_bodies_give_the_records_of_the_per_line_path(payload: bytes) -> None:
+    c, q, m = make()
+    assert check(c, q, payload) == 200
+    assert value(m, "ingest_events_accepted_total") == len(list(split_ndjson(payload)))
+
+
+@pytest.mark.parametrize(("payload", "reason", "line"), [
+    (EVENT + b"\n{bad\n" + EVENT, "invalid_json", 2),
+    (EVENT + b"\n\n\n" + b'{"a":"\xff"}\r\n' + EVENT, "invalid_utf8", 4),
+    (EVENT + b"\n" + DEEP + b"\n" + EVENT, "too_deep", 2),
+    (EVENT + b"\n" + DEEP + b"\n{bad", "too_deep", 2),  # the first bad line wins, whatever its reason
+    (EVENT + b"\n{bad\n" + DEEP, "invalid_json", 2),
+    (EVENT + b"\n" + EVENT + b"\n" + EVENT[:-1], "invalid_json", 3),  # truncated last line
+    (EVENT + b"\n\xef\xbb\xbf" + EVENT, "invalid_json", 2),  # a BOM is not JSON
+    (b"\n \r\n\t\n", "empty", None),
+    (b"", "empty", None),
+])
+def test_a_bad_line_refuses_the_whole_request_naming_it(payload: bytes, reason: str, line: int | None) -> None:
+    c, q, m = make()
+    q.offer((0.0, b"already there\n"))
+    assert check(c, q, payload) == 400
+    assert len(q) == 1
+    assert value(m, "http_requests_rejected_total", reason=reason) == 1
+    r = c.handle("POST", "/collect", "", headers(), payload, "127.0.0.1")
+    expected = f"line {line}: {reason.replace('_', ' ')}" if line else "empty NDJSON body"
+    assert r.body == expected.encode() + b"\n"
+
+
+def test_without_validation_lines_are_stored_as_text_with_invalid_utf8_replaced() -> None:
+    c, q, _ = make(validate_json=False)
+    payload = b"not json\n\xff\xfe bytes\r\n" + DEEP + b"\n{\x01}\n"
+    assert check(c, q, payload) == 200
+    assert [orjson.loads(line)["body"] for _, line in q._items] == [
+        "not json", "\ufffd\ufffd bytes", DEEP.decode(), "{\x01}"]
+
+
+def test_non_utf8_user_agent_is_replaced_in_every_record() -> None:
+    c, q, _ = make()
+    ua = "bot \udcff\udcfe/1"  # how aiohttp hands over non-UTF-8 header bytes
+    assert check(c, q, EVENT + b"\n" + EVENT, ua) == 200
+    assert {orjson.loads(line)["user_agent"] for _, line in q._items} == {"bot \ufffd\ufffd/1"}
+
+
+def test_api_key_name_follows_the_id_in_every_record() -> None:
+    c, q, _ = make(api_keys=(("partner-a", "k-web-0123456789"),), record_api_key_name=True)
+    r = c.handle("POST", "/collect", "", headers(**{"X-API-Key": "k-web-0123456789"}), EVENT + b"\n" + EVENT,
+                 "127.0.0.1")
+    assert r.status == 200
+    recs = [orjson.loads(line) for _, line in q._items]
+    assert [list(rec) for rec in recs] == [["ts", "ip", "user_agent", "cookie", "body", "id", "api_key_name"]] * 2
+    assert {rec["api_key_name"] for rec in recs} == {"partner-a"}
+    assert recs[0]["id"] < recs[1]["id"]
+
+
+def test_more_lines_than_the_queue_has_room_for_is_503_and_nothing_is_enqueued() -> None:
+    c, q, m = make(capacity=5)
+    q.offer((0.0, b"x\n"))
+    q.offer((0.0, b"y\n"))
+    r = c.handle("POST", "/collect", "", headers(), b"\n".join([EVENT] * 4), "127.0.0.1")
+    assert r.status == 503 and r.headers["Retry-After"] == "1"
+    assert len(q) == 2 and value(m, "http_requests_rejected_total", reason="queue_full") == 1
+    # exactly the room left is accepted (blank lines do not count)
+    r = c.handle("POST", "/collect", "", headers(), b"\n\n".join([EVENT] * 3) + b"\n\n", "127.0.0.1")
+    assert r.status == 200 and len(q) == 5
+
+
+def test_ids_are_unique_and_ordered_across_requests() -> None:
+    c, q, _ = make()
+    for _ in range(3):
+        assert c.handle("POST", "/collect", "", headers(), b"\n".join([EVENT] * 50), "127.0.0.1").status == 200
+    ids = [orjson.loads(line)["id"] for _, line in q._items]
+    assert len(set(ids)) == 150 and ids == sorted(ids)
+
+
+def test_splitter_and_bracket_count_agree_with_the_per_line_definitions() -> None:
+    for payload in [b"", b"\n", b"a\r\n\r\n b \n\r", b"{[\n[[[\r\n{\"[\":1}", b"x" * 10]:
+        assert ndjson_lines(payload) == [raw for _, raw in split_ndjson(payload)]
+        per_line = [raw.count(b"[") + raw.count(b"{") for raw in payload.split(b"\n")]
+        assert max_openers(payload) == max(per_line)
+
+
+lines_pool = st.sampled_from([
+    EVENT, DEEP, BRACKETS_IN_STRINGS, b"{bad", b'{"a":"\xff"}', b"\xef\xbb\xbf{}", b"", b"  ", b"\t", b"1", b'"s"',
+    b"[[[[[[[[[]]]]]]]]]", b"[[[[[[[[]]]]]]]]", b"NaN", b"1e400", b"123456789012345678901234567890",
+    b'"\\ud800"', b'"\\ud83d\\ude00"', b'{"k":"\xc3\xa9"}', b"\x00", b"{}\x00",
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(lines_pool, st.sampled_from([b"\n", b"\r\n", b"\n\n", b"\r\n \n"])), max_size=8),
+       st.booleans())
+def test_property_same_answer_and_records_as_the_per_line_path(parts: list[tuple[bytes, bytes]], last_nl: bool) -> None:
+    c, q, _ = make()
+    payload = b"".join(line + sep for line, sep in parts)
+    if not last_nl and parts:
+        payload = payload[: -len(parts[-1][1])]
+    check(c, q, payload)
