@@ -1,10 +1,13 @@
-"""Wiring: create_app(settings) → aiohttp Application, and serve() with the shutdown order.
+"""Wiring: serve() with the start-up and shutdown order for either HTTP front, and
+create_app(settings) → aiohttp Application (in-process servers in tests).
 
-Shutdown (DESIGN.md §7), owned by aiohttp's runner: the first signal turns /ready 503 → the
-runner stops the listener and waits (bounded) for in-flight requests → the app's cleanup_ctx
-drains the pipeline with what is left of SHUTDOWN_TIMEOUT → undelivered batches go to the DLQ →
-exit 0. The queue is closed only in cleanup, after the HTTP side has fully stopped, so no handler
-ever meets a closed queue. A second signal skips straight to the spill.
+`serve()` builds the pipeline and the Collector, then the front `HTTP_FRONT` names: `aiohttp`
+(`AiohttpFront`: http/routes.py behind aiohttp's runner) or `fast` (fastfront.Front: httptools).
+Shutdown (DESIGN.md §7) is the same code for both: the first signal turns /ready 503 → the
+front stops listening → serve() waits (bounded) for requests inside /collect → the front closes
+every connection → the pipeline drains with what is left of SHUTDOWN_TIMEOUT → undelivered
+batches go to the DLQ → exit 0. The queue is closed only after the HTTP side has fully stopped,
+so no handler ever meets a closed queue. A second signal skips straight to the spill.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
@@ -73,6 +77,14 @@ class Lifecycle:
         return max(0.0, self.remaining() - reserve)
 
 
+def _http_app(collector: Collector, metrics: Metrics) -> web.Application:
+    app = web.Application()
+    app[COLLECTOR] = collector
+    app[METRICS] = metrics
+    add_routes(app)
+    return app
+
+
 def create_app(
     settings: Settings,
     *,
@@ -82,41 +94,53 @@ def create_app(
     worker: int | None = None,
     dlq_root: str | None = None,
 ) -> web.Application:
+    """The aiohttp application with the pipeline started and drained by its cleanup_ctx (for
+    in-process servers such as aiohttp's TestServer; `serve()` runs the pipeline itself)."""
     metrics = metrics or Metrics()
     lifecycle = lifecycle or Lifecycle(settings)
-    pipeline = Pipeline(
-        settings,
-        metrics,
-        list(sinks) if sinks is not None else [build_sink(n, settings) for n in settings.sinks],
-        worker=worker,
-        dlq_root=dlq_root,
-    )
+    pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
     collector = Collector(settings, pipeline.queue, metrics)
-    app = web.Application()
-    app[COLLECTOR] = collector
-    app[METRICS] = metrics
+    app = _http_app(collector, metrics)
     app[PIPELINE] = pipeline
-    add_routes(app)
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         await pipeline.start()
         collector.accepting = True
         yield
         collector.accepting = False
-        t0 = time.monotonic()
-        report = await pipeline.drain(lifecycle.delivery_budget())
-        log.info("shutdown complete", extra={
-            "delivered_events": report.delivered_events, "spilled_events": report.spilled_events,
-            "lost_events": report.lost_events, "aborted": report.aborted,
-            "drain_seconds": round(time.monotonic() - t0, 3)})
+        await _drain(pipeline, lifecycle)
 
     app.cleanup_ctx.append(pipeline_ctx)
     return app
 
 
+def _pipeline(settings: Settings, metrics: Metrics, sinks: Sequence[Sink] | None, worker: int | None,
+              dlq_root: str | None) -> Pipeline:
+    return Pipeline(
+        settings,
+        metrics,
+        list(sinks) if sinks is not None else [build_sink(n, settings) for n in settings.sinks],
+        worker=worker,
+        dlq_root=dlq_root,
+    )
+
+
+async def _drain(pipeline: Pipeline, lifecycle: Lifecycle) -> None:
+    t0 = time.monotonic()
+    report = await pipeline.drain(lifecycle.delivery_budget())
+    log.info("shutdown complete", extra={
+        "delivered_events": report.delivered_events, "spilled_events": report.spilled_events,
+        "lost_events": report.lost_events, "aborted": report.aborted,
+        "drain_seconds": round(time.monotonic() - t0, 3)})
+
+
 def set_ready(app: web.Application, ready: bool) -> None:
-    app[COLLECTOR].ready = ready
-    app[METRICS].ready.set(1 if ready else 0)
+    _set_ready(app[COLLECTOR], app[METRICS], ready)
+
+
+def _set_ready(collector: Collector, metrics: Metrics, ready: bool) -> None:
+    collector.ready = ready
+    metrics.ready.set(1 if ready else 0)
 
 
 def make_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -131,6 +155,58 @@ def make_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     return sock
 
 
+class HttpFront(Protocol):
+    """What `serve()` needs from an HTTP front (`HTTP_FRONT`): aiohttp, or fastfront.Front."""
+
+    async def start(self, sock: socket.socket) -> None:
+        """Serve on `sock` (bound; listening or not)."""
+
+    async def stop_listening(self) -> None:
+        """Refuse new connections; open ones are still served."""
+
+    async def close(self) -> None:
+        """Close every connection; after it, no request reaches the Collector."""
+
+
+class AiohttpFront:
+    """The aiohttp front: routes.py's handlers, the connection guard, aiohttp's runner."""
+
+    def __init__(self, settings: Settings, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self.app = _http_app(collector, metrics)
+        self.runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            # a handler still running after serve()'s wait for in-flight requests gets this long
+            shutdown_timeout=lifecycle.http_grace(),
+            **server_kwargs(self.app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
+        )
+        self.site: web.SockSite | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        await self.runner.setup()  # starts the connection guard (cleanup_ctx)
+        self.app[GUARD].attach(self.runner.server)  # header-read deadline sweeps the server's connections
+        self.site = web.SockSite(self.runner, sock)
+        await self.site.start()
+
+    async def stop_listening(self) -> None:
+        # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut slow
+        # bodies off: serve() stops the listener only, then waits for requests inside /collect
+        if self.site is not None:
+            await self.site.stop()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()  # idle connections closed, running handlers get shutdown_timeout
+
+
+def make_front(settings: Settings, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> HttpFront:
+    if settings.http_front == "fast":
+        from estat_ingest.fastfront import Front
+
+        return Front(settings, collector, metrics)
+    return AiohttpFront(settings, collector, metrics, lifecycle)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -142,10 +218,18 @@ async def serve(
     sock: socket.socket | None = None,
     install_signals: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code."""
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code.
+
+    One path for both fronts (`HTTP_FRONT`), DESIGN.md §7: /ready 503 → the listener closes →
+    requests inside /collect finish (bounded by `http_grace`, or until a second signal) → every
+    connection closed → the queue closed and drained → flush → uploads within the budget →
+    spill to the DLQ → 0.
+    """
     lifecycle = Lifecycle(settings)
-    app = create_app(settings, metrics=metrics, sinks=sinks, lifecycle=lifecycle, worker=worker, dlq_root=dlq_root)
-    pipeline = app[PIPELINE]
+    metrics = metrics or Metrics()
+    pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
+    collector = Collector(settings, pipeline.queue, metrics)
+    front = make_front(settings, collector, metrics, lifecycle)
     loop = asyncio.get_running_loop()
 
     def on_signal(signame: str) -> None:
@@ -153,7 +237,7 @@ async def serve(
             log.info("signal received: draining", extra={"signal": signame,
                                                          "budget_seconds": settings.shutdown_timeout_s})
             lifecycle.begin()
-            set_ready(app, False)
+            _set_ready(collector, metrics, False)
         else:
             log.warning("second signal: spilling to the dlq now", extra={"signal": signame})
             lifecycle.hurry.set()
@@ -162,30 +246,35 @@ async def serve(
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
+    await pipeline.start()  # sinks, DLQ, replayers
+    collector.accepting = True
+    try:
+        own_sock = sock or make_socket(settings.http_host, settings.http_port)
+        await front.start(own_sock)
+        _set_ready(collector, metrics, True)
+        host, port = own_sock.getsockname()[:2]
+        log.info("listening", extra={"addr": f"{host}:{port}", "sinks": list(settings.sinks),
+                                     "dlq_dir": pipeline.dlq_root, "instance": pipeline.namer.instance,
+                                     "http_front": settings.http_front})
 
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        shutdown_timeout=lifecycle.http_grace(),
-        **server_kwargs(app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
-    )
-    await runner.setup()  # runs cleanup_ctx start-up: sinks, DLQ, pipeline
-    app[GUARD].attach(runner.server)  # header-read deadline sweeps the server's connections
-    own_sock = sock or make_socket(settings.http_host, settings.http_port)
-    site = web.SockSite(runner, own_sock)
-    await site.start()
-    set_ready(app, True)
-    host, port = own_sock.getsockname()[:2]
-    log.info("listening", extra={"addr": f"{host}:{port}", "sinks": list(settings.sinks),
-                                 "dlq_dir": pipeline.dlq_root, "instance": pipeline.namer.instance})
+        await lifecycle.wait_for_stop(shutdown_trigger)
+        _set_ready(collector, metrics, False)
+        await front.stop_listening()
+        await _wait_in_flight(collector, lifecycle)
+        await front.close()
+    finally:
+        # only now, with the HTTP side stopped, is the queue closed: no handler meets it closed
+        collector.accepting = False
+        await _drain(pipeline, lifecycle)
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+    return 0
 
-    await lifecycle.wait_for_stop(shutdown_trigger)
-    set_ready(app, False)
-    # Stop listening, then let requests already inside /collect finish (slow bodies included):
-    # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut them off.
-    await site.stop()
-    collector = app[COLLECTOR]
+
+async def _wait_in_flight(collector: Collector, lifecycle: Lifecycle) -> None:
+    """Until no request is inside /collect (slow bodies included), at most `http_grace`; a second
+    signal ends the wait at once."""
     drained = asyncio.ensure_future(collector.inflight.wait_zero(lifecycle.http_grace()))
     hurry = asyncio.ensure_future(lifecycle.hurry.wait())
     await asyncio.wait({drained, hurry}, return_when=asyncio.FIRST_COMPLETED)
@@ -195,8 +284,3 @@ async def serve(
     if collector.inflight.count:
         log.warning("in-flight requests still open after the grace period", extra={
             "requests": collector.inflight.count})
-    await runner.cleanup()  # idle connections closed → pipeline drained (cleanup_ctx)
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0

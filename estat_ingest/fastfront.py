@@ -1,54 +1,79 @@
-"""A lean HTTP/1.1 front: asyncio.Protocol + httptools, calling the plain /collect function.
+"""The httptools HTTP/1.1 front (`HTTP_FRONT=fast`): asyncio.Protocol + httptools, calling the
+plain /collect function.
 
 Why: the profile of `estat-ingest serve` under load (docs/tuning.md) shows aiohttp's request
 machinery (Request/Response objects, the handler task, StreamReader, header multidicts, response
-serialisation) taking most of the loop, and a bare aiohttp handler that does nothing is already
-≈ 24 µs per request. `Collector.handle` is synchronous and independent of aiohttp (DESIGN.md §1),
-so a front only has to parse, call it, and write the reply: no task per request, no awaits.
+serialisation) taking most of the loop. `Collector.handle` is synchronous and independent of
+aiohttp (DESIGN.md §1), so this front only parses (httptools, the llhttp parser uvicorn uses),
+calls it and writes the reply: no task per request, no awaits, one sweep per second for every
+timer instead of a timer per request.
 
-Not wired into `serve()`: `python -m estat_ingest.fastfront` runs it with the same pipeline and
-shutdown order, for benchmarks and evaluation; selecting it from `serve()` is a one-line switch for
-the owner of app.py (e.g. `HTTP_FRONT=fast`).
+`app.serve()` runs it when `settings.http_front == "fast"`, with the same pipeline and the same
+shutdown path as the aiohttp front (`Front` has the three methods `app.HttpFront` asks for).
+`python -m estat_ingest.fastfront` is an alias of `HTTP_FRONT=fast estat-ingest serve`.
 
-What it keeps from the aiohttp front: routes /collect (+ pixel paths), /health, /ready, /metrics,
-404 otherwise; 413 from Content-Length before reading, or as soon as a body passes the cap (and the
-connection is closed, the rest is never read); 400 + close for malformed HTTP (counted as
-`http_requests_rejected_total{reason="bad_http"}`) and 431 for headers over MAX_HEADER_BYTES /
-MAX_HEADERS; 408 + close for a body not received within REQUEST_READ_TIMEOUT; keep-alive with a 75 s
-idle timeout (above an ALB's 60 s); `Expect: 100-continue`; pipelined requests answered in order;
-`Connection: close` while draining. Timeouts are checked by one sweep per second, not a timer per
-request.
+What it does, with the aiohttp front's behaviour for each (docs/security.md):
+- routes: `/collect` and the pixel paths (any method; `Collector.handle` answers 405 itself),
+  `/health`, `/ready`, `/metrics` (GET and HEAD, else 405 with `Allow`), 404 otherwise; a HEAD
+  answer has the headers of the GET answer and no body;
+- `MAX_IN_FLIGHT`: a /collect request counts from its complete headers until it is answered
+  (`Collector.inflight`, which shutdown waits for); past the cap, 503 `overloaded` with
+  `Retry-After: 1`, connection closed, the body never read;
+- 413 from Content-Length before any body byte is read, or as soon as a (chunked) body passes
+  MAX_BODY_SIZE; a request line over max(8190, MAX_BODY_SIZE + 4096) bytes is 413 when it has a
+  query (the GET payload), 431 otherwise;
+- header limits: a header line over MAX_HEADER_BYTES or more than MAX_HEADERS headers is 431
+  (`header_too_large`; the aiohttp front answers 400). httptools accumulates a header without a
+  bound until it is complete, so the bytes of a header section still in progress are bounded too;
+- malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, upgrades)
+  is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}` and logged at most
+  once per reason per 10 s (`routes.ProtocolErrors`, shared with the aiohttp front);
+- HEADER_READ_TIMEOUT: a connection's first request must complete its headers within it from
+  the connection's start, a later request from its first byte; else the connection is closed
+  without an answer (`header_timeout`); REQUEST_READ_TIMEOUT: a body not complete within it
+  from the end of the headers is 408 (`read_timeout`), connection closed;
+- after a refusal the connection stops parsing, sends the answer, half-closes and discards what
+  the client still sends for at most LINGER_S (so the client reads the answer instead of a reset),
+  then closes; keep-alive idle timeout 75 s (above an ALB's 60 s);
+- `Expect: 100-continue`, chunked bodies, pipelined requests answered in order, `Connection:
+  close` on every answer once the server is draining, header values decoded as UTF-8 with
+  surrogate escapes (as aiohttp does, so non-UTF-8 bytes are stored as U+FFFD by `/collect`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-import signal
 import socket
 import time
 from collections.abc import Mapping
+from urllib.parse import unquote
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
-
-try:
-    import httptools
-except ImportError:  # not a declared dependency until this front is adopted (docs/tuning.md)
-    httptools = None  # type: ignore[assignment]
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import OK_REPLY, PIXEL_PATHS, Collector, Reply
+from estat_ingest.http.routes import ProtocolErrors
 from estat_ingest.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("estat_ingest.fastfront")
+_now = time.monotonic  # every timer of this front (uvloop's loop.time() has another origin)
 
 KEEPALIVE_S = 75.0
-SWEEP_S = 1.0
+LINGER_S = 2.0  # as the aiohttp front's lingering_time
+CLOSE_FLUSH_S = 1.0  # at shutdown, closing connections may flush their last answers this long
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
            415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
            500: "Internal Server Error", 503: "Service Unavailable"}
 COLLECT_PATHS = frozenset({"/collect", *PIXEL_PATHS})
+PLAIN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+TEXT = "text/plain; charset=utf-8"
+
+IDLE, HEAD, BODY = 0, 1, 2  # where a connection is in its current request
 
 
 class _Date:
@@ -66,41 +91,54 @@ class _Date:
         return self.value
 
 
-def render(status: int, headers: Mapping[str, str], body: bytes, date: bytes, close: bool) -> bytes:
-    items = headers.items()
+def render(status: int, headers: Mapping[str, str], body: bytes, date: bytes, close: bool,
+           head: bool = False) -> bytes:
+    """One HTTP/1.1 response; `head`: the headers of this answer without its body."""
     out = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode(),
            b"Date: ", date, b"\r\nServer: estat-ingest\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
     has_type = False
-    for k, v in items:
-        if k.lower() == "content-length":
+    for k, v in headers.items():
+        lk = k.lower()
+        if lk == "content-length":
             continue
-        has_type = has_type or k.lower() == "content-type"
+        has_type = has_type or lk == "content-type"
         out.append(f"{k}: {v}\r\n".encode("latin-1", "replace"))
     if body and not has_type:
         out.append(b"Content-Type: text/plain; charset=utf-8\r\n")
     if close:
         out.append(b"Connection: close\r\n")
     out.append(b"\r\n")
-    out.append(body)
+    if not head:
+        out.append(body)
     return b"".join(out)
+
+
+class _Stop(Exception):
+    """Raised from a parser callback once the connection has answered and stops reading."""
 
 
 class Front:
     """The listening side: shared state of every connection, the sweeper, start/stop."""
 
     def __init__(self, settings: Settings, collector: Collector, metrics: Metrics) -> None:
-        if httptools is None:
-            raise RuntimeError("the fast HTTP front needs httptools: pip install httptools")
         self.settings = settings
         self.collector = collector
         self.metrics = metrics
+        self.protocol_errors = ProtocolErrors(metrics)
         self.date = _Date()
         self.conns: set[HttpConn] = set()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._idle: asyncio.Event | None = None  # set while stopping, when no request is half-read
+        self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
         self._ok_cache: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # (date, keep-alive, close)
-        self.max_url = max(8190, settings.max_body_bytes + 4096)
+        s = settings
+        self.max_url = max(8190, s.max_body_bytes + 4096)  # a GET payload of MAX_BODY_SIZE fits
+        # Bounds on a header section still arriving (httptools keeps a header until it is
+        # complete): the line in progress, and the whole section. The estimate may include the
+        # tail of the previous pipelined request (at most one body), hence + max_body_bytes.
+        self.line_cap = max(self.max_url, s.max_header_bytes) + s.max_body_bytes + 64
+        self.head_cap = self.max_url + s.max_headers * (s.max_header_bytes + 4) + s.max_body_bytes + 4096
+        self.sweep_s = max(0.05, min(1.0, s.header_read_timeout_s / 4, s.request_read_timeout_s / 4))
 
     def ok_bytes(self, close: bool) -> bytes:
         """The 200 reply, re-rendered only when the Date second changes."""
@@ -117,62 +155,65 @@ class Front:
         self._sweeper = asyncio.create_task(self._sweep(), name="fastfront-sweep")
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(SWEEP_S)
-            now = loop.time()
+            await asyncio.sleep(self.sweep_s)
+            now = _now()
             for conn in list(self.conns):
-                conn.check_timeouts(now)
+                conn.tick(now)
 
-    def busy(self) -> int:
-        return sum(1 for c in self.conns if c.in_request)
-
-    def request_done(self) -> None:
-        """While stopping: wake `stop` once no connection is in the middle of a request."""
-        if self._idle is not None and not self.busy():
-            self._idle.set()
-
-    async def stop(self, grace_s: float) -> None:
-        """Stop listening; close idle connections; give half-received requests `grace_s`."""
+    async def stop_listening(self) -> None:
+        """New connections are refused; open ones are still served (answers carry `Connection:
+        close` once the collector is not ready)."""
         if self.server is not None:
             self.server.close()
+
+    async def close(self) -> None:
+        """Close every connection (a request still incomplete gets no answer), stop the sweeper."""
         for conn in list(self.conns):
-            if not conn.in_request:
-                conn.close()
-        self._idle = asyncio.Event()
-        self.request_done()
-        try:
-            async with asyncio.timeout(grace_s):
-                await self._idle.wait()
-        except TimeoutError:
-            log.warning("requests still half-received after the grace period", extra={"requests": self.busy()})
-        for conn in list(self.conns):
-            conn.close()
+            conn.closing = True
+            conn.close()  # written answers are flushed first
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.conns:  # a client that does not read its last answer holds its transport: bounded
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), CLOSE_FLUSH_S)
+        for conn in list(self.conns):
+            conn.abort()
         if self.server is not None:
-            await self.server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), CLOSE_FLUSH_S)
 
 
 class HttpConn(asyncio.Protocol):
-    __slots__ = ("body", "body_size", "front", "header_bytes", "headers", "in_request", "last_active",
-                 "parser", "paused", "peer", "reject", "started", "transport", "url")
+    __slots__ = ("began_here", "body", "body_size", "closing", "counted", "front", "hdrs", "head_line", "head_total",
+                 "headers", "is_collect", "last_active", "linger_until", "method", "opened", "parser",
+                 "path", "paused", "peer", "phase", "query", "served", "started", "transport", "url")
 
     def __init__(self, front: Front) -> None:
         self.front = front
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
+        self.phase = IDLE
+        self.served = False  # a request of this connection completed its headers
+        self.closing = False  # answered for the last time: nothing more is parsed
+        self.linger_until = 0.0
+        self.opened = self.started = self.last_active = 0.0
         self.url = b""
         self.headers: list[tuple[str, str]] = []
-        self.header_bytes = 0
+        self.hdrs: CIMultiDictProxy[str] | None = None
+        self.method = ""
+        self.path = ""
+        self.query = ""
+        self.is_collect = False
+        self.counted = False  # inside Collector.inflight
         self.body: list[bytes] = []
         self.body_size = 0
-        self.in_request = False
-        self.reject: tuple[int, str, str] | None = None  # answer without reading further
-        self.started = 0.0
-        self.last_active = 0.0
+        self.began_here = False
+        self.head_line = 0
+        self.head_total = 0
         self.paused = False
 
     # ------------------------------------------------------------------ transport events
@@ -181,15 +222,16 @@ class HttpConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) and peer else None
-        self.last_active = asyncio.get_running_loop().time()
+        self.opened = self.last_active = _now()
         self.front.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.front.conns.discard(self)
+        front = self.front
+        front.conns.discard(self)
         self.transport = None
-        self.in_request = False
-        if self.front._idle is not None:
-            self.front.request_done()
+        self._leave()
+        if front._all_closed is not None and not front.conns:
+            front._all_closed.set()
 
     def pause_writing(self) -> None:  # the client does not read its answers: stop reading requests
         if self.transport is not None and not self.paused:
@@ -201,189 +243,267 @@ class HttpConn(asyncio.Protocol):
             self.paused = False
             self.transport.resume_reading()
 
+    def eof_received(self) -> bool | None:
+        # the client will send nothing more: a request still incomplete can never be answered
+        # usefully (aiohttp's front also just closes); an answer already written is flushed
+        self._leave()
+        return None  # close the transport (after the write buffer is flushed)
+
     def data_received(self, data: bytes) -> None:
-        self.last_active = asyncio.get_running_loop().time()
+        if self.closing:
+            return  # lingering after a refusal: discard
+        self.last_active = _now()
+        self.began_here = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail(400, "bad_http", "protocol upgrades are not supported")
+            if self.closing:
+                return
+            if self.phase == IDLE:  # the request was answered; no protocol switch follows
+                self.closing = True
+                self.close()
+            else:
+                self._protocol_error(400, "bad_http", "protocol upgrades are not supported")
+            return
         except httptools.HttpParserError as err:
-            if self.reject is not None:
-                return  # we stopped the parser on purpose (413 / 431 already answered)
-            self._fail(400, "bad_http", f"malformed request: {err}"[:200])
+            if self.closing:
+                return  # we stopped the parser on purpose, or closed after `Connection: close`
+            self._protocol_error(400, "bad_http", f"malformed request: {err}")
+            return
+        if self.phase == HEAD:
+            self._bound_head(data)
+
+    def _bound_head(self, data: bytes) -> None:
+        """A header section still arriving may not grow past the caps (in bytes received)."""
+        n = len(data)
+        nl = data.rfind(b"\n")
+        if self.began_here:
+            cut = max(data.rfind(b"\n\r\n"), data.rfind(b"\n\n"))
+            self.head_total = n if cut < 0 else n - cut
+            self.head_line = n if nl < 0 else n - nl - 1
+        else:
+            self.head_total += n
+            self.head_line = self.head_line + n if nl < 0 else n - nl - 1
+        front = self.front
+        if self.head_line > front.line_cap or self.head_total > front.head_cap:
+            self._protocol_error(431, "header_too_large", "request header section too large")
+
+    def tick(self, now: float) -> None:
+        """The sweeper's per-connection check: timeouts, keep-alive, the end of lingering."""
+        s = self.front.settings
+        if self.closing:
+            if now >= self.linger_until:
+                self.close()
+        elif self.phase == BODY:
+            if now - self.started > s.request_read_timeout_s:
+                reply = self.front.collector.reject(408, "read_timeout", "request body not received in time")
+                self._refuse(self._cors(reply))
+        elif self.phase == HEAD or not self.served:
+            since = self.started if (self.phase == HEAD and self.served) else self.opened
+            if now - since > s.header_read_timeout_s:
+                self.front.metrics.rejected.labels("header_timeout").inc()
+                self.closing = True
+                self._leave()
+                self.close()
+        elif now - self.last_active > KEEPALIVE_S:
+            self.closing = True
+            self.close()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
 
-    def check_timeouts(self, now: float) -> None:
-        s = self.front.settings
-        if self.in_request and now - self.started > s.request_read_timeout_s:
-            self._fail(408, "read_timeout", "request not received in time")
-        elif not self.in_request and now - self.last_active > KEEPALIVE_S:
-            self.close()
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     # ------------------------------------------------------------------ parser callbacks
 
     def on_message_begin(self) -> None:
-        self.in_request = True
-        self.started = asyncio.get_running_loop().time()
+        if self.closing:
+            raise _Stop
+        self.phase = HEAD
+        self.began_here = True
+        self.started = _now()
         self.url = b""
         self.headers = []
-        self.header_bytes = 0
+        self.hdrs = None
+        self.method = ""
         self.body = []
         self.body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > self.front.max_url:
-            self._stop(413 if b"?" in self.url else 400, "too_large", "request line too long")
+            if b"?" in self.url:
+                self._refuse(self.front.collector.too_large())
+            else:
+                self._protocol_error(431, "header_too_large", "request line too long")
+            raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         s = self.front.settings
-        self.header_bytes += len(name) + len(value)
         if len(name) + len(value) > s.max_header_bytes or len(self.headers) >= s.max_headers:
-            self._stop(431, "header_too_large", "request headers too large")
-            return
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._protocol_error(431, "header_too_large", "request header too large, or too many")
+            raise _Stop
+        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
-        if self.reject is not None:
-            return
-        limit = self.front.settings.max_body_bytes
-        for k, v in self.headers:
-            lk = k.lower()
-            if lk == "content-length":
-                if v.strip().isdigit() and int(v) > limit:
-                    self._stop(413, "too_large", "")
-                    return
-            elif lk == "expect" and v.strip().lower() == "100-continue" and self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.phase = BODY
+        self.served = True
+        self.started = _now()
+        front = self.front
+        collector = front.collector
+        settings = front.settings
+        self.method = self.parser.get_method().decode("ascii", "replace")
+        raw = self.url
+        if raw[:1] != b"/":  # absolute form (`http://host/path?q`) or `*`
+            try:
+                parsed = httptools.parse_url(raw)
+                raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+            except httptools.HttpParserInvalidURLError:
+                pass
+        q = raw.find(b"?")
+        path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
+        if "%" in path:
+            path = unquote(path, errors="surrogateescape")
+        self.path = path
+        self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
+        self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(self.headers))
+        self.is_collect = path in COLLECT_PATHS
+        if self.is_collect:
+            collector.inflight.enter()
+            self.counted = True
+            if collector.inflight.count > settings.max_in_flight:
+                self._refuse(self._cors(collector.reject(
+                    503, "overloaded", "too many requests in flight, retry later", {"Retry-After": "1"})))
+                raise _Stop
+        length = hdrs.get("Content-Length")
+        if length is not None:
+            try:
+                over = int(length) > settings.max_body_bytes
+            except ValueError:  # llhttp has validated it: unreachable
+                over = False
+            if over:
+                self._refuse(self._cors(collector.too_large()))
+                raise _Stop
+        expect = hdrs.get("Expect")
+        if expect is not None and expect.strip().lower() == "100-continue" and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
-        if self.reject is not None:
-            return
         self.body_size += len(chunk)
         if self.body_size > self.front.settings.max_body_bytes:
-            self._stop(413, "too_large", "")
-            return
-        self.body.append(chunk)
+            self._refuse(self._cors(self.front.collector.too_large()))
+            raise _Stop
+        if self.is_collect:
+            self.body.append(chunk)
 
     def on_message_complete(self) -> None:
-        self.in_request = False
-        if self.reject is not None or self.transport is None:
+        self.phase = IDLE
+        transport = self.transport
+        if transport is None:
             return
         front = self.front
         collector = front.collector
-        method = self.parser.get_method().decode("ascii", "replace")
-        raw = self.url
-        q = raw.find(b"?")
-        path = (raw if q < 0 else raw[:q]).decode("latin-1")
-        query = "" if q < 0 else raw[q + 1:].decode("latin-1")
-        keep = self.parser.should_keep_alive() and collector.ready
-        if path in COLLECT_PATHS:
-            headers = CIMultiDictProxy(CIMultiDict(self.headers))
+        method = self.method
+        head = method == "HEAD"
+        keep = collector.ready and self.parser.should_keep_alive()
+        path = self.path
+        if self.is_collect:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            self.body = []
             try:
-                reply = collector.handle(method, path, query, headers, body, self.peer)
+                reply = collector.handle(method, path, self.query, self.hdrs or {}, body, self.peer)
             except Exception:  # a bug must not take the connection loop down
                 log.exception("collect failed")
                 collector.metrics.rejected.labels("server_error").inc()
                 reply = Reply(500, {}, b"internal error\n")
+            self._leave()
             if reply is OK_REPLY:
-                self.transport.write(front.ok_bytes(not keep))
+                transport.write(front.ok_bytes(not keep))
             else:
-                self.transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep))
-        elif path == "/health":
-            self._reply(200, b"ok", keep)
-        elif path == "/ready":
-            self._reply(200, b"ready", keep) if collector.ready else self._reply(503, b"not ready", keep)
-        elif path == "/metrics":
-            self._reply(200, front.metrics.render(), keep, CONTENT_TYPE)
+                transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head))
+        elif path in PLAIN_PATHS:
+            if method != "GET" and not head:
+                self._reply(405, b"405: Method Not Allowed", keep, head, {"Allow": "GET,HEAD"})
+            elif path == "/health":
+                self._reply(200, b"ok", keep, head)
+            elif path == "/ready":
+                if collector.ready:
+                    self._reply(200, b"ready", keep, head)
+                else:
+                    self._reply(503, b"not ready", keep, head)
+            else:
+                self._reply(200, front.metrics.render(), keep, head, {"Content-Type": CONTENT_TYPE})
         else:
-            self._reply(404, b"not found\n", keep)
+            self._reply(404, b"404: Not Found", keep, head)
         if not keep:
-            self.transport.close()
-        if front._idle is not None:
-            front.request_done()
+            self.closing = True
+            transport.close()
+            raise _Stop  # nothing after this request is read (pipelined bytes are dropped)
 
     # ------------------------------------------------------------------ replies
 
-    def _reply(self, status: int, body: bytes, keep: bool, ctype: str = "text/plain; charset=utf-8") -> None:
-        if self.transport is not None:
-            self.transport.write(render(status, {"Content-Type": ctype}, body, self.front.date.get(), not keep))
+    def _cors(self, reply: Reply) -> Reply:
+        return self.front.collector.with_cors(reply, self.hdrs) if self.hdrs is not None else reply
 
-    def _stop(self, status: int, reason: str, message: str) -> None:
-        """Answer now and close: the rest of this request is never read."""
-        if self.reject is not None:
+    def _reply(self, status: int, body: bytes, keep: bool, head: bool,
+               headers: Mapping[str, str] | None = None) -> None:
+        if self.transport is not None:
+            h = {"Content-Type": TEXT, **(headers or {})}
+            self.transport.write(render(status, h, body, self.front.date.get(), not keep, head))
+
+    def _leave(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.front.collector.inflight.leave()
+
+    def _refuse(self, reply: Reply) -> None:
+        """Answer now, stop reading requests; the rest the client sends is discarded (lingering)."""
+        if self.closing:
             return
-        self.reject = (status, reason, message)
-        collector = self.front.collector
-        reply = collector.too_large() if status == 413 else collector.reject(status, reason, message)
-        if self.transport is not None:
-            self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), True))
-            self.transport.close()
-        self.in_request = False
+        self.closing = True
+        self._leave()
+        self.phase = IDLE
+        transport = self.transport
+        if transport is None:
+            return
+        head = self.method == "HEAD" and self.hdrs is not None
+        transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), True, head))
+        self.linger_until = _now() + LINGER_S
+        if transport.can_write_eof():
+            transport.write_eof()  # the client sees the end of the answer; we still read what it sends
+        else:  # pragma: no cover - TCP transports can
+            transport.close()
 
-    def _fail(self, status: int, reason: str, message: str) -> None:
-        self._stop(status, reason, message)
+    def _protocol_error(self, status: int, reason: str, detail: str) -> None:
+        """400/431 before /collect runs: counted and logged (rate-limited) like the aiohttp front's."""
+        if self.closing:
+            return
+        self.front.protocol_errors.note(reason, detail)
+        msg = b"request header fields too large\n" if status == 431 else b"malformed request\n"
+        self._refuse(Reply(status, {"Content-Type": TEXT}, msg))
 
 
 # ---------------------------------------------------------------------------------- serving
 
 
-async def serve_fast(settings: Settings, *, sock: socket.socket | None = None,
-                     shutdown_trigger: asyncio.Event | None = None, install_signals: bool = True) -> int:
-    """`app.serve` with this front: same pipeline, same shutdown order (DESIGN.md §7)."""
-    from estat_ingest.app import Lifecycle, make_socket
-    from estat_ingest.pipeline.engine import Pipeline
-    from estat_ingest.sinks import build_sink
+async def serve_fast(settings: Settings, **kwargs: object) -> int:
+    """`app.serve` with this front (kept for callers of the prototype's entry point)."""
+    from estat_ingest.app import serve
 
-    metrics = Metrics()
-    lifecycle = Lifecycle(settings)
-    pipeline = Pipeline(settings, metrics, [build_sink(n, settings) for n in settings.sinks])
-    collector = Collector(settings, pipeline.queue, metrics)
-    front = Front(settings, collector, metrics)
-    loop = asyncio.get_running_loop()
-
-    def on_signal(name: str) -> None:
-        if lifecycle.started_at is None:
-            log.info("signal received: draining", extra={"signal": name})
-            lifecycle.begin()
-        else:
-            pipeline.abort()
-
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-    await pipeline.start()
-    collector.accepting = True
-    await front.start(sock or make_socket(settings.http_host, settings.http_port))
-    collector.ready = True
-    metrics.ready.set(1)
-    log.info("listening", extra={"addr": f"{settings.http_host}:{settings.http_port}", "front": "fast"})
-    await lifecycle.wait_for_stop(shutdown_trigger)
-    collector.ready = False
-    metrics.ready.set(0)
-    await front.stop(lifecycle.http_grace())
-    collector.accepting = False
-    report = await pipeline.drain(lifecycle.delivery_budget())
-    log.info("shutdown complete", extra={"delivered_events": report.delivered_events,
-                                         "spilled_events": report.spilled_events,
-                                         "lost_events": report.lost_events})
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-    return 0
+    return await serve(dataclasses.replace(settings, http_front="fast"), **kwargs)  # type: ignore[arg-type]
 
 
 def main() -> int:
-    from estat_ingest import log as logsetup
-    from estat_ingest.cli import _load, _run
+    """`python -m estat_ingest.fastfront`: `estat-ingest serve` with HTTP_FRONT=fast."""
+    import os
 
-    settings = _load()
-    logsetup.setup(settings.log_level, settings.log_format, service="estat-ingest", instance=settings.instance_id)
-    return _run(serve_fast(settings))
+    from estat_ingest import cli
+
+    os.environ["HTTP_FRONT"] = "fast"
+    return cli.main(["serve"])
 
 
 if __name__ == "__main__":

@@ -99,31 +99,24 @@ async def collect(request: web.Request) -> web.StreamResponse:
         collector.inflight.leave()
 
 
-class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The `logger` aiohttp's request handler uses for what happens before /collect runs.
+class ProtocolErrors:
+    """Requests refused before /collect runs (malformed HTTP, header limits): counted, and logged
+    as one line at most once per reason per `every` seconds, for both HTTP fronts.
 
-    A malformed request (bad request line, smuggling attempt, header over MAX_HEADER_BYTES or
-    MAX_HEADERS, non-HTTP bytes) is answered 400 by aiohttp's parser, which would log a full
-    traceback per request: an attacker could fill the disk. Here each one moves
-    `http_requests_rejected_total{reason}` (bad_http, header_too_large, server_error) and is
-    logged as one line at most once per reason per LOG_EVERY_S seconds, without the traceback
-    (a server_error keeps it: that one is our bug).
+    `http_requests_rejected_total{reason}` moves for each one (bad_http, header_too_large,
+    server_error); the log line has no traceback (an attacker could fill the disk), except for a
+    server_error, which is our bug.
     """
 
     def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
-        super().__init__(logging.getLogger("estat_ingest.http.protocol"), {})
+        self.logger = logging.getLogger("estat_ingest.http.protocol")
         self.metrics = metrics
         self.every = every
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def _note(self, msg: object, args: tuple[Any, ...], exc: object) -> None:
-        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "headers" in str(exc).lower()):
-            reason = "header_too_large"
-        elif isinstance(exc, HttpProcessingError):
-            reason = "bad_http"
-        else:
-            reason = "server_error"
+    def note(self, reason: str, detail: str, exc: BaseException | None = None, msg: object = "",
+             args: tuple[Any, ...] = ()) -> None:
         self.metrics.rejected.labels(reason).inc()
         now = time.monotonic()
         last = self._last.get(reason)
@@ -132,11 +125,35 @@ class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             return
         self._last[reason] = now
         extra = {"reason": reason, "suppressed": self._suppressed.pop(reason, 0),
-                 "detail": str(exc).replace("\n", " ")[:200] if exc is not None else ""}
+                 "detail": detail.replace("\n", " ")[:200]}
         if reason == "server_error":
-            self.logger.error(msg, *args, exc_info=exc if isinstance(exc, BaseException) else True, extra=extra)
+            self.logger.error(msg or "request failed", *args, exc_info=exc if exc is not None else True, extra=extra)
         else:
             self.logger.warning("malformed request rejected", extra=extra)
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The `logger` aiohttp's request handler uses for what happens before /collect runs.
+
+    A malformed request (bad request line, smuggling attempt, header over MAX_HEADER_BYTES or
+    MAX_HEADERS, non-HTTP bytes) is answered 400 by aiohttp's parser, which would log a full
+    traceback per request. Here each one goes to `ProtocolErrors` (counted, rate-limited, no
+    traceback unless it is a server_error).
+    """
+
+    def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
+        super().__init__(logging.getLogger("estat_ingest.http.protocol"), {})
+        self.errors = ProtocolErrors(metrics, every)
+
+    def _note(self, msg: object, args: tuple[Any, ...], exc: object) -> None:
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "headers" in str(exc).lower()):
+            reason = "header_too_large"
+        elif isinstance(exc, HttpProcessingError):
+            reason = "bad_http"
+        else:
+            reason = "server_error"
+        self.errors.note(reason, str(exc) if exc is not None else "",
+                         exc if isinstance(exc, BaseException) else None, msg, args)
 
     def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
         self._note(msg, args, exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1])
