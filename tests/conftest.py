@@ -1,4 +1,12 @@
-"""Fixtures: moto's S3 server over real HTTP on 127.0.0.1, buckets, temporary directories."""
+"""Fixtures: moto's S3 server over real HTTP on 127.0.0.1, buckets, temporary directories, and the
+HTTP front of the servers a test starts.
+
+A test module with `FRONTS = ("aiohttp", "fast")` runs once per HTTP front: the module-scoped
+`front` fixture sets `HTTP_FRONT` in this process's environment, which every `ServerProcess`
+(tests/helpers.py) passes on to `estat-ingest serve`. In other modules `front` is whatever
+`HTTP_FRONT` already is (default aiohttp), so `HTTP_FRONT=fast pytest tests/e2e` runs every
+server-process test against the fast front.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +48,30 @@ class Moto:
         if self.running:
             self.server.stop()
             self.running = False
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    fronts = getattr(metafunc.module, "FRONTS", None)
+    if fronts and "front" in metafunc.fixturenames:
+        metafunc.parametrize("front", fronts, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def front(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The HTTP front of the servers this module's tests start ("aiohttp" or "fast")."""
+    value = getattr(request, "param", None)
+    if value is None:
+        yield os.environ.get("HTTP_FRONT", "aiohttp")
+        return
+    old = os.environ.get("HTTP_FRONT")
+    os.environ["HTTP_FRONT"] = value
+    try:
+        yield value
+    finally:
+        if old is None:
+            os.environ.pop("HTTP_FRONT", None)
+        else:
+            os.environ["HTTP_FRONT"] = old
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,11 @@ def http(method: str, url: str, body: bytes | None = None, headers: Mapping[str,
 
 
 class ServerProcess:
-    """`python -m estat_ingest serve` on 127.0.0.1:<free port> with the given environment."""
+    """`python -m estat_ingest serve` on 127.0.0.1:<free port> with the given environment.
+
+    The environment is this process's (so `HTTP_FRONT`, set by the `front` fixture in
+    tests/conftest.py or by the caller, picks the HTTP front), then the test's `env`.
+    """
 
     def __init__(self, env: Mapping[str, str], cwd: Path, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
@@ -64,6 +68,11 @@ class ServerProcess:
         self.args = args
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = cwd / f"server-{self.port}.log"
+
+    @property
+    def front(self) -> str:
+        """The HTTP front this server runs: "aiohttp" or "fast"."""
+        return self.env.get("HTTP_FRONT", "aiohttp")
 
     @property
     def url(self) -> str:

@@ -27,6 +27,8 @@ import pytest
 
 from tests.helpers import file_objects, records_of
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 CHROMIUM = "/usr/bin/chromium"
 
 PAGE = """<!doctype html><meta charset="utf-8"><title>estat browser test</title>

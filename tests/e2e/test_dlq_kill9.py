@@ -19,6 +19,8 @@ from estat_ingest.pipeline.keys import partition
 from tests.dlq.util import TZ, data_files, write_entry
 from tests.helpers import ServerProcess, decode_object, free_port, s3_objects
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 ROUNDS = 3
 
 

@@ -13,6 +13,8 @@ import pytest
 from tests.dlq.util import data_files
 from tests.helpers import ServerProcess, free_port, http, records_of, s3_client, s3_objects
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 
 def metric_sum(text: str, name: str) -> float:
     total = 0.0

@@ -20,6 +20,8 @@ import pytest
 from tests.fake_opensearch import FakeOpenSearch, wait_until
 from tests.helpers import ServerProcess, decode_object, free_port, http, records_of, s3_objects
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 
 def dlq_records(d: Path) -> list[dict[str, Any]]:
     """Every record in a sink's DLQ directory, its rejected/ and corrupt/ subdirectories included."""

@@ -15,6 +15,8 @@ import orjson
 from tests.fake_opensearch import FakeOpenSearch, wait_until
 from tests.helpers import ServerProcess, decode_object, http
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 
 def metric(text: str, name: str, **labels: str) -> float:
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

@@ -14,6 +14,8 @@ import orjson
 
 from tests.helpers import ServerProcess, file_objects, free_port, records_of, s3_objects
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 
 def dlq_bodies(root: Path) -> list[str]:
     out = []

@@ -12,6 +12,8 @@ import pytest
 
 from tests.helpers import ServerProcess, http, records_of, s3_objects
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 KEY_RE = re.compile(r"^raw/dt=\d{4}-\d{2}-\d{2}/hr=\d{2}/\d{10}_test-[0-9a-f]{6}_\d{6}\.jsonl\.(gz|zst)$")
 
 

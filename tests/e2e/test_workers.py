@@ -15,6 +15,8 @@ import orjson
 
 from tests.helpers import ServerProcess, decode_object, file_objects, http, records_of
 
+FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
+
 
 def workers(pid: int) -> set[int]:
     try:
