@@ -134,25 +134,18 @@ class Server:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
         self.env = {**os.environ, **(EXTRA_ENV if kind != "bare" else {}), **(env or {})}
         self.log = self.dir / "server.log"
-        if kind == "full":
+        if kind in ("full", "fast"):  # `fast`: the same serve, behind the httptools front (HTTP_FRONT=fast)
             self.env.update({
                 "HTTP_ADDR": f"127.0.0.1:{self.port}",
                 "FILE_SINK_DIR": {**EXTRA_ENV, **(env or {})}.get("FILE_SINK_DIR", str(self.dir / "data")),
                 "DLQ_DIR": str(self.dir / "dlq"),
                 "INSTANCE_ID": "bench", "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
+                "HTTP_FRONT": "fast" if kind == "fast" else "aiohttp",
             })
             for k in ("SINKS", "RAW_BUCKET"):
                 if k not in (env or {}):
                     self.env.pop(k, None)
             self.cmd = [PY, "-m", "estat_ingest", "serve"]
-        elif kind == "fast":  # the same pipeline behind estat_ingest/fastfront.py (httptools front)
-            self.env.update({
-                "HTTP_ADDR": f"127.0.0.1:{self.port}", "FILE_SINK_DIR": str(self.dir / "data"),
-                "DLQ_DIR": str(self.dir / "dlq"), "INSTANCE_ID": "bench", "LOG_LEVEL": "warning",
-            })
-            for k in ("SINKS", "RAW_BUCKET"):
-                self.env.pop(k, None)
-            self.cmd = [PY, "-m", "estat_ingest.fastfront"]
         else:
             self.cmd = [PY, str(HERE / "baseline.py"), "127.0.0.1", str(self.port)]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -387,15 +380,9 @@ def main() -> int:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for every estat-ingest server (tuning experiments), repeatable")
     p.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="skip the estat_ingest.fastfront (httptools) variant in section 1")
+                   help="skip the HTTP_FRONT=fast (httptools) variant in section 1")
     p.add_argument("--only", default="", help="comma list of sections to run: collect,ndjson,half,rss,encoder,dlq")
     cfg = p.parse_args()
-    if cfg.fast:
-        try:
-            import httptools  # noqa: F401
-        except ImportError:
-            say("note: httptools is not installed: the fastfront variant is skipped (pip install httptools)")
-            cfg.fast = False
     cfg.rounds = 2 if cfg.quick else 3
     cfg.duration = 3.0 if cfg.quick else 10.0
     cfg.rss_duration = 4.0 if cfg.quick else 15.0
