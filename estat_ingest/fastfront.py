@@ -25,8 +25,9 @@ What it does, with the aiohttp front's behaviour for each (docs/security.md):
 - header limits: a header line over MAX_HEADER_BYTES or more than MAX_HEADERS headers is 431
   (`header_too_large`; the aiohttp front answers 400). httptools accumulates a header without a
   bound until it is complete, so the bytes of a header section still in progress are bounded too;
-- malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, upgrades)
-  is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}` and logged at most
+- malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, raw
+  non-ASCII bytes in the request target, an HTTP/1.1 request without Host, an upgrade before
+  the request is complete) is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}` and logged at most
   once per reason per 10 s (`routes.ProtocolErrors`, shared with the aiohttp front);
 - HEADER_READ_TIMEOUT: a connection's first request must complete its headers within it from
   the connection's start, a later request from its first byte; else the connection is closed
@@ -363,6 +364,8 @@ class HttpConn(asyncio.Protocol):
                 raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             except httptools.HttpParserInvalidURLError:
                 pass
+        if b"#" in raw:  # a fragment is not sent to servers; aiohttp drops it too
+            raw = raw[:raw.find(b"#")]
         q = raw.find(b"?")
         path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
         if "%" in path:
@@ -370,6 +373,9 @@ class HttpConn(asyncio.Protocol):
         self.path = path
         self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
         self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(self.headers))
+        if "Host" not in hdrs and self.parser.get_http_version() == "1.1":
+            self._protocol_error(400, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
+            raise _Stop
         self.is_collect = path in COLLECT_PATHS
         if self.is_collect:
             collector.inflight.enter()
