@@ -180,3 +180,52 @@ def test_property_same_answer_and_records_as_the_per_line_path(parts: list[tuple
     if not last_nl and parts:
         payload = payload[: -len(parts[-1][1])]
     check(c, q, payload)
+
+
+# ---------------------------------------------------------------- simdjson as the first check
+
+@pytest.mark.parametrize(("line", "status", "reason"), [
+    (b"123456789012345678901234567890", 200, None),  # simdjson: BIGINT_ERROR; orjson accepts -> accepted
+    (b'{"n":-9223372036854775809}', 200, None),
+    (b"[" * 1100 + b"]" * 1100, 400, "invalid_json"),  # past orjson's own limit: invalid JSON, as before
+    (b"\xef\xbb\xbf{}", 400, "invalid_json"),  # simdjson skips a BOM; orjson refuses it
+    (b' {"a":"\xef\xbb\xbf"} ', 200, None),  # U+FEFF inside a string is fine (takes the orjson loop)
+    (b'"\\ud800"', 400, "invalid_json"),
+    (b'"\xed\xa0\x80"', 400, "invalid_utf8"),  # an encoded surrogate is not UTF-8
+    (b"1e400", 400, "invalid_json"),
+])
+def test_what_simdjson_and_orjson_disagree_on_is_decided_by_orjson(
+        line: bytes, status: int, reason: str | None) -> None:
+    c, q, m = make(max_json_depth=512)
+    assert check(c, q, EVENT + b"\n" + line + b"\n" + EVENT) == status
+    if reason is not None:
+        assert value(m, "http_requests_rejected_total", reason=reason) == 1
+    # the parser is reused by the next request whatever happened before
+    assert check(c, q, EVENT + b"\n" + EVENT) == 200
+
+
+mutations = st.sampled_from([
+    b'"', b"\\", b"\\u", b"\\ud800", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xc0\x80", b"\xff", b"\xef\xbb\xbf",
+    b"\x00", b"\x1f", b"\x7f", b"e400", b"9" * 25, b"{", b"}", b"[", b"]", b",", b":", b" ", b"\t", b"\r", b"\x0c",
+    b"NaN", b"-", b".", b"0", b"\xc3", b"\xe2\x82", b"\xf0\x9f\x98", b"true", b"nul", b"\xc2\xa0", b"\xe2\x80\xa8",
+])
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(EVENT)), mutations, st.integers(0, 3)), min_size=1, max_size=3))
+def test_property_simdjson_never_accepts_a_line_orjson_refuses(edits: list[tuple[int, bytes, int]]) -> None:
+    """The assumption the fast path rests on (apart from the BOM it screens out), checked on
+    mutated events: a newer simdjson that accepted more would fail here, not in production."""
+    import simdjson
+
+    line = bytearray(EVENT)
+    for pos, ins, cut in edits:
+        line[pos:pos + cut] = ins
+    raw = bytes(line)
+    parser = simdjson.Parser()
+    try:
+        parser.parse(raw)
+    except (ValueError, RuntimeError):
+        return
+    if b"\xef\xbb\xbf" not in raw:
+        orjson.loads(raw)  # must not raise
