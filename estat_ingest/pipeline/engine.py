@@ -36,6 +36,7 @@ from estat_ingest.pipeline.encoder import encode_lines
 from estat_ingest.pipeline.keys import Namer, partition
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.retry import Backoff
+from estat_ingest.pipeline.threads import encode_pool
 from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
 
 log = logging.getLogger("estat_ingest.engine")
@@ -100,6 +101,10 @@ class Pipeline:
                 concurrency=concurrency,
             ))
         self.fan_out = len(self.lanes) > 1
+        # compression threads (lower CPU priority than the loop, see threads.py): one per uploader
+        # and per possible overflow spill, so an encode never waits for a thread
+        self._pool = encode_pool(sum(lane.concurrency for lane in self.lanes)
+                                 + (MAX_PENDING_SPILLS * len(self.lanes) if self.fan_out else 0) + 1)
         self.report = DrainReport()
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -172,6 +177,7 @@ class Pipeline:
                 await lane.sink.aclose()
             except Exception:
                 log.exception("sink close failed", extra={"sink": lane.sink.name})
+        self._pool.shutdown(wait=False)  # every encode has returned: the tasks that awaited them are done
         return self.report
 
     # ------------------------------------------------------------------ test seam
@@ -271,7 +277,8 @@ class Pipeline:
         n = len(batch)
         kept = tuple(batch.lines) if lane.sink.wants_lines else None
         # compressed ~1 MiB at a time; the lines are released as they go unless the sink keeps them
-        data = await asyncio.to_thread(encode_lines, batch.lines, batch.nbytes, s.compression, level, kept is None)
+        data = await asyncio.get_running_loop().run_in_executor(
+            self._pool, encode_lines, batch.lines, batch.nbytes, s.compression, level, kept is None)
         self.metrics.batch_compressed_bytes.labels(lane.sink.name).observe(len(data))
         return Payload(
             name=self.namer.next(batch.first_ts),
