@@ -193,7 +193,7 @@ class Settings:
     http_port: int = 8080
     max_body_bytes: int = 16384
     validate_json: bool = True
-    http_front: str = "aiohttp"
+    http_front: str = "fast"
     # pipeline
     channel_size: int = 4000
     buffer_max_bytes: int = 96 * 1024 * 1024
