@@ -8,9 +8,6 @@ import asyncio
 from pathlib import Path
 
 import orjson
-import pytest
-
-pytest.importorskip("httptools")  # not a declared dependency yet (the front is not wired into serve)
 
 from estat_ingest.app import make_socket
 from estat_ingest.config import Settings
