@@ -82,3 +82,26 @@ def test_encode_lines_is_one_stream_equal_to_the_joined_lines(codec: str, releas
 
         d = zlib.decompressobj(31)
         assert d.decompress(data) == joined and d.eof and not d.unused_data  # a single gzip member
+
+
+@pytest.mark.parametrize("level", range(1, 10))
+def test_every_gzip_level_is_one_standard_member_readers_take(level: int) -> None:
+    """Levels 1-3 go through ISA-L, 4-9 through zlib: the same format for gzip(1), Python, v1 readers."""
+    import gzip
+    import shutil
+    import subprocess
+    import zlib
+
+    from estat_ingest.pipeline.encoder import encode_lines
+
+    lines = [b'{"n":%d,"s":"%s"}\n' % (i, str(i * 7919).encode() * 5) for i in range(20_000)]
+    joined = b"".join(lines)
+    data = encode_lines(lines, len(joined), "gzip", level)
+    assert data[:3] == b"\x1f\x8b\x08"  # gzip magic, deflate
+    assert gzip.decompress(data) == joined
+    d = zlib.decompressobj(31)
+    assert d.decompress(data) == joined and d.eof and not d.unused_data
+    assert len(data) < len(joined) / 3  # it compresses
+    if shutil.which("gzip"):
+        out = subprocess.run(["gzip", "-dc"], input=data, capture_output=True, check=True).stdout
+        assert out == joined
