@@ -49,10 +49,18 @@ MAX_PENDING_SPILLS = 2
 
 
 @dataclass(slots=True)
+class Closed:
+    """A closed batch on its way to an uploader: compression starts when it closes."""
+
+    nbytes: int  # JSONL bytes charged to the budget, given back when delivered or spilled
+    encoding: asyncio.Future[Payload]
+
+
+@dataclass(slots=True)
 class Lane:
     sink: Sink
     batcher: Batcher
-    upload_q: asyncio.Queue[Batch | None]
+    upload_q: asyncio.Queue[Closed | None]
     store: DlqStore
     concurrency: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -110,6 +118,8 @@ class Pipeline:
         self._background: set[asyncio.Task[None]] = set()
         self.replayers: list[Replayer] = []  # one per lane, started last, stopped first
         self._abort = asyncio.Event()
+        self._attempting: set[asyncio.Task[Any]] = set()  # tasks inside attempt()
+        self._aborted: set[asyncio.Task[Any]] = set()  # ... that abort() cancelled
         self._force_flush = False
         self._open_batches = 0  # closed but not yet delivered or spilled
         self._idle = asyncio.Event()
@@ -150,6 +160,9 @@ class Pipeline:
     def abort(self) -> None:
         """Skip to the spill: stop attempts, write everything undelivered to the DLQ."""
         self._abort.set()
+        for task in self._attempting - self._aborted:
+            self._aborted.add(task)
+            task.cancel()
 
     async def drain(self, timeout_s: float) -> DrainReport:
         """Close the queue and deliver what is left within `timeout_s`, then spill to the DLQ."""
@@ -248,7 +261,10 @@ class Pipeline:
             return
         self._open_batches += 1
         self._idle.clear()
-        await lane.upload_q.put(batch)
+        # compress now, not when an uploader is free: the encode overlaps the uploads ahead of it,
+        # so an uploader's turn is only the send (each await costs a loop iteration, which is long
+        # when the loop is saturated; with the encode inside the turn, two uploaders capped NDJSON)
+        await lane.upload_q.put(Closed(batch.nbytes, asyncio.ensure_future(self._encode(lane, batch))))
 
     async def _overflow(self, lane: Lane, batch: Batch) -> None:
         try:
@@ -260,16 +276,13 @@ class Pipeline:
 
     async def _upload_loop(self, lane: Lane) -> None:
         while True:
-            batch = await lane.upload_q.get()
-            if batch is None:
+            closed = await lane.upload_q.get()
+            if closed is None:
                 return
-            nbytes = batch.nbytes
             try:
-                payload = await self._encode(lane, batch)
-                del batch  # the raw lines are garbage now unless the sink asked to keep them
-                await self.deliver(lane, payload)
+                await self.deliver(lane, await closed.encoding)
             finally:
-                self.queue.release(nbytes)
+                self.queue.release(closed.nbytes)
 
     async def _encode(self, lane: Lane, batch: Batch) -> Payload:
         s = self.settings
@@ -336,31 +349,34 @@ class Pipeline:
 
     async def attempt(self, sink: Sink, payload: Payload) -> Result | None:
         """One attempt under the sink's timeout; None when aborted by shutdown mid-attempt."""
+        # The send runs inline in the caller's task (no task of its own, no asyncio.wait): each extra
+        # hop costs a loop iteration, which is long when the loop is saturated, and uploads are
+        # serial per uploader. `abort()` cancels the attempting tasks; the cancel is recognised here.
+        if self._abort.is_set():
+            return None
         m = self.metrics
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         t0 = loop.time()
-        send = asyncio.ensure_future(sink.send(payload))
-        abort = asyncio.ensure_future(self._abort.wait())
+        self._attempting.add(task)
         try:
-            done, _ = await asyncio.wait({send, abort}, timeout=sink.timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # our caller was cancelled: the attempt goes with it
-            send.cancel()
-            raise
-        finally:
-            abort.cancel()
-        if send not in done:
-            send.cancel()
-            await asyncio.gather(send, return_exceptions=True)
-            if self._abort.is_set():
-                return None
+            async with asyncio.timeout(sink.timeout_s):
+                result = await sink.send(payload)
+        except TimeoutError:
             result = Result(Outcome.RETRY, "timeout")
-        elif send.exception() is not None:
-            log.error("sink raised instead of returning a Result", exc_info=send.exception(),
-                      extra={"sink": sink.name})
+        except asyncio.CancelledError:
+            if task not in self._aborted:
+                raise  # our caller was cancelled: the attempt goes with it
+            return None
+        except Exception as err:
+            log.error("sink raised instead of returning a Result", exc_info=err, extra={"sink": sink.name})
             result = Result(Outcome.RETRY, "error")
-        else:
-            result = send.result()
+        finally:
+            self._attempting.discard(task)
+            if task in self._aborted:  # abort's cancel is consumed (caught above, or swallowed by the sink)
+                self._aborted.discard(task)
+                task.uncancel()
         outcome = result.outcome.value
         m.upload_duration.labels(sink.name, outcome).observe(loop.time() - t0)
         m.upload_attempts.labels(sink.name, outcome, result.reason or outcome).inc()

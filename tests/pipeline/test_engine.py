@@ -333,3 +333,56 @@ def test_fan_out_stuck_sink_spills_its_batches_and_never_stalls_the_other(tmp_pa
         assert len(set(got)) == len(got)
 
     asyncio.run(main())
+
+
+def test_abort_mid_attempt_spills_even_when_the_sink_swallows_the_cancel(tmp_path: Path) -> None:
+    """abort() cancels the attempting uploaders; a sink that catches the cancel and answers still
+    ends in the DLQ, and no uploader is left with a pending cancel (the drain completes)."""
+
+    class Swallow(MemorySink):
+        async def send(self, payload: Any) -> Result:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                return Result(Outcome.RETRY, "cancelled")
+            return Result(Outcome.OK)
+
+    async def main() -> Any:
+        s = settings(tmp_path, batch_max_events=10, upload_concurrency=2)
+        sink = Swallow()
+        sink.timeout_s = 3600
+        pipe = Pipeline(s, Metrics(), [sink], backoff=FAST)
+        await pipe.start()
+        await run_events(pipe, 40)
+        report = await pipe.drain(0.3)
+        return report, pipe
+
+    report, pipe = asyncio.run(main())
+    assert report.aborted and report.spilled_events == 40 and report.delivered_events == 0
+    assert not pipe._attempting and not pipe._aborted
+    total = sum(len(gzip.decompress(f.read_bytes()).splitlines()) for f in dlq_files(tmp_path / "dlq"))
+    assert total == 40
+
+
+def test_a_cancelled_caller_cancels_its_attempt_and_abort_is_not_blamed(tmp_path: Path) -> None:
+    from estat_ingest.sinks.base import Payload
+
+    class Hanging(MemorySink):
+        async def send(self, payload: Any) -> Result:
+            await asyncio.sleep(3600)
+            return Result(Outcome.OK)
+
+    async def main() -> None:
+        sink = Hanging()
+        pipe = Pipeline(settings(tmp_path), Metrics(), [sink], backoff=FAST)
+        payload = Payload(name="x.jsonl.gz", partition="dt=2026-11-23/hr=00", num_events=1,
+                          data=gzip.compress(b'{"a":1}\n'), compression="gzip", first_ts=0.0)
+        t = asyncio.create_task(pipe.attempt(sink, payload))
+        await asyncio.sleep(0.05)
+        assert pipe._attempting == {t}
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert not pipe._attempting and not pipe._aborted
+
+    asyncio.run(main())
