@@ -134,14 +134,15 @@ class Server:
         self.dir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=workdir))
         self.env = {**os.environ, **(EXTRA_ENV if kind != "bare" else {}), **(env or {})}
         self.log = self.dir / "server.log"
-        if kind in ("full", "fast"):  # `fast`: the same serve, behind the httptools front (HTTP_FRONT=fast)
+        if kind in ("full", "aio"):  # `full`: serve as configured (default front: fast); `aio`: HTTP_FRONT=aiohttp
             self.env.update({
                 "HTTP_ADDR": f"127.0.0.1:{self.port}",
                 "FILE_SINK_DIR": {**EXTRA_ENV, **(env or {})}.get("FILE_SINK_DIR", str(self.dir / "data")),
                 "DLQ_DIR": str(self.dir / "dlq"),
                 "INSTANCE_ID": "bench", "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
-                "HTTP_FRONT": "fast" if kind == "fast" else "aiohttp",
             })
+            if kind == "aio":
+                self.env["HTTP_FRONT"] = "aiohttp"
             for k in ("SINKS", "RAW_BUCKET"):
                 if k not in (env or {}):
                     self.env.pop(k, None)
@@ -255,7 +256,7 @@ def cpu_note(r: dict[str, Any]) -> str:
 
 
 def section_collect(cfg: argparse.Namespace, work: Path, body: Path) -> dict[str, Any]:
-    kinds = ("bare", "full", "fast") if cfg.fast else ("bare", "full")
+    kinds = ("bare", "full", "aio") if cfg.aio else ("bare", "full")
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for rnd in range(cfg.rounds):
         for kind in kinds:  # A B (C) A B (C) …
@@ -379,8 +380,8 @@ def main() -> int:
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment for every estat-ingest server (tuning experiments), repeatable")
-    p.add_argument("--no-fast", dest="fast", action="store_false",
-                   help="skip the HTTP_FRONT=fast (httptools) variant in section 1")
+    p.add_argument("--no-aiohttp", dest="aio", action="store_false",
+                   help="skip the HTTP_FRONT=aiohttp variant in sections 1 and 3")
     p.add_argument("--only", default="", help="comma list of sections to run: collect,ndjson,half,rss,encoder,dlq")
     cfg = p.parse_args()
     cfg.rounds = 2 if cfg.quick else 3
@@ -430,7 +431,8 @@ def main() -> int:
 
         if want("collect"):
             say(f"\n1. single-event POST /collect, 300 B, keep-alive, 64 conns, {cfg.rounds}x{cfg.duration:g}s "
-                "each, A B alternation (bare aiohttp+uvloop vs estat-ingest full pipeline, file sink, gzip 1)")
+                "each, A B C alternation (bare aiohttp+uvloop vs estat-ingest serve with the full pipeline, file sink, gzip 1: "
+                "full = the default front (fast), aio = HTTP_FRONT=aiohttp)")
             results["collect"] = section_collect(cfg, work, b300)
         if want("ndjson"):
             say(f"\n2. NDJSON, 100 events of 300 B per request (MAX_BODY_SIZE=64KiB), {cfg.rounds}x{cfg.duration:g}s")
@@ -443,10 +445,10 @@ def main() -> int:
             say(f"\n3. latency at a constant offered load of half the maximum ({full_max / 2:,.0f} req/s; "
                 "open loop, bench/loadgen.py, latency from the due time)")
             results["half_load"] = section_half_load(cfg, work, b300, full_max)
-            fast_max = results.get("collect", {}).get("fast", {}).get("rps", {}).get("median")
-            if cfg.fast and fast_max and fast_max == fast_max:
-                say(f"   the same for the fastfront variant, at half of its own maximum ({fast_max / 2:,.0f} req/s)")
-                results["half_load_fast"] = section_half_load(cfg, work, b300, fast_max, kind="fast")
+            aio_max = results.get("collect", {}).get("aio", {}).get("rps", {}).get("median")
+            if cfg.aio and aio_max and aio_max == aio_max:
+                say(f"   the same for the HTTP_FRONT=aiohttp variant, at half of its own maximum ({aio_max / 2:,.0f} req/s)")
+                results["half_load_aio"] = section_half_load(cfg, work, b300, aio_max, kind="aio")
         if want("rss"):
             say(f"\n4. peak RSS under sustained overload (256 conns, {cfg.rss_duration:g}s, "
                 f"{'settings: ' + str(EXTRA_ENV) if EXTRA_ENV else 'default settings'})")
@@ -495,16 +497,16 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
         c = res["collect"]
         # Both readings get a verdict: req/s is what the issue names; per CPU-second is the one that
         # survives other load stealing the server's core unevenly between the alternating runs.
-        row("full / bare aiohttp, req/s", c["ratio"]["median"], TARGETS["collect_ratio"], True,
+        row("serve / bare aiohttp, req/s", c["ratio"]["median"], TARGETS["collect_ratio"], True,
             f"{fmt(c['ratio'], '', 2)} (full {fmt(c['full']['rps'], '/s')} vs bare {fmt(c['bare']['rps'], '/s')})")
-        row("full / bare, per server CPU-s", c["ratio_full_per_cpu"]["median"], TARGETS["collect_ratio"], True,
+        row("serve / bare, per server CPU-s", c["ratio_full_per_cpu"]["median"], TARGETS["collect_ratio"], True,
             f"{fmt(c['ratio_full_per_cpu'], '', 2)} (full {fmt(c['full']['per_cpu_s'], '/CPU-s')} vs bare "
             f"{fmt(c['bare']['per_cpu_s'], '/CPU-s')})")
-        if "fast" in c:
-            row("fastfront / bare, req/s", c["ratio_fast"]["median"], TARGETS["collect_ratio"], True,
-                f"{fmt(c['ratio_fast'], '', 2)} (fast {fmt(c['fast']['rps'], '/s')})")
-            row("fastfront / bare, per CPU-s", c["ratio_fast_per_cpu"]["median"], TARGETS["collect_ratio"], True,
-                f"{fmt(c['ratio_fast_per_cpu'], '', 2)} (fast {fmt(c['fast']['per_cpu_s'], '/CPU-s')})")
+        if "aio" in c:
+            row("  HTTP_FRONT=aiohttp / bare, req/s", c["ratio_aio"]["median"], TARGETS["collect_ratio"], True,
+                f"{fmt(c['ratio_aio'], '', 2)} (aiohttp front {fmt(c['aio']['rps'], '/s')})")
+            row("  HTTP_FRONT=aiohttp / bare, CPU-s", c["ratio_aio_per_cpu"]["median"], TARGETS["collect_ratio"],
+                True, f"{fmt(c['ratio_aio_per_cpu'], '', 2)} (aiohttp front {fmt(c['aio']['per_cpu_s'], '/CPU-s')})")
     if "ndjson" in res:
         n = res["ndjson"]["events_per_s"]
         row("NDJSON events/s", n["median"], TARGETS["ndjson_events_per_s"], True, fmt(n, "/s"))
@@ -513,9 +515,9 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
         row("p99 at half load (ms)", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
             f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
             f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
-    if "half_load_fast" in res:
-        h = res["half_load_fast"]
-        row("  fastfront p99 at its half load", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
+    if "half_load_aio" in res:
+        h = res["half_load_aio"]
+        row("  HTTP_FRONT=aiohttp p99, its half load", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
             f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
             f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
     if "rss" in res:
