@@ -7,6 +7,7 @@ batch, so an idle period can never switch the timer off (v1 defect §9 e).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -52,6 +53,35 @@ class Batcher:
         if len(b.lines) >= self.max_events or b.nbytes >= self.max_bytes:
             return self.take()
         return None
+
+    def add_many(self, items: Sequence[tuple[float, bytes]], now: float) -> list[Batch]:
+        """`add` each record in order; return the batches they closed, in order (usually none).
+
+        The common case, records that fit the open batch without reaching a limit, is one list
+        extend and one byte sum instead of a call per record (the dispatcher's per-event cost).
+        """
+        closed: list[Batch] = []
+        rest = items
+        if self._batch is None and rest:  # the first record opens a batch (first_ts, deadline)
+            ts, line = rest[0]
+            c = self.add(ts, line, now)
+            if c is not None:
+                closed.append(c)
+            rest = rest[1:]
+        b = self._batch
+        if b is not None and rest and len(b.lines) + len(rest) < self.max_events:
+            lines = [line for _, line in rest]
+            nbytes = b.nbytes + sum(map(len, lines))
+            if nbytes < self.max_bytes:
+                b.lines += lines
+                b.nbytes = nbytes
+                return closed
+        add = self.add
+        for ts, line in rest:
+            c = add(ts, line, now)
+            if c is not None:
+                closed.append(c)
+        return closed
 
     def due(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline

@@ -217,11 +217,8 @@ class Pipeline:
                 break
             now = loop.time()
             for lane in lanes:
-                add = lane.batcher.add
-                for ts, line in items:
-                    closed = add(ts, line, now)
-                    if closed is not None:
-                        await self._hand_over(lane, closed)
+                for closed in lane.batcher.add_many(items, now):
+                    await self._hand_over(lane, closed)
             now = loop.time()
             force, self._force_flush = self._force_flush, False
             # budget spent: close batches holding a real share of it, so it drains now rather than

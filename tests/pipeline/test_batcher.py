@@ -45,3 +45,30 @@ def test_timer_keeps_working_after_idle_period() -> None:
     assert b.due(1002.0)
     closed = b.take()
     assert closed is not None and closed.lines == [b"late\n"]
+
+
+def _state(b: Batcher) -> tuple[object, ...]:
+    open_ = b._batch
+    return (None if open_ is None else (list(open_.lines), open_.nbytes, open_.first_ts), b.deadline)
+
+
+def test_add_many_is_add_in_a_loop() -> None:
+    """The dispatcher's bulk path: same closed batches (lines, bytes, first ts), same open batch and
+    deadline as adding one record at a time, across every limit and chunk shape."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    record = st.tuples(st.floats(0, 1e9, allow_nan=False), st.binary(min_size=0, max_size=40))
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.integers(1, 8), st.integers(1, 120), st.lists(st.lists(record, max_size=12), max_size=8))
+    def check(max_events: int, max_bytes: int, chunks: list[list[tuple[float, bytes]]]) -> None:
+        one, bulk = Batcher(max_events, max_bytes, 5.0), Batcher(max_events, max_bytes, 5.0)
+        for now, chunk in enumerate(chunks):
+            expected = [c for c in (one.add(ts, line, float(now)) for ts, line in chunk) if c is not None]
+            got = bulk.add_many(chunk, float(now))
+            assert [(c.lines, c.nbytes, c.first_ts) for c in got] == \
+                [(c.lines, c.nbytes, c.first_ts) for c in expected]
+            assert _state(bulk) == _state(one)
+
+    check()
