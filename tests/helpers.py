@@ -22,6 +22,20 @@ import zstandard
 REPO = Path(__file__).resolve().parent.parent
 
 
+HELD_REST = b'"a":"b"} '  # completes a body started by `hold_posts`: the event '{"a":"b"} '
+
+
+def hold_posts(port: int, n: int, timeout: float) -> list[socket.socket]:
+    """`n` connections each inside `POST /collect`: headers and 1 of 10 body bytes sent, the rest
+    (`HELD_REST`) left to the test, so each request stays in flight as long as the test wants."""
+    held: list[socket.socket] = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        s.sendall(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+        held.append(s)
+    return held
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

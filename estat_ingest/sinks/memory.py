@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 
 from estat_ingest.config import Settings
@@ -12,14 +13,21 @@ from estat_ingest.sinks.base import OK, Payload, Result, Sink
 class MemorySink(Sink):
     name = "memory"
 
-    def __init__(self, settings: Settings | None = None, attempts: int = 3) -> None:
+    def __init__(self, settings: Settings | None = None, attempts: int = 3, *, gated: bool = False,
+                 name: str | None = None) -> None:
         self.attempts = attempts
-        self.timeout_s = 5.0
+        self.timeout_s = 60.0 if gated else 5.0
+        # gated: every send waits until `gate` is set (a stuck sink that recovers on cue)
+        self.gate: asyncio.Event | None = asyncio.Event() if gated else None
+        if name is not None:
+            self.name = name
         self.delivered: list[Payload] = []
         self.calls: list[Payload] = []
         self.script: deque[Result] = deque()  # outcomes to return before answering OK
 
     async def send(self, payload: Payload) -> Result:
+        if self.gate is not None:
+            await self.gate.wait()
         self.calls.append(payload)
         if self.script:
             return self.script.popleft()

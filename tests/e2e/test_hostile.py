@@ -24,7 +24,7 @@ import pytest
 import zstandard
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ServerProcess, file_objects, http, records_of
+from tests.helpers import HELD_REST, ServerProcess, file_objects, hold_posts, http, records_of
 
 FRONTS = ("aiohttp", "fast")  # every test here runs against both HTTP fronts (tests/conftest.py)
 RSS_BOUND_BYTES = 128 * 1024 * 1024
@@ -358,12 +358,8 @@ def test_200_slow_clients_do_not_stop_a_normal_client(hostile: Hostile) -> None:
 def test_in_flight_cap_answers_503_and_recovers(tmp_path: Path, spawn: Any) -> None:
     srv = spawn({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
                  "FLUSH_INTERVAL": "200ms", "MAX_IN_FLIGHT": "4", "REQUEST_READ_TIMEOUT": "30s"}, tmp_path)
-    held: list[socket.socket] = []
+    held = hold_posts(srv.port, 4, timeout=10)
     try:
-        for _ in range(4):
-            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-            s.sendall(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
-            held.append(s)
         deadline = time.monotonic() + 10
         while True:  # the 4 bodies are being read by the handler once their headers are parsed
             status, headers, _ = http("POST", srv.url + "/collect", b'{"over":1}')
@@ -373,7 +369,7 @@ def test_in_flight_cap_answers_503_and_recovers(tmp_path: Path, spawn: Any) -> N
         assert status == 503 and headers.get("Retry-After") == "1"
         assert metric(srv, "http_requests_rejected_total", reason="overloaded") >= 1
         for s in held:
-            s.sendall(b'"a":"b"} ')  # completes the 10-byte bodies
+            s.sendall(HELD_REST)  # completes the 10-byte bodies
         for s in held:
             assert status_of(s.recv(4096)) == 200
         assert http("POST", srv.url + "/collect", b'{"after":1}')[0] == 200

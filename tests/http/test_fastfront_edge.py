@@ -16,7 +16,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import ServerProcess, file_objects, http, records_of
+from tests.helpers import HELD_REST, ServerProcess, file_objects, hold_posts, http, records_of
 
 FAST = {"HTTP_FRONT": "fast", "FLUSH_INTERVAL": "200ms"}
 
@@ -261,12 +261,8 @@ def test_in_flight_cap_answers_503_then_recovers(tmp_path: Path, spawn: Any) -> 
     data = tmp_path / "data"
     srv = spawn({**FAST, "FILE_SINK_DIR": str(data), "DLQ_DIR": str(tmp_path / "dlq"), "MAX_IN_FLIGHT": "3",
                  "REQUEST_READ_TIMEOUT": "60s"}, tmp_path)
-    held: list[socket.socket] = []
+    held = hold_posts(srv.port, 3, timeout=20)
     try:
-        for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", srv.port), timeout=20)
-            s.sendall(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
-            held.append(s)
         accepted = []  # until the server has read the three held requests' headers
         for i in range(400):
             event = orjson.dumps({"over": i})
@@ -279,7 +275,7 @@ def test_in_flight_cap_answers_503_then_recovers(tmp_path: Path, spawn: Any) -> 
         assert metric(srv, "http_requests_rejected_total", reason="overloaded") == 1
         assert http("GET", srv.url + "/health")[0] == 200  # other routes are not capped
         for s in held:
-            s.sendall(b'"a":"b"} ')
+            s.sendall(HELD_REST)
         for s in held:
             assert [a[0] for a in read_answers(s, 1)[0]] == [200]
         assert srv.post(b'{"after":1}')[0] == 200

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 from pathlib import Path
-from typing import Any
 
 import orjson
 from multidict import CIMultiDict
@@ -59,17 +58,6 @@ def test_without_a_size_function_there_is_no_byte_bound() -> None:
     assert not q.offer(b"w")  # the count bound still holds
 
 
-class Gate(MemorySink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = asyncio.Event()
-        self.timeout_s = 60
-
-    async def send(self, payload: Any) -> Result:
-        await self.open.wait()
-        return await super().send(payload)
-
-
 def big_event(i: int) -> bytes:
     return orjson.dumps({"i": i, "pad": "p" * 16_000})
 
@@ -81,7 +69,7 @@ def test_budget_bounds_what_a_stuck_sink_holds_and_every_byte_comes_back(tmp_pat
     async def main() -> None:
         s = settings(tmp_path, buffer_max_bytes=1 * MiB, channel_size=200, batch_max_events=100,
                      upload_queue_batches=1, upload_concurrency=1, flush_interval_s=120.0)
-        sink = Gate()
+        sink = MemorySink(gated=True)
         m = Metrics()
         pipe = Pipeline(s, m, [sink], backoff=FAST)
         await pipe.start()
@@ -113,7 +101,8 @@ def test_budget_bounds_what_a_stuck_sink_holds_and_every_byte_comes_back(tmp_pat
             await asyncio.sleep(0.01)
         assert pipe.lanes[0].batcher.pending == 0 and len(pipe.queue) == 0  # closed below BATCH_SIZE
 
-        sink.open.set()
+        assert sink.gate is not None
+        sink.gate.set()
         for _ in range(500):  # bounded wait for the delivery that gives the bytes back
             if pipe.queue.held_bytes == 0:
                 break
@@ -189,8 +178,7 @@ def test_spilled_batches_give_their_bytes_back(tmp_path: Path) -> None:
 def test_fan_out_counts_each_line_once_per_sink_and_releases_per_lane(tmp_path: Path) -> None:
     async def main() -> None:
         s = settings(tmp_path, buffer_max_bytes=64 * MiB, batch_max_events=5)
-        a, b = MemorySink(), MemorySink()
-        b.name = "other"
+        a, b = MemorySink(), MemorySink(name="other")
         pipe = Pipeline(s, Metrics(), [a, b], backoff=FAST)
         c = Collector(s, pipe.queue, pipe.metrics)
         c.accepting = True

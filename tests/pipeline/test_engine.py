@@ -229,20 +229,10 @@ def test_shutdown_deadline_spills_in_flight_batches_to_dlq(tmp_path: Path) -> No
 def test_backpressure_single_sink_fills_queue_instead_of_dropping(tmp_path: Path) -> None:
     """A stuck sink: upload queue fills, dispatcher stops, /collect answers 503; nothing is lost."""
 
-    class Gate(MemorySink):
-        def __init__(self) -> None:
-            super().__init__()
-            self.open = asyncio.Event()
-
-        async def send(self, payload: Any) -> Result:
-            await self.open.wait()
-            return await super().send(payload)
-
     async def main() -> None:
         s = settings(tmp_path, batch_max_events=10, upload_queue_batches=1, upload_concurrency=1,
                      channel_size=20)
-        sink = Gate()
-        sink.timeout_s = 60
+        sink = MemorySink(gated=True)
         pipe = Pipeline(s, Metrics(), [sink], backoff=FAST)
         await pipe.start()
         c = Collector(s, pipe.queue, pipe.metrics)
@@ -257,7 +247,8 @@ def test_backpressure_single_sink_fills_queue_instead_of_dropping(tmp_path: Path
         assert 503 in statuses
         # bounded by configuration: 1 in flight + 1 queued + 1 open batch + 20 in the queue
         assert accepted <= 10 + 10 + 10 + 20
-        sink.open.set()
+        assert sink.gate is not None
+        sink.gate.set()
         await pipe.flush_and_wait()
         await pipe.drain(5)
         assert len(sink.lines()) == accepted
@@ -293,21 +284,9 @@ def test_dlq_write_creates_v1_pair_with_checksum(tmp_path: Path) -> None:
 def test_fan_out_stuck_sink_spills_its_batches_and_never_stalls_the_other(tmp_path: Path) -> None:
     """With several sinks, a full upload queue sends that sink's closed batches to its own DLQ."""
 
-    class Stuck(MemorySink):
-        name = "stuck"
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.open = asyncio.Event()
-            self.timeout_s = 60
-
-        async def send(self, payload: Any) -> Result:
-            await self.open.wait()
-            return await super().send(payload)
-
     async def main() -> None:
         s = settings(tmp_path, batch_max_events=10, upload_queue_batches=1, upload_concurrency=1, channel_size=50)
-        healthy, stuck = MemorySink(), Stuck()
+        healthy, stuck = MemorySink(), MemorySink(gated=True, name="stuck")
         m = Metrics()
         pipe = Pipeline(s, m, [healthy, stuck], backoff=FAST)
         await pipe.start()
@@ -324,7 +303,8 @@ def test_fan_out_stuck_sink_spills_its_batches_and_never_stalls_the_other(tmp_pa
         assert len(healthy.lines()) == 500
         spilled = sample(m, "dlq_events_enqueued_total", sink="stuck")
         assert spilled >= 400 and sample(m, "dlq_batches_written_total", sink="stuck", reason="overflow") > 0
-        stuck.open.set()
+        assert stuck.gate is not None
+        stuck.gate.set()
         await pipe.drain(10)
         in_dlq = sum(len(gzip.decompress(f.read_bytes()).splitlines())
                      for f in dlq_files(tmp_path / "dlq" / "stuck"))
