@@ -204,14 +204,9 @@ def test_trickle_after_idle_is_flushed_by_the_timer(tmp_path: Path) -> None:
 def test_shutdown_deadline_spills_in_flight_batches_to_dlq(tmp_path: Path) -> None:
     """Invariant 6: what cannot be delivered before the deadline is spilled, not dropped."""
 
-    class Hanging(MemorySink):
-        async def send(self, payload: Any) -> Result:
-            await asyncio.sleep(3600)
-            return Result(Outcome.OK)
-
     async def main() -> Any:
         s = settings(tmp_path, batch_max_events=10)
-        sink = Hanging()
+        sink = MemorySink(gated=True)  # never opened: every send hangs
         sink.timeout_s = 3600
         pipe = Pipeline(s, Metrics(), [sink], backoff=FAST)
         await pipe.start()
@@ -347,13 +342,8 @@ def test_abort_mid_attempt_spills_even_when_the_sink_swallows_the_cancel(tmp_pat
 def test_a_cancelled_caller_cancels_its_attempt_and_abort_is_not_blamed(tmp_path: Path) -> None:
     from estat_ingest.sinks.base import Payload
 
-    class Hanging(MemorySink):
-        async def send(self, payload: Any) -> Result:
-            await asyncio.sleep(3600)
-            return Result(Outcome.OK)
-
     async def main() -> None:
-        sink = Hanging()
+        sink = MemorySink(gated=True)  # never opened: every send hangs
         pipe = Pipeline(settings(tmp_path), Metrics(), [sink], backoff=FAST)
         payload = Payload(name="x.jsonl.gz", partition="dt=2026-11-23/hr=00", num_events=1,
                           data=gzip.compress(b'{"a":1}\n'), compression="gzip", first_ts=0.0)
