@@ -12,7 +12,7 @@ from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks.base import Outcome, Result
 from estat_ingest.sinks.memory import MemorySink
-from tests.dlq.util import counter_value, data_files, ids_in, run_async, settings, wait_for, write_entry
+from tests.dlq.util import counter_value, data_files, ids_in, run_async, settings, wait_for, write_entries, write_entry
 
 
 async def run_until_empty(tmp: Path, sink: MemorySink, timeout: float = 30.0, **kw: object
@@ -76,9 +76,7 @@ async def test_poison_file_does_not_block_the_others(tmp_path: Path) -> None:
 
     d = tmp_path / "dlq" / "memory"
     poison, _ = write_entry(d, 1_700_000_000, 1, 3)  # the oldest: head of the line
-    rest: list[str] = []
-    for c in range(2, 12):
-        rest += write_entry(d, 1_700_000_000 + c, c, 2)[1]
+    rest = write_entries(d, range(2, 12), 2)
     sink = Poison()
     _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
     assert sorted(ids_in((p.name, p.data) for p in sink.delivered)) == sorted(rest)
@@ -89,9 +87,7 @@ async def test_poison_file_does_not_block_the_others(tmp_path: Path) -> None:
 @run_async
 async def test_sink_outage_probes_one_at_a_time_then_full_speed(tmp_path: Path) -> None:
     d = tmp_path / "dlq" / "memory"
-    ids: list[str] = []
-    for c in range(1, 21):
-        ids += write_entry(d, 1_700_000_000 + c, c, 2)[1]
+    ids = write_entries(d, range(1, 21), 2)
     sink = MemorySink()
     sink.script.extend([Result(Outcome.RETRY, "server_error")] * 4)
     from estat_ingest.dlq import replayer as rmod
@@ -109,9 +105,7 @@ async def test_sink_outage_probes_one_at_a_time_then_full_speed(tmp_path: Path) 
 @run_async
 async def test_auth_rejection_is_an_outage_not_a_reason_to_move_files_aside(tmp_path: Path) -> None:
     d = tmp_path / "dlq" / "memory"
-    ids: list[str] = []
-    for c in range(1, 6):
-        ids += write_entry(d, 1_700_000_000 + c, c, 2)[1]
+    ids = write_entries(d, range(1, 6), 2)
     sink = MemorySink()
     sink.script.extend([Result(Outcome.REJECT, "auth")] * 3)  # e.g. expired credentials, then fixed
     _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
@@ -142,9 +136,7 @@ async def test_a_file_that_keeps_failing_alone_is_moved_aside_after_max_attempts
 
     d = tmp_path / "dlq" / "memory"
     stuck, _ = write_entry(d, 1_700_000_000, 1, 4)  # meta says 3 attempts already (the fresh ones)
-    ids: list[str] = []
-    for c in range(2, 6):
-        ids += write_entry(d, 1_700_000_000 + c, c, 1)[1]
+    ids = write_entries(d, range(2, 6), 1)
     sink = FailsOne()
     _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0, dlq_max_attempts=2)
     assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)

@@ -12,7 +12,7 @@ from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.pipeline.keys import partition
 from estat_ingest.sinks.base import Outcome, Payload, Result
 from estat_ingest.sinks.s3 import S3Sink
-from tests.dlq.util import TZ, counter_value, data_files, run_async, settings, wait_for, write_entry
+from tests.dlq.util import TZ, counter_value, data_files, run_async, settings, wait_for, write_entries, write_entry
 from tests.helpers import records_of, s3_objects
 
 
@@ -75,9 +75,7 @@ async def test_poison_4xx_goes_to_dlq_prefix_and_does_not_block(tmp_path: Path, 
                                                                  s3: Any) -> None:
     d = tmp_path / "dlq" / "s3"
     poison, poison_ids = write_entry(d, 1_700_000_000, 1, 5, instance="poison")  # oldest: head of the line
-    ids: list[str] = []
-    for c in range(2, 10):
-        ids += write_entry(d, 1_700_000_000 + c, c, 2)[1]
+    ids = write_entries(d, range(2, 10), 2)
     s = s3_settings(tmp_path, moto, bucket)
     sink = RecordingS3(s)
     metrics = Metrics()
@@ -98,9 +96,7 @@ async def test_two_replayers_on_one_directory_send_each_file_once(tmp_path: Path
                                                                    s3: Any) -> None:
     d = tmp_path / "dlq" / "s3"
     base = int(time.time()) - 600
-    ids: list[str] = []
-    for c in range(1, 201):
-        ids += write_entry(d, base + c, c, 3)[1]
+    ids = write_entries(d, range(1, 201), 3, base=base)
     s = s3_settings(tmp_path, moto, bucket, dlq_scan_limit=50, dlq_replay_concurrency=4)
     sinks = [RecordingS3(s), RecordingS3(s)]
     metrics = [Metrics(), Metrics()]

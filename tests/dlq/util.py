@@ -50,6 +50,14 @@ def write_entry(directory: Path, unix: int, counter: int, n: int, *, v1: bool = 
     return name, [f"{tag}-{i:06d}" for i in range(n)]
 
 
+def write_entries(directory: Path, counters: range, n: int, base: int = 1_700_000_000, **kw: Any) -> list[str]:
+    """`write_entry` for each counter c (file time base + c, n events each); the ids of all, in order."""
+    ids: list[str] = []
+    for c in counters:
+        ids += write_entry(directory, base + c, c, n, **kw)[1]
+    return ids
+
+
 def data_files(directory: Path) -> list[str]:
     if not directory.exists():
         return []
