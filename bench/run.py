@@ -518,21 +518,14 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
     if "ndjson" in res:
         n = res["ndjson"]["events_per_s"]
         row("NDJSON events/s", n["median"], TARGETS["ndjson_events_per_s"], True, fmt(n, "/s"))
-    if "half_load" in res:
-        h = res["half_load"]
-        row("p99 at half load (ms)", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
-            f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
-            f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
-    if "half_load_bare" in res:
-        h = res["half_load_bare"]
-        row("  same-run reference: bare aiohttp p99", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
-            f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (half of its own maximum; p999 "
-            f"{fmt(h['p999_ms'], ' ms', 2)})")
-    if "half_load_aio" in res:
-        h = res["half_load_aio"]
-        row("  HTTP_FRONT=aiohttp p99, its half load", h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
-            f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (p50 {fmt(h['p50_ms'], ' ms', 2)}, "
-            f"p999 {fmt(h['p999_ms'], ' ms', 2)})")
+    for key, name in (("half_load", "p99 at half load (ms)"),
+                      ("half_load_bare", "  same-run reference: bare aiohttp p99"),
+                      ("half_load_aio", "  HTTP_FRONT=aiohttp p99, its half load")):
+        if key in res:
+            h = res[key]
+            row(name, h["p99_ms"]["median"], TARGETS["half_load_p99_ms"], False,
+                f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (half of its own maximum; p50 "
+                f"{fmt(h['p50_ms'], ' ms', 2)}, p999 {fmt(h['p999_ms'], ' ms', 2)})")
     if "rss" in res:
         r = res["rss"]
         row("peak RSS 300 B (MB)", r["300B"]["peak_rss_mb"], TARGETS["rss_300b_mb"], False,
