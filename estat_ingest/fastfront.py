@@ -8,9 +8,9 @@ aiohttp (DESIGN.md §1), so this front only parses (httptools, the llhttp parser
 calls it and writes the reply: no task per request, no awaits, one sweep per second for every
 timer instead of a timer per request.
 
-`app.serve()` runs it when `settings.http_front == "fast"`, with the same pipeline and the same
-shutdown path as the aiohttp front (`Front` has the three methods `app.HttpFront` asks for).
-`python -m estat_ingest.fastfront` is an alias of `HTTP_FRONT=fast estat-ingest serve`.
+`app.serve()` runs it when `settings.http_front == "fast"` (`HTTP_FRONT`, the default), with the
+same pipeline and the same shutdown path as the aiohttp front (`Front` has the three methods
+`app.HttpFront` asks for).
 
 What it does, with the aiohttp front's behaviour for each (docs/security.md):
 - routes: `/collect` and the pixel paths (any method; `Collector.handle` answers 405 itself),
@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
@@ -490,27 +489,3 @@ class HttpConn(asyncio.Protocol):
         self.front.protocol_errors.note(reason, detail)
         msg = b"request header fields too large\n" if status == 431 else b"malformed request\n"
         self._refuse(Reply(status, {"Content-Type": TEXT}, msg))
-
-
-# ---------------------------------------------------------------------------------- serving
-
-
-async def serve_fast(settings: Settings, **kwargs: object) -> int:
-    """`app.serve` with this front (kept for callers of the prototype's entry point)."""
-    from estat_ingest.app import serve
-
-    return await serve(dataclasses.replace(settings, http_front="fast"), **kwargs)  # type: ignore[arg-type]
-
-
-def main() -> int:
-    """`python -m estat_ingest.fastfront`: `estat-ingest serve` with HTTP_FRONT=fast."""
-    import os
-
-    from estat_ingest import cli
-
-    os.environ["HTTP_FRONT"] = "fast"
-    return cli.main(["serve"])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

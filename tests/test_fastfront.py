@@ -9,9 +9,8 @@ from pathlib import Path
 
 import orjson
 
-from estat_ingest.app import make_socket
+from estat_ingest.app import make_socket, serve
 from estat_ingest.config import Settings
-from estat_ingest.fastfront import serve_fast
 from tests.helpers import file_objects, records_of
 
 
@@ -45,14 +44,14 @@ def post(body: bytes, ctype: str = "application/json", extra: str = "") -> bytes
 def test_fastfront_answers_like_the_contract_and_delivers_every_accepted_event(tmp_path: Path) -> None:
     settings = Settings(http_host="127.0.0.1", http_port=0, file_sink_dir=str(tmp_path / "data"),
                         dlq_dir=str(tmp_path / "dlq"), instance_id="ff", max_body_bytes=1000,
-                        shutdown_timeout_s=5.0)
+                        shutdown_timeout_s=5.0, http_front="fast")
     accepted: list[str] = []
 
     async def scenario() -> int:
         sock = make_socket("127.0.0.1", 0)
         port = sock.getsockname()[1]
         stop = asyncio.Event()
-        server = asyncio.create_task(serve_fast(settings, sock=sock, shutdown_trigger=stop, install_signals=False))
+        server = asyncio.create_task(serve(settings, sock=sock, shutdown_trigger=stop, install_signals=False))
         for _ in range(200):
             if (await exchange(port, b"GET /ready HTTP/1.1\r\nHost: t\r\n\r\n", 1) or [(0,)])[0][0] == 200:
                 break
