@@ -56,7 +56,7 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, list
 def bench_encoder(reps: int) -> dict[str, object]:
     import zstandard
 
-    from estat_ingest.pipeline.encoder import compress, encode_lines
+    from estat_ingest.formats.codec import compress, encode_lines
     from estat_ingest.pipeline.record import IdGen, encode_record
 
     ids = IdGen()

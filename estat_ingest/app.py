@@ -119,7 +119,7 @@ def _pipeline(settings: Settings, metrics: Metrics, sinks: Sequence[Sink] | None
     return Pipeline(
         settings,
         metrics,
-        list(sinks) if sinks is not None else [build_sink(n, settings) for n in settings.sinks],
+        list(sinks) if sinks is not None else [build_sink(n, settings, metrics) for n in settings.sinks],
         worker=worker,
         dlq_root=dlq_root,
     )

@@ -22,12 +22,15 @@ from typing import Any
 
 import orjson
 
+from estat_ingest.delivery import Delivery
 from estat_ingest.dlq import files
-from estat_ingest.dlq.replayer import SINK_WIDE_REJECTS
-from estat_ingest.pipeline.encoder import CorruptPayload, decompress
-from estat_ingest.pipeline.keys import unix_of_name
-from estat_ingest.pipeline.retry import Backoff
-from estat_ingest.sinks.base import Outcome, Result, Sink
+from estat_ingest.dlq.scan import Entry
+from estat_ingest.dlq.settle import settle
+from estat_ingest.dlq.store import DlqStore
+from estat_ingest.formats.codec import CorruptPayload, decompress
+from estat_ingest.formats.keys import unix_of_name
+from estat_ingest.metrics import Metrics
+from estat_ingest.sinks.base import Sink
 
 SINK_DIRS = ("s3", "file", "opensearch", "memory")
 
@@ -326,21 +329,6 @@ class Progress:
         sys.stderr.flush()
 
 
-async def _send_with_retries(sink: Sink, payload: Any, backoff: Backoff) -> Result:
-    result = Result(Outcome.RETRY, "no attempt")
-    for attempt in range(1, max(1, sink.attempts) + 1):
-        try:
-            async with asyncio.timeout(sink.timeout_s):
-                result = await sink.send(payload)
-        except TimeoutError:
-            result = Result(Outcome.RETRY, "timeout")
-        if result.ok or (result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS):
-            return result
-        if attempt < sink.attempts:
-            await asyncio.sleep(backoff.delay(attempt))
-    return result
-
-
 async def _replay(args: argparse.Namespace) -> int:
     from estat_ingest.config import ConfigError, Settings
     from estat_ingest.sinks import REGISTRY, build_sink
@@ -381,11 +369,11 @@ async def _replay(args: argparse.Namespace) -> int:
         print("estat-ingest dlq replay: OPENSEARCH_URL is not set: the opensearch sink needs it (or pass --sink)",
               file=sys.stderr)
         return 2
-    sinks: dict[str, Sink] = {}
+    deliveries: dict[str, tuple[Delivery, DlqStore]] = {}
     progress = Progress(report.files, report.bytes, enabled=not args.no_progress and not args.dry_run)
     owner = files.owner_id(f"{settings.instance_id}-cli")
     sem = asyncio.Semaphore(args.concurrency)
-    backoff = Backoff()
+    metrics = Metrics()  # this process's own counters; nothing scrapes them
 
     async def one(g: Group, f: Found) -> None:
         async with sem:
@@ -405,7 +393,7 @@ async def _replay(args: argparse.Namespace) -> int:
             if cpath is None:
                 report.skipped_claimed += 1
                 return
-            done = False
+            settled = None
             try:
                 meta = files.read_meta(f.directory, f.name)
                 data = await asyncio.to_thread(files.read_file, cpath)
@@ -416,45 +404,42 @@ async def _replay(args: argparse.Namespace) -> int:
                     return
                 report.events += n
                 payload = files.payload_of(f.name, data, meta, n, settings.partition_tz)
-                sink = sinks[sink_name]
-                result = await _send_with_retries(sink, payload, backoff)
-                if result.rejected is not None:  # items rejected for good (OpenSearch mapping errors)
-                    await asyncio.to_thread(_write_aside, g, f, result.rejected)
-                    report.rejected.append(f"{rel}: {result.rejected.num_events} items → "
-                                           f"{files.REJECTED}/{result.rejected.name}")
-                if result.ok:
-                    await asyncio.to_thread(files.remove, cpath, f.directory, f.name)
-                    done = True
-                    report.delivered_files += result.rejected is None
-                    report.delivered_events += n if result.delivered is None else result.delivered
+                delivery, store = deliveries[sink_name]
+                final = await delivery.run(payload)
+                entry = Entry(unix_of_name(f.name) or 0, f.name, f.directory, f.size)
+                settled = await settle(store, delivery.sink, entry, cpath, final)
+                report.delivered_events += final.delivered
+                for items, where in () if settled is None else settled.set_aside:
+                    shown = os.path.relpath(where, args.path) if where.startswith("/") else where  # noqa: ASYNC240
+                    report.rejected.append(f"{rel}: {items.num_events} items → {shown}")
+                if settled is None:
+                    report.failed.append(f"{rel}: {final.reason}")
+                elif settled.kind == "delivered":
+                    report.delivered_files += not settled.set_aside
                     report.delivered_bytes += len(data)
-                elif result.remainder is not None:  # keep only what is worth retrying
-                    await asyncio.to_thread(_rewrite, g, f, cpath, result.remainder)
-                    done = True
-                    report.delivered_events += result.delivered or 0
-                    report.failed.append(f"{rel}: {result.remainder.num_events} of {n} events left "
-                                         f"({result.reason})")
-                elif result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS:
-                    where = await _reject(sink, settings, payload, cpath, f)
-                    done = True
-                    report.rejected.append(f"{rel}: {result.reason} → {where}")
+                elif settled.kind == "rewritten":
+                    report.failed.append(f"{rel}: {final.payload.num_events} of {n} events left ({final.reason})")
                 else:
-                    report.failed.append(f"{rel}: {result.reason or result.outcome.value}")
+                    report.rejected.append(f"{rel}: {final.reason} → {settled.where}")
             except Exception as err:  # one unreadable file must not stop the others
                 report.failed.append(f"{rel}: {type(err).__name__}: {err}")
             finally:
-                if not done:
+                if settled is None:
                     await asyncio.to_thread(files.release, cpath, f.directory, f.name)
                 progress.update(report)
 
+    sinks: list[Sink] = []
     try:
         if not args.dry_run:
             for name in sorted(needed):
-                sinks[name] = build_sink(name, settings)
-                await sinks[name].start()
+                sink = build_sink(name, settings, metrics)
+                await sink.start()
+                sinks.append(sink)
+                store = DlqStore(os.path.abspath(args.path), name, metrics, owner=owner)  # noqa: ASYNC240
+                deliveries[name] = (Delivery(sink, metrics), store)
         await asyncio.gather(*(one(g, f) for g, f in todo))
     finally:
-        for s in sinks.values():
+        for s in sinks:
             with contextlib.suppress(Exception):
                 await s.aclose()
     progress.update(report, final=True)
@@ -477,38 +462,6 @@ async def _replay(args: argparse.Namespace) -> int:
             print(f"SKIPPED   {report.skipped_claimed} files claimed by another replayer (younger than "
                   "DLQ_CLAIM_TIMEOUT): run again later, or with --steal-claims if that process is dead")
     return 0 if ok else 1
-
-
-def _store_for(g: Group) -> Any:
-    from estat_ingest.dlq.store import DlqStore
-    from estat_ingest.metrics import Metrics
-
-    return DlqStore(os.path.dirname(g.directory), g.sink, Metrics(), v1_dirs=())
-
-
-def _write_aside(g: Group, f: Found, payload: Any) -> None:
-    _store_for(g).write_sync(payload, "rejected", os.path.join(f.directory, files.REJECTED))
-
-
-def _rewrite(g: Group, f: Found, cpath: str, remainder: Any) -> None:
-    from dataclasses import replace
-
-    _store_for(g).write_sync(replace(remainder, name=f.name), "partial", f.directory)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(cpath)
-
-
-async def _reject(sink: Sink, settings: Any, payload: Any, cpath: str, f: Found) -> str:
-    put = getattr(sink, "put", None)
-    key_of = getattr(sink, "key_of", None)
-    if put is not None and key_of is not None:
-        key = key_of(payload, prefix=settings.dlq_prefix)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(sink.timeout_s):
-                if (await put(key, payload)).ok:
-                    await asyncio.to_thread(files.remove, cpath, f.directory, f.name)
-                    return f"s3://{settings.raw_bucket}/{key}"
-    return await asyncio.to_thread(files.move_aside, cpath, f.directory, f.name, files.REJECTED)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -26,9 +26,10 @@ from typing import Any
 
 import orjson
 
+from estat_ingest.formats import codec
+from estat_ingest.formats.codec import CorruptPayload, compression_of, decompress
+from estat_ingest.formats.keys import NAME_RE, partition, unix_of_name
 from estat_ingest.fsutil import fsync_dir, write_tmp
-from estat_ingest.pipeline.encoder import CorruptPayload, checksum, compression_of, decompress
-from estat_ingest.pipeline.keys import NAME_RE, partition, unix_of_name
 from estat_ingest.sinks.base import Payload
 
 META_SUFFIX = ".meta.json"
@@ -182,55 +183,24 @@ def compression_from(name: str, meta: dict[str, Any] | None) -> str:
     return c if c in ("gzip", "zstd") else compression_of(name)
 
 
-def check_stream(data: bytes, compression: str, meta: dict[str, Any] | None) -> bytes:
-    """Blocking, GIL-free part of verification: checksum and full decompression (CRC, length)."""
-    want = None if meta is None else meta.get("checksum")
-    if isinstance(want, str) and want and checksum(data) != want:
-        raise CorruptPayload("checksum in meta does not match the data")
-    return decompress(data, compression)
-
-
-def _json_lines(text: bytes) -> list[bytes]:
-    if not text:
-        return []
-    if not text.endswith(b"\n"):
-        raise CorruptPayload("last line has no newline")
-    return text.split(b"\n")[:-1]
-
-
-def _check_count(n: int, meta: dict[str, Any] | None) -> int:
-    want = events_of(meta)
-    if want is not None and want != n:
-        raise CorruptPayload(f"meta says {want} events, the file has {n}")
-    if n == 0:
-        raise CorruptPayload("no events")
-    return n
-
-
 def verify_sync(data: bytes, compression: str, meta: dict[str, Any] | None) -> int:
-    """Full verification in one call (CLI process): stream, checksum, every line JSON, count."""
-    lines = _json_lines(check_stream(data, compression, meta))
-    for i, line in enumerate(lines):
-        try:
-            orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise CorruptPayload(f"line {i + 1} is not JSON") from None
-    return _check_count(len(lines), meta)
+    """Full verification in one blocking call (CLI process): stream, checksum, every line, count."""
+    return codec.verify(data, compression, _checksum_of(meta), events_of(meta))
 
 
 async def verify_async(data: bytes, compression: str, meta: dict[str, Any] | None) -> int:
-    """Full verification from the event loop: decompression and checksum in a thread (they release
-    the GIL), JSON checks on the loop in slices of JSON_SLICE lines (orjson holds the GIL)."""
-    text = await asyncio.to_thread(check_stream, data, compression, meta)
-    lines = _json_lines(text)
-    for i in range(0, len(lines), JSON_SLICE):
-        for j, line in enumerate(lines[i:i + JSON_SLICE]):
-            try:
-                orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raise CorruptPayload(f"line {i + j + 1} is not JSON") from None
+    """The same verification from the event loop: the stream in a thread (decompression and hashing
+    release the GIL), the JSON checks on the loop in slices of JSON_SLICE lines (orjson holds it)."""
+    lines = await asyncio.to_thread(codec.stream_lines, data, compression, _checksum_of(meta))
+    for start in range(0, len(lines), JSON_SLICE):
+        codec.check_json(lines, start, start + JSON_SLICE)
         await asyncio.sleep(0)
-    return _check_count(len(lines), meta)
+    return codec.check_count(len(lines), events_of(meta))
+
+
+def _checksum_of(meta: dict[str, Any] | None) -> str | None:
+    want = None if meta is None else meta.get("checksum")
+    return want if isinstance(want, str) and want else None
 
 
 def payload_of(name: str, data: bytes, meta: dict[str, Any] | None, events: int, tz: str) -> Payload:
@@ -256,6 +226,7 @@ def payload_of(name: str, data: bytes, meta: dict[str, Any] | None, events: int,
         first_ts=float(first_ts),
         lines=None,
         attempts=attempts if isinstance(attempts, int) else 0,
+        replayed=True,
     )
 
 

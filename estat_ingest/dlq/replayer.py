@@ -4,16 +4,18 @@ Invariants
 - Oldest first: files are taken from the store's index by the unix time in their name.
 - A pass reads at most DLQ_SCAN_LIMIT directory entries per source directory (rotating cursor)
   and attempts at most DLQ_SCAN_LIMIT files, so its cost does not grow with the backlog.
-- Fresh batches first: a replay attempt starts only while the lane's upload queue has room, and at
-  most DLQ_REPLAY_CONCURRENCY run at once. While the sink is failing, one probe at a time with a
-  capped exponential backoff (with jitter) between probes; full speed again after a success.
-- Every attempt goes through Pipeline.attempt (same timeout and metrics as fresh uploads), to the
-  batch's original name and partition (idempotent on S3). The replayer never writes a new DLQ
-  entry for a batch it replays (no deliver()).
+- Fresh batches first: a replay attempt starts only while the lane's upload queue has room (the
+  `room` event, set by the upload queue), and at most DLQ_REPLAY_CONCURRENCY run at once. While
+  the sink is failing (or refuses everything: an outage), one probe at a time with a capped
+  exponential backoff (with jitter) between probes; full speed again after a success.
+- Every attempt is one `Delivery.run(payload, attempts=1)` (same timeout, metrics and meaning of a
+  Result as fresh uploads), to the batch's original name and partition (idempotent on S3); what
+  becomes of the file is `dlq.settle`'s. The replayer never writes a new DLQ entry for a batch it
+  replays.
 - A file is claimed before it is read and verified in full before it is sent; a corrupt file is
-  quarantined (never sent), a rejected one (4xx, or DLQ_MAX_ATTEMPTS failures while the sink
-  accepts other files) is moved aside: S3 → DLQ_PREFIX/<partition>/<name>, others → rejected/.
-  It never blocks the files behind it.
+  quarantined (never sent), a rejected one (its own 4xx, or DLQ_MAX_ATTEMPTS failures while the
+  sink accepts other files) is set aside: S3 → DLQ_PREFIX/<partition>/<name>, others → rejected/.
+  It never blocks the files behind it. An outage never moves a file aside.
 """
 
 from __future__ import annotations
@@ -21,42 +23,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from estat_ingest.delivery import Backoff, Delivery, Final, Next
 from estat_ingest.dlq import files
 from estat_ingest.dlq.scan import Entry
-from estat_ingest.pipeline.encoder import CorruptPayload
-from estat_ingest.pipeline.retry import Backoff
-from estat_ingest.sinks.base import Outcome, Payload, Result
+from estat_ingest.dlq.settle import reject, settle
+from estat_ingest.dlq.store import DlqStore
+from estat_ingest.formats.codec import CorruptPayload
 
 if TYPE_CHECKING:
-    from estat_ingest.pipeline.engine import Lane, Pipeline
+    from estat_ingest.config import Settings
 
 log = logging.getLogger("estat_ingest.dlq.replay")
 
 SINK_BACKOFF = Backoff(base_s=0.5, cap_s=5.0)  # between probes while the sink is down
 FILE_BACKOFF = Backoff(base_s=1.0, cap_s=300.0)  # a file that failed while others succeed
 IDLE_S = 1.0  # pass interval when nothing is waiting (new local writes wake the replayer at once)
-GATE_WAIT_S = 0.05  # re-check of a full upload queue
-# rejections that say "this sink refuses everything right now" (expired credentials, missing IAM
-# permission), not "this file is bad": treated as an outage, never as a reason to move files aside
-SINK_WIDE_REJECTS = frozenset({"auth"})
 
 
 class Replayer:
-    def __init__(self, pipeline: Pipeline, lane: Lane, *, idle_s: float = IDLE_S,
-                 sink_backoff: Backoff = SINK_BACKOFF, file_backoff: Backoff = FILE_BACKOFF) -> None:
-        s = pipeline.settings
-        self.pipeline = pipeline
-        self.lane = lane
-        self.sink = lane.sink
-        self.store = lane.store
-        self.metrics = pipeline.metrics
+    def __init__(self, store: DlqStore, delivery: Delivery, room: asyncio.Event, settings: Settings, *,
+                 idle_s: float = IDLE_S, sink_backoff: Backoff = SINK_BACKOFF,
+                 file_backoff: Backoff = FILE_BACKOFF) -> None:
+        s = settings
+        self.store = store
+        self.delivery = delivery
+        self.sink = delivery.sink
+        self.metrics = delivery.metrics
+        self.room = room  # set while the lane's upload queue has room for a fresh batch
         self.tz = s.partition_tz
-        self.dlq_prefix = s.dlq_prefix
         self.concurrency = s.dlq_replay_concurrency
         self.max_failures = s.dlq_max_attempts
         self.scan_limit = s.dlq_scan_limit
@@ -65,12 +62,12 @@ class Replayer:
         self.file_backoff = file_backoff
         self.failing = 0  # consecutive failed attempts: > 0 means "sink down, probe mode"
         self.passes = 0
-        self._gate_waits = 0  # times a wave waited for room in the upload queue (tests, debugging)
+        self.room_waits = 0  # times a pass waited for room in the upload queue
+        self.waiting_for_room = False
         self._not_before: dict[tuple[str, str], float] = {}
         self._outage_deferred: set[tuple[str, str]] = set()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._claims: dict[tuple[str, str], str] = {}  # in flight: key → claimed path
         self._errors: dict[tuple[str, str], int] = {}  # unexpected errors per file (I/O)
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,17 +153,22 @@ class Replayer:
         finally:
             for e in deferred:
                 index.push_back(e)
-            self.store._publish()
+            self.store.publish()
         return attempted > 0
 
     async def _gate(self) -> bool:
-        """Fresh batches first: wait while the lane's upload queue is full (False when stopping)."""
-        q = self.lane.upload_q
-        while q.full():
-            if self._stop.is_set():
-                return False
-            self._gate_waits += 1
-            await asyncio.sleep(GATE_WAIT_S)
+        """Fresh batches first: wait until the lane's upload queue has room (False when stopping)."""
+        if not self.room.is_set():
+            self.room_waits += 1
+            self.waiting_for_room = True
+            stop = asyncio.ensure_future(self._stop.wait())
+            room = asyncio.ensure_future(self.room.wait())
+            try:
+                await asyncio.wait((stop, room), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self.waiting_for_room = False
+                stop.cancel()
+                room.cancel()
         return not self._stop.is_set()
 
     # ------------------------------------------------------------------ one file
@@ -177,7 +179,6 @@ class Replayer:
         if cpath is None:  # another replayer has it, or it is gone
             store.gone(entry)
             return
-        self._claims[entry.key] = cpath
         done = False
         try:
             done = await self._with_claim(entry, cpath)
@@ -186,7 +187,6 @@ class Replayer:
             self._not_before[entry.key] = time.time() + self.file_backoff.delay(errors)
             log.exception("dlq replay of one file failed", extra={"sink": self.sink.name, "file": name})
         finally:
-            self._claims.pop(entry.key, None)
             if not done:  # give the file back (also on cancellation at shutdown)
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -199,66 +199,35 @@ class Replayer:
                     store.gone(entry)
 
     async def _with_claim(self, entry: Entry, cpath: str) -> bool:
-        """True when the claim was consumed (delivered, moved aside, rewritten)."""
+        """True when the claim was consumed (delivered, rewritten, set aside, quarantined)."""
         store, d, name = self.store, entry.directory, entry.name
         data, meta = await asyncio.to_thread(_read, cpath, d, name)
-        compression = files.compression_from(name, meta)
         try:
-            events = await files.verify_async(data, compression, meta)
+            events = await files.verify_async(data, files.compression_from(name, meta), meta)
         except CorruptPayload as err:
             await store.quarantine(entry, cpath, str(err))
             return True
         payload = files.payload_of(name, data, meta, events, self.tz)
-        result = await self.pipeline.attempt(self.sink, payload)
-        if result is None:
+        final = await self.delivery.run(payload, attempts=1)
+        if final.next is None:
             return False  # shutdown abort
-        new_meta: dict[str, Any] = dict(meta or {"num_events": events})
-        new_meta["attempts"] = payload.attempts + 1
-        if result.rejected is not None:
-            await self._move_rejected(entry, None, result.rejected, "rejected")
-        if result.ok:  # all of it, or all but the items rejected for good (moved aside above)
-            await self._delivered(entry, cpath, payload, events if result.delivered is None else result.delivered)
-            return True
-        if result.delivered:
-            self.metrics.dlq_reuploaded.labels(self.sink.name).inc(result.delivered)
-            self.metrics.events_delivered.labels(self.sink.name).inc(result.delivered)
-        if result.remainder is not None:  # partial success: keep only what is worth retrying
-            await self._rewrite(entry, cpath, result.remainder.with_attempts(payload.attempts + 1))
-            self._healthy()
-            return True
-        if result.outcome is Outcome.REJECT and result.reason not in SINK_WIDE_REJECTS:
+        if final.delivered:
+            self.metrics.dlq_reuploaded.labels(self.sink.name).inc(final.delivered)
+            self.metrics.events_delivered.labels(self.sink.name).inc(final.delivered)
+        settled = await settle(store, self.sink, entry, cpath, final)
+        if settled is not None:
+            self._forget(entry)
+            if settled.kind == "delivered":
+                log.info("dlq file delivered", extra={
+                    "sink": self.sink.name, "batch": name, "events": final.delivered,
+                    "bytes": len(data), "outcome": "ok", "attempts": final.payload.attempts})
             self._healthy()  # the sink answered: it is up
-            await self._reject(entry, cpath, payload, new_meta, result.reason or "rejected")
             return True
-        return await self._failed(entry, cpath, payload, new_meta, result)
+        return await self._failed(entry, cpath, final, meta or {"num_events": events})
 
-    async def _delivered(self, entry: Entry, cpath: str, payload: Payload, events: int) -> None:
-        self._healthy()
-        await self._consume(entry, cpath)
-        self.metrics.dlq_reuploaded.labels(self.sink.name).inc(events)
-        self.metrics.events_delivered.labels(self.sink.name).inc(events)
-        log.info("dlq file delivered", extra={
-            "sink": self.sink.name, "batch": entry.name, "events": events, "bytes": len(payload.data),
-            "outcome": "ok", "attempts": payload.attempts + 1})
-
-    async def _consume(self, entry: Entry, cpath: str) -> None:
-        removed = await asyncio.to_thread(files.remove, cpath, entry.directory, entry.name)
+    def _forget(self, entry: Entry) -> None:
         self._not_before.pop(entry.key, None)
         self._errors.pop(entry.key, None)
-        if removed:
-            self.store.gone(entry)
-        else:  # our claim was recovered by another process while we were slow: it is back on disk
-            self.store.index.push_back(entry)
-
-    async def _rewrite(self, entry: Entry, cpath: str, remainder: Payload) -> None:
-        def write() -> None:
-            self.store.write_sync(replace(remainder, name=entry.name), "partial", directory=entry.directory)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(cpath)
-
-        await asyncio.to_thread(write)
-        self.store.gone(entry)
-        self.store.added(Entry(entry.unix, entry.name, entry.directory, len(remainder.data)))
 
     def _healthy(self) -> None:
         if self.failing:
@@ -269,18 +238,24 @@ class Replayer:
             self._not_before.pop(key, None)
         self._outage_deferred.clear()
 
-    async def _failed(self, entry: Entry, cpath: str, payload: Payload, meta: dict[str, Any],
-                      result: Result) -> bool:
-        file_specific = self.failing == 0  # others were going through: this file's own failure
+    async def _failed(self, entry: Entry, cpath: str, final: Final, meta: dict[str, Any]) -> bool:
+        """A retryable failure or an outage: back off. A file that fails alone while the sink takes
+        other files gets a strike; DLQ_MAX_ATTEMPTS strikes set it aside."""
+        # an outage is about the destination, never this file; otherwise, if others were going
+        # through, this failure is the file's own
+        file_specific = self.failing == 0 and final.next is not Next.OUTAGE
         self.failing += 1
-        meta["last_error"] = result.reason or result.outcome.value
+        meta = dict(meta)
+        meta["attempts"] = final.payload.attempts
+        meta["last_error"] = final.reason
         now = time.time()
         if file_specific:
             strikes = int(meta.get("replay_failures", 0) or 0) + 1
             meta["replay_failures"] = strikes
             if strikes >= self.max_failures:
                 self.failing = 0
-                await self._reject(entry, cpath, payload, meta, f"max_attempts:{meta['last_error']}")
+                await reject(self.store, self.sink, entry, cpath, final.payload, f"max_attempts:{final.reason}", meta)
+                self._forget(entry)
                 return True
             self._not_before[entry.key] = now + self.file_backoff.delay(strikes)
         else:  # the sink is down: rotate the probe to another file, forget this on recovery
@@ -288,49 +263,6 @@ class Replayer:
             self._outage_deferred.add(entry.key)
         await asyncio.to_thread(files.write_meta, entry.directory, entry.name, meta)
         return False
-
-    async def _reject(self, entry: Entry, cpath: str, payload: Payload, meta: dict[str, Any],
-                      reason: str) -> None:
-        meta["rejected_reason"] = reason
-        await asyncio.to_thread(files.write_meta, entry.directory, entry.name, meta)
-        moved_to = await self._move_rejected(entry, cpath, payload, reason)
-        if moved_to is not None:
-            self.store.gone(entry)
-        else:
-            await self._consume(entry, cpath)
-
-    async def _move_rejected(self, entry: Entry, cpath: str | None, payload: Payload, reason: str
-                             ) -> str | None:
-        """S3: PutObject under DLQ_PREFIX (same partition and name); otherwise (or if that fails)
-        move the file to `<dir>/rejected/`. Returns the local path when moved locally."""
-        sink_name = self.sink.name
-        put = getattr(self.sink, "put", None)
-        key_of = getattr(self.sink, "key_of", None)
-        if put is not None and key_of is not None:
-            key = key_of(payload, prefix=self.dlq_prefix)
-            try:
-                async with asyncio.timeout(self.sink.timeout_s):
-                    res: Result = await put(key, payload)
-            except TimeoutError:
-                res = Result(Outcome.RETRY, "timeout")
-            if res.ok:
-                self.metrics.dlq_rejected.labels(sink_name).inc(payload.num_events)
-                log.error("dlq file rejected by the sink, stored under DLQ_PREFIX", extra={
-                    "sink": sink_name, "file": payload.name, "events": payload.num_events,
-                    "reason": reason, "key": key})
-                return None
-        d = entry.directory
-        if cpath is None:  # a partial rejection (items): write it beside the others
-            await asyncio.to_thread(self.store.write_sync, payload, reason,
-                                    os.path.join(d, files.REJECTED))
-            dest = d
-        else:
-            dest = await asyncio.to_thread(files.move_aside, cpath, d, entry.name, files.REJECTED)
-        self.metrics.dlq_rejected.labels(sink_name).inc(payload.num_events)
-        log.error("dlq file rejected by the sink, moved aside", extra={
-            "sink": sink_name, "file": payload.name, "events": payload.num_events, "reason": reason,
-            "moved_to": dest})
-        return dest
 
 
 def _read(cpath: str, directory: str, name: str) -> tuple[bytes, dict[str, Any] | None]:

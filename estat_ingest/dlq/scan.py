@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from estat_ingest.dlq import files
-from estat_ingest.pipeline.keys import unix_of_name
+from estat_ingest.formats.keys import unix_of_name
 
 
 @dataclass(frozen=True, slots=True, order=True)

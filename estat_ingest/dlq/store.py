@@ -23,18 +23,18 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import orjson
 
 from estat_ingest.dlq import files
 from estat_ingest.dlq.files import META_SUFFIX
 from estat_ingest.dlq.scan import Entry, Index, Scanner, ScanResult, remove_orphan_metas, scan_pass
+from estat_ingest.formats.codec import checksum
+from estat_ingest.formats.keys import unix_of_name
 from estat_ingest.fsutil import fsync_dir, write_tmp
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.encoder import checksum
-from estat_ingest.pipeline.keys import unix_of_name
 from estat_ingest.sinks.base import Payload
 
 if TYPE_CHECKING:
@@ -97,8 +97,7 @@ def free_bytes(path: str) -> int:
 
 class DlqStore:
     def __init__(self, root: str, sink: str, metrics: Metrics, *, settings: Settings | None = None,
-                 limits: Limits | None = None, v1_dirs: tuple[str, ...] | None = None,
-                 owner: str | None = None) -> None:
+                 limits: Limits | None = None, reads_v1: bool = False, owner: str | None = None) -> None:
         self.root = root
         self.sink = sink
         self.dir = os.path.join(root, sink)
@@ -112,8 +111,8 @@ class DlqStore:
         if settings is not None:
             r, t = os.path.abspath(root), os.path.abspath(settings.dlq_dir)
             top = t if r == t or os.path.dirname(r) == t else None
-        if v1_dirs is None:  # v1 pairs lie directly in DLQ_DIR; only the s3 lane replays them
-            v1_dirs = tuple(dict.fromkeys([root] + ([top] if top else []))) if sink == "s3" else ()
+        # v1 pairs lie directly in DLQ_DIR; only the sink whose spec says so (s3) replays them
+        v1_dirs = tuple(dict.fromkeys([root] + ([top] if top else []))) if reads_v1 else ()
         self.sources: tuple[str, ...] = (self.dir, *v1_dirs)
         self._top = top
         self.index = Index()
@@ -154,7 +153,7 @@ class DlqStore:
             sw = self._sweeps[0]
             while sw.scanner.wraps == sw.start_wraps:
                 if deadline is not None and loop.time() > deadline:
-                    self._publish()
+                    self.publish()
                     return False
                 res = await asyncio.to_thread(scan_pass, sw.scanner, chunk, self.index.knows, time.time(),
                                               lim.claim_timeout_s, True)
@@ -167,7 +166,7 @@ class DlqStore:
                 await asyncio.to_thread(remove_orphan_metas, sw.scanner.directory, sw.metas, sw.present,
                                         time.time(), lim.claim_timeout_s)
             self._sweeps.pop(0)
-        self._publish()
+        self.publish()
         if not self.indexed.is_set():
             self.indexed.set()
             if self.totals.files:
@@ -189,7 +188,8 @@ class DlqStore:
         if res.recovered:
             log.warning("stale dlq claims recovered", extra={"sink": self.sink, "files": len(res.recovered)})
 
-    def _publish(self) -> None:
+    def publish(self) -> None:
+        """Set the gauges from the index (exact after a restart, a scan pass, a write)."""
         self.metrics.dlq_files.labels(self.sink).set(self.totals.files)
         self.metrics.dlq_bytes.labels(self.sink).set(self.totals.bytes)
         oldest = self.index.oldest_unix()
@@ -257,19 +257,37 @@ class DlqStore:
         if self.index.add(entry):
             self.totals.files += 1
             self.totals.bytes += entry.size
-            self._publish()
+            self.publish()
         self.changed.set()
 
     def forget(self, size: int) -> None:
         """A data file of `size` bytes left the directory (delivered, expired, evicted)."""
         self.totals.files = max(0, self.totals.files - 1)
         self.totals.bytes = max(0, self.totals.bytes - size)
-        self._publish()
+        self.publish()
 
     def gone(self, entry: Entry) -> None:
         """The file left the directory (delivered here, or taken by another process)."""
         if self.index.knows(entry.directory, entry.name):
             self.forget(self.index.drop(entry))
+
+    async def consume(self, entry: Entry, cpath: str) -> None:
+        """Delete a claimed file that was delivered (or stored elsewhere for good)."""
+        if await asyncio.to_thread(files.remove, cpath, entry.directory, entry.name):
+            self.gone(entry)
+        else:  # our claim was recovered by another process while we were slow: it is back on disk
+            self.index.push_back(entry)
+
+    async def rewrite(self, entry: Entry, cpath: str, remainder: Payload) -> None:
+        """Replace a claimed file by what is left of it after a partial delivery (same name)."""
+        def write() -> None:
+            self.write_sync(replace(remainder, name=entry.name), "partial", directory=entry.directory)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cpath)
+
+        await asyncio.to_thread(write)
+        self.gone(entry)
+        self.added(Entry(entry.unix, entry.name, entry.directory, len(remainder.data)))
 
     # ---------------------------------------------------------------- scan and policy
 
@@ -281,7 +299,7 @@ class DlqStore:
                                           time.time(), self.limits.claim_timeout_s)
             self._absorb(res)
             n += len(res.new)
-        self._publish()
+        self.publish()
         return n
 
     async def enforce(self, now: float | None = None) -> int:
@@ -365,6 +383,3 @@ class DlqStore:
         log.error("corrupt dlq file quarantined", extra={
             "sink": self.sink, "file": entry.name, "events": n, "reason": "corrupt", "error": error,
             "moved_to": os.path.join(entry.directory, files.CORRUPT)})
-
-    def stats(self) -> dict[str, Any]:
-        return {"files": self.totals.files, "bytes": self.totals.bytes, "waiting": self.index.waiting()}

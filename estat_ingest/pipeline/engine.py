@@ -28,16 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from estat_ingest.config import Settings
+from estat_ingest.delivery import Abort, Backoff, Delivery, Next
 from estat_ingest.dlq.replayer import Replayer
 from estat_ingest.dlq.store import DlqStore
+from estat_ingest.formats.codec import encode_lines
+from estat_ingest.formats.keys import Namer, partition
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.batcher import Batch, Batcher
-from estat_ingest.pipeline.encoder import encode_lines
-from estat_ingest.pipeline.keys import Namer, partition
 from estat_ingest.pipeline.queue import EventQueue
-from estat_ingest.pipeline.retry import Backoff
 from estat_ingest.pipeline.threads import encode_pool
-from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
+from estat_ingest.sinks.base import Payload, Sink
 
 log = logging.getLogger("estat_ingest.engine")
 
@@ -46,6 +46,8 @@ TAKE_MAX = 1024
 # Overflow spills (fan-out) run beside the dispatcher so a down sink's DLQ writes do not hold up
 # the healthy sinks; at most this many per lane, then the dispatcher waits (memory stays bounded).
 MAX_PENDING_SPILLS = 2
+# why a batch that was not delivered went to the DLQ, by where its delivery run ended
+_SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejected", Next.OUTAGE: "rejected"}
 
 
 @dataclass(slots=True)
@@ -56,12 +58,40 @@ class Closed:
     encoding: asyncio.Future[Payload]
 
 
+class UploadQueue:
+    """A lane's closed batches waiting for an uploader. `room` is set while one more fits: the
+    replayer waits on it, so replays never take an uploader's place from a fresh batch."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._q: asyncio.Queue[Closed | None] = asyncio.Queue(maxsize)
+        self.room = asyncio.Event()
+        self.room.set()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+    def full(self) -> bool:
+        return self._q.full()
+
+    async def put(self, item: Closed | None) -> None:
+        await self._q.put(item)
+        if self._q.full():
+            self.room.clear()
+
+    async def get(self) -> Closed | None:
+        item = await self._q.get()
+        if not self._q.full():
+            self.room.set()
+        return item
+
+
 @dataclass(slots=True)
 class Lane:
     sink: Sink
     batcher: Batcher
-    upload_q: asyncio.Queue[Closed | None]
+    upload_q: UploadQueue
     store: DlqStore
+    delivery: Delivery
     concurrency: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     spills: set[asyncio.Task[None]] = field(default_factory=set)  # overflow spills under way
@@ -91,22 +121,20 @@ class Pipeline:
         self.queue: EventQueue[Item] = EventQueue(settings.channel_size, settings.buffer_max_bytes,
                                                   _line_size, max(1, len(sinks)))
         self.namer = Namer(settings.instance_id, settings.ext, worker)
-        self.backoff = backoff or Backoff()
         self.dlq_root = dlq_root or settings.dlq_dir
+        self._abort = Abort()
         self.lanes: list[Lane] = []
         for sink in sinks:
-            ev, by, iv = sink.batching or (settings.batch_max_events, settings.batch_max_bytes,
-                                           settings.flush_interval_s)
-            concurrency = getattr(sink, "concurrency", None) or settings.upload_concurrency
-            bind_metrics = getattr(sink, "bind_metrics", None)  # sinks with their own counters
-            if bind_metrics is not None:
-                bind_metrics(metrics)
+            spec = sink.spec
+            b = spec.batching
             self.lanes.append(Lane(
                 sink=sink,
-                batcher=Batcher(ev, by, iv),
-                upload_q=asyncio.Queue(settings.upload_queue_batches),
-                store=DlqStore(self.dlq_root, sink.name, metrics, settings=settings),
-                concurrency=concurrency,
+                batcher=(Batcher(b.max_events, b.max_bytes, b.interval_s) if b is not None else
+                         Batcher(settings.batch_max_events, settings.batch_max_bytes, settings.flush_interval_s)),
+                upload_q=UploadQueue(settings.upload_queue_batches),
+                store=DlqStore(self.dlq_root, sink.name, metrics, settings=settings, reads_v1=spec.reads_v1_dlq),
+                delivery=Delivery(sink, metrics, backoff=backoff, abort=self._abort),
+                concurrency=spec.concurrency or settings.upload_concurrency,
             ))
         self.fan_out = len(self.lanes) > 1
         # compression threads (lower CPU priority than the loop, see threads.py): one per uploader
@@ -116,10 +144,9 @@ class Pipeline:
         self.report = DrainReport()
         self._dispatcher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self.replayers: list[Replayer] = []  # one per lane, started last, stopped first
-        self._abort = asyncio.Event()
-        self._attempting: set[asyncio.Task[Any]] = set()  # tasks inside attempt()
-        self._aborted: set[asyncio.Task[Any]] = set()  # ... that abort() cancelled
+        # one per lane, started last, stopped first; each gets the lane's delivery and its room event
+        self.replayers = [Replayer(lane.store, lane.delivery, lane.upload_q.room, settings) for lane in self.lanes]
+        self._started: list[Sink] = []  # sinks whose start() returned, closed in reverse by drain()
         self._force_flush = False
         self._open_batches = 0  # closed but not yet delivered or spilled
         self._idle = asyncio.Event()
@@ -134,11 +161,19 @@ class Pipeline:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        """Sinks and DLQ stores in order, then the loops. If a part fails to start, what started
+        is closed again (in reverse) before the error propagates."""
+        try:
+            for lane in self.lanes:
+                await lane.sink.start()
+                self._started.append(lane.sink)
+                await lane.store.start()
+        except BaseException:
+            await self._close_sinks()
+            self._pool.shutdown(wait=False)
+            raise
         for lane in self.lanes:
-            await lane.sink.start()
-            await lane.store.start()
             self._spawn(self._probe(lane.sink))
-            self.replayers.append(Replayer(self, lane))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
         for lane in self.lanes:
             for i in range(lane.concurrency):
@@ -157,12 +192,17 @@ class Pipeline:
         except Exception:  # a probe never takes the server down
             log.exception("sink check crashed", extra={"sink": sink.name})
 
+    async def _close_sinks(self) -> None:
+        while self._started:
+            sink = self._started.pop()
+            try:
+                await sink.aclose()
+            except Exception:
+                log.exception("sink close failed", extra={"sink": sink.name})
+
     def abort(self) -> None:
         """Skip to the spill: stop attempts, write everything undelivered to the DLQ."""
         self._abort.set()
-        for task in self._attempting - self._aborted:
-            self._aborted.add(task)
-            task.cancel()
 
     async def drain(self, timeout_s: float) -> DrainReport:
         """Close the queue and deliver what is left within `timeout_s`, then spill to the DLQ."""
@@ -172,7 +212,9 @@ class Pipeline:
             await replayer.stop()
         self.queue.close()
         tasks = [t for t in [self._dispatcher, *(t for lane in self.lanes for t in lane.tasks)] if t]
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        pending: set[asyncio.Task[None]] = set()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         if pending:
             self.report.aborted = True
             log.warning("shutdown budget spent: spilling the rest to the dlq",
@@ -185,11 +227,7 @@ class Pipeline:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        for lane in self.lanes:
-            try:
-                await lane.sink.aclose()
-            except Exception:
-                log.exception("sink close failed", extra={"sink": lane.sink.name})
+        await self._close_sinks()
         self._pool.shutdown(wait=False)  # every encode has returned: the tasks that awaited them are done
         return self.report
 
@@ -199,7 +237,7 @@ class Pipeline:
         """Burst mode: close every open batch now and wait until all are delivered or spilled."""
         while len(self.queue) or any(lane.batcher.pending for lane in self.lanes) or self._open_batches:
             self._force_flush = True
-            self.queue._wake()
+            self.queue.wake()
             await asyncio.sleep(0)
             if self._open_batches:
                 await self._idle.wait()
@@ -285,7 +323,7 @@ class Pipeline:
         s = self.settings
         level = s.zstd_level if s.compression == "zstd" else s.gzip_level
         n = len(batch)
-        kept = tuple(batch.lines) if lane.sink.wants_lines else None
+        kept = tuple(batch.lines) if lane.sink.spec.keeps_lines else None
         # compressed ~1 MiB at a time; the lines are released as they go unless the sink keeps them
         data = await asyncio.get_running_loop().run_in_executor(
             self._pool, encode_lines, batch.lines, batch.nbytes, s.compression, level, kept is None)
@@ -301,103 +339,27 @@ class Pipeline:
         )
 
     async def deliver(self, lane: Lane, payload: Payload) -> None:
-        """Attempts with backoff; on failure, rejection or abort the payload goes to the DLQ."""
-        sink = lane.sink
-        failures = 0
-        reason = "failed"
+        """The lane's delivery run; whatever it could not deliver goes to the DLQ."""
         try:
-            while True:
-                if self._abort.is_set():
-                    reason = "shutdown"
-                    break
-                result = await self.attempt(sink, payload)
-                if result is None:
-                    reason = "shutdown"
-                    break
-                payload = payload.with_attempts(payload.attempts + 1)
-                if result.rejected is not None:
-                    await self._spill(lane, result.rejected, "rejected")
-                if result.ok:
-                    n = payload.num_events if result.delivered is None else result.delivered
-                    self._delivered(lane, n, fresh=True)
-                    log.info("batch delivered", extra={
-                        "sink": sink.name, "batch": payload.name, "events": n,
-                        "bytes": len(payload.data), "outcome": "ok", "attempts": payload.attempts})
-                    return
-                if result.delivered:
-                    self._delivered(lane, result.delivered, fresh=True)
-                if result.remainder is not None:
-                    payload = result.remainder.with_attempts(payload.attempts)
-                if result.outcome is Outcome.REJECT:
-                    reason = "rejected"
-                    break
-                failures += 1
-                if failures >= sink.attempts:
-                    reason = "failed"
-                    break
-                if await self._sleep_or_abort(self.backoff.delay(failures)):
-                    reason = "shutdown"
-                    break
-            await self._spill(lane, payload, reason)
+            final = await lane.delivery.run(payload)
+            for items in final.set_aside:  # items rejected for good: to the DLQ with their errors
+                await self._spill(lane, items, "rejected")
+            if final.delivered:
+                self._delivered(lane, final.delivered)
+            if final.next is Next.DELIVERED:
+                log.info("batch delivered", extra={
+                    "sink": lane.sink.name, "batch": payload.name, "events": final.delivered,
+                    "bytes": len(payload.data), "outcome": "ok", "attempts": final.payload.attempts})
+                return
+            await self._spill(lane, final.payload, _SPILL_REASON[final.next])
         finally:
             self._open_batches -= 1
             if self._open_batches == 0:
                 self._idle.set()
 
-    async def attempt(self, sink: Sink, payload: Payload) -> Result | None:
-        """One attempt under the sink's timeout; None when aborted by shutdown mid-attempt."""
-        # The send runs inline in the caller's task (no task of its own, no asyncio.wait): each extra
-        # hop costs a loop iteration, which is long when the loop is saturated, and uploads are
-        # serial per uploader. `abort()` cancels the attempting tasks; the cancel is recognised here.
-        if self._abort.is_set():
-            return None
-        m = self.metrics
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        t0 = loop.time()
-        self._attempting.add(task)
-        try:
-            async with asyncio.timeout(sink.timeout_s):
-                result = await sink.send(payload)
-        except TimeoutError:
-            result = Result(Outcome.RETRY, "timeout")
-        except asyncio.CancelledError:
-            if task not in self._aborted:
-                raise  # our caller was cancelled: the attempt goes with it
-            return None
-        except Exception as err:
-            log.error("sink raised instead of returning a Result", exc_info=err, extra={"sink": sink.name})
-            result = Result(Outcome.RETRY, "error")
-        finally:
-            self._attempting.discard(task)
-            if task in self._aborted:  # abort's cancel is consumed (caught above, or swallowed by the sink)
-                self._aborted.discard(task)
-                task.uncancel()
-        outcome = result.outcome.value
-        m.upload_duration.labels(sink.name, outcome).observe(loop.time() - t0)
-        m.upload_attempts.labels(sink.name, outcome, result.reason or outcome).inc()
-        if sink.name == "s3" and not result.ok:
-            m.s3_put_errors.inc()
-        if not result.ok:
-            log.warning("delivery attempt failed", extra={
-                "sink": sink.name, "batch": payload.name, "events": payload.num_events,
-                "outcome": outcome, "reason": result.reason, "attempt": payload.attempts + 1})
-        return result
-
-    def _delivered(self, lane: Lane, n: int, fresh: bool) -> None:
+    def _delivered(self, lane: Lane, n: int) -> None:
         self.metrics.events_delivered.labels(lane.sink.name).inc(n)
-        if fresh and lane.sink.name == "s3":
-            self.metrics.s3_events_stored.inc(n)
         self.report.delivered_events += n
-
-    async def _sleep_or_abort(self, delay: float) -> bool:
-        try:
-            async with asyncio.timeout(delay):
-                await self._abort.wait()
-        except TimeoutError:
-            return False
-        return True
 
     async def _spill(self, lane: Lane, payload: Payload, reason: str) -> None:
         if await lane.store.write(payload, reason):

@@ -57,7 +57,7 @@ class EventQueue(Generic[T]):
         if self._size is not None:
             self.held_bytes += self._size(item) * self._weight
         self._items.append(item)
-        self._wake()
+        self.wake()
         return True
 
     def offer_many(self, items: Sequence[T]) -> bool:
@@ -68,7 +68,7 @@ class EventQueue(Generic[T]):
         if self._size is not None:
             self.held_bytes += sum(map(self._size, items)) * self._weight
         self._items.extend(items)
-        self._wake()
+        self.wake()
         return True
 
     def release(self, nbytes: int) -> None:
@@ -77,11 +77,16 @@ class EventQueue(Generic[T]):
 
     def close(self) -> None:
         self._closed = True
-        self._wake()
+        self.wake()
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the consumer now (it takes what is there, or [] — the dispatcher then checks its deadlines)."""
         if self._wakeup is not None:
             self._wakeup.set()
+
+    def snapshot(self) -> list[T]:
+        """A copy of the items waiting, oldest first (tests, debugging)."""
+        return list(self._items)
 
     async def take(self, max_items: int, timeout: float | None) -> list[T] | None:  # noqa: ASYNC109
         """Up to `max_items` items; [] when `timeout` passed first; None when closed and empty."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from estat_ingest.config import Settings
+    from estat_ingest.metrics import Metrics
     from estat_ingest.sinks.base import Sink
 
 REGISTRY = {
@@ -17,8 +18,8 @@ REGISTRY = {
 }
 
 
-def build_sink(name: str, settings: Settings) -> Sink:
+def build_sink(name: str, settings: Settings, metrics: Metrics | None = None) -> Sink:
     module, _, attr = REGISTRY[name].partition(":")
     cls = getattr(importlib.import_module(module), attr)
-    sink: Sink = cls(settings)
+    sink: Sink = cls(settings, metrics)
     return sink

@@ -1,9 +1,14 @@
-"""The sink seam: one required method, `send`, making ONE delivery attempt.
+"""The sink seam: a declared spec and one required method, `send`, making ONE delivery attempt.
 
-A sink classifies the outcome (ok / retry / reject, with a bounded reason) and never sleeps; the
-engine owns retries, backoff, timeouts and the DLQ (Fluent Bit's OK/RETRY/ERROR, httpx's
-transport). `Payload` is what a batch becomes: its name and partition are fixed when the batch
-closes and never change, so every retry and every DLQ replay goes to the same key (§2.4).
+A sink states what the engine needs to know about it in a frozen `SinkSpec` (attempts, the bound
+on one attempt, batching, concurrency, whether it wants the uncompressed lines), classifies each
+attempt's outcome (ok / retry / reject, with a bounded reason) and never sleeps: the delivery
+module (`estat_ingest/delivery.py`) owns retries, backoff, timeouts and what an outcome means
+(Fluent Bit's OK/RETRY/ERROR, httpx's transport). Optional abilities are small Protocols
+(`KeepsRejects`), checked by mypy, never discovered with getattr.
+
+`Payload` is what a batch becomes: its name and partition are fixed when the batch closes and
+never change, so every retry and every DLQ replay goes to the same key (§2.4).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
+from typing import Protocol, runtime_checkable
 
 
 class Outcome(enum.Enum):
@@ -30,6 +36,7 @@ class Payload:
     lines: tuple[bytes, ...] | None = None  # uncompressed lines when known (fresh batches)
     attempts: int = 0  # delivery attempts so far, over the payload's whole life
     meta: dict[str, object] = field(default_factory=dict)  # extra DLQ metadata (e.g. item errors)
+    replayed: bool = False  # read back from a DLQ file (not a fresh batch)
 
     def with_attempts(self, attempts: int) -> Payload:
         return replace(self, attempts=attempts)
@@ -40,8 +47,9 @@ class Result:
     outcome: Outcome
     reason: str = ""  # bounded label: throttled, timeout, server_error, client_error, connection …
     remainder: Payload | None = None  # partial failure: only what is worth retrying
-    rejected: Payload | None = None  # partial failure: items rejected for good (→ DLQ rejected/)
+    rejected: Payload | None = None  # partial failure: items rejected for good (→ set aside)
     delivered: int | None = None  # events delivered by this attempt when not all of them
+    error: str = ""  # the error text for the log line (never a label: unbounded)
 
     @property
     def ok(self) -> bool:
@@ -51,16 +59,38 @@ class Result:
 OK = Result(Outcome.OK)
 
 
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """A batch closes at whichever comes first."""
+
+    max_events: int
+    max_bytes: int
+    interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """What the engine, the replayer and `dlq replay` need to know about a sink."""
+
+    name: str  # metric label and DLQ subdirectory
+    attempts: int  # attempts per payload before it goes to the DLQ (1 = no retry)
+    timeout_s: float  # bound on one attempt, enforced by the delivery module
+    batching: Batching | None = None  # None: the global BATCH_SIZE / BATCH_MAX_BYTES / FLUSH_INTERVAL
+    concurrency: int | None = None  # uploads in flight; None: UPLOAD_CONCURRENCY
+    keeps_lines: bool = False  # keep the uncompressed lines in Payload.lines (else only the data)
+    reads_v1_dlq: bool = False  # v1's DLQ files (directly in DLQ_DIR) belong to this sink
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.timeout_s <= 0:
+            raise ValueError(f"sink {self.name}: attempts must be >= 1 and timeout_s > 0")
+
+
 class Sink(ABC):
-    name: str = "sink"
-    #: attempts per payload before it goes to the DLQ (1 = no retry)
-    attempts: int = 3
-    #: bound on one attempt, enforced by the engine
-    timeout_s: float = 10.0
-    #: keep the uncompressed lines in Payload.lines (else only the compressed data is kept in memory)
-    wants_lines: bool = False
-    #: batching of this sink: (max events, max bytes, interval seconds); None = the global settings
-    batching: tuple[int, int, float] | None = None
+    spec: SinkSpec  # set by the constructor
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     async def start(self) -> None:
         """Open clients; called once before the first send."""
@@ -69,8 +99,20 @@ class Sink(ABC):
     async def send(self, payload: Payload) -> Result:
         """ONE delivery attempt. Never sleeps, never retries."""
 
+    def observe(self, payload: Payload, result: Result) -> None:
+        """After every attempt (fresh or replayed, also a timed-out one): metrics the sink owns."""
+
     async def check(self) -> None:
         """Start-up probe: log clearly if the destination is unreachable (never blocks readiness)."""
 
     async def aclose(self) -> None:
         """Release clients."""
+
+
+@runtime_checkable
+class KeepsRejects(Protocol):
+    """A sink with a place of its own for batches it rejected for good (S3: under DLQ_PREFIX)."""
+
+    async def keep_rejected(self, payload: Payload) -> str | None:
+        """Store `payload` there; its location, or None if that failed (it is then moved aside
+        locally). One attempt, bounded by the sink's own timeout."""

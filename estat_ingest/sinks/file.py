@@ -10,17 +10,15 @@ import os
 
 from estat_ingest.config import Settings
 from estat_ingest.fsutil import atomic_write
-from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink
+from estat_ingest.metrics import Metrics
+from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec
 
 
 class FileSink(Sink):
-    name = "file"
-
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.spec = SinkSpec(name="file", attempts=3, timeout_s=30.0)
         self.root = os.path.abspath(settings.file_sink_dir)
         self.prefix = settings.raw_prefix
-        self.attempts = 3
-        self.timeout_s = 30.0
 
     def path_of(self, payload: Payload) -> str:
         return os.path.join(self.root, self.prefix, payload.partition, payload.name)

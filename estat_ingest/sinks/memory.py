@@ -6,21 +6,17 @@ import asyncio
 from collections import deque
 
 from estat_ingest.config import Settings
-from estat_ingest.pipeline.encoder import decompress
-from estat_ingest.sinks.base import OK, Payload, Result, Sink
+from estat_ingest.formats.codec import decompress
+from estat_ingest.metrics import Metrics
+from estat_ingest.sinks.base import OK, Payload, Result, Sink, SinkSpec
 
 
 class MemorySink(Sink):
-    name = "memory"
-
-    def __init__(self, settings: Settings | None = None, attempts: int = 3, *, gated: bool = False,
-                 name: str | None = None) -> None:
-        self.attempts = attempts
-        self.timeout_s = 60.0 if gated else 5.0
+    def __init__(self, settings: Settings | None = None, metrics: Metrics | None = None, attempts: int = 3, *,
+                 gated: bool = False, name: str = "memory") -> None:
+        self.spec = SinkSpec(name=name, attempts=attempts, timeout_s=60.0 if gated else 5.0)
         # gated: every send waits until `gate` is set (a stuck sink that recovers on cue)
         self.gate: asyncio.Event | None = asyncio.Event() if gated else None
-        if name is not None:
-            self.name = name
         self.delivered: list[Payload] = []
         self.calls: list[Payload] = []
         self.script: deque[Result] = deque()  # outcomes to return before answering OK

@@ -9,6 +9,7 @@ overwrites the same object instead of adding a duplicate (§9 g).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from typing import Any
@@ -27,8 +28,9 @@ from botocore.exceptions import (
 )
 
 from estat_ingest.config import Settings
-from estat_ingest.pipeline.keys import join_key
-from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink
+from estat_ingest.formats.keys import join_key
+from estat_ingest.metrics import Metrics
+from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec
 
 log = logging.getLogger("estat_ingest.sinks.s3")
 
@@ -51,19 +53,30 @@ def classify_client_error(err: ClientError) -> Result:
 
 
 class S3Sink(Sink):
-    name = "s3"
+    """Owns v1's `s3_put_errors_total` and `s3_events_stored_total` (through `observe`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+        self.spec = SinkSpec(name="s3", attempts=1 + settings.s3_app_retries, timeout_s=settings.s3_timeout_s,
+                             reads_v1_dlq=True)
         self.settings = settings
+        self.metrics = metrics
         self.bucket = settings.raw_bucket
         self.prefix = settings.raw_prefix
-        self.attempts = 1 + settings.s3_app_retries
-        self.timeout_s = settings.s3_timeout_s
+        self.dlq_prefix = settings.dlq_prefix
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
     def key_of(self, payload: Payload, prefix: str | None = None) -> str:
         return join_key(self.prefix if prefix is None else prefix, payload.partition, payload.name)
+
+    def observe(self, payload: Payload, result: Result) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        if not result.ok:
+            m.s3_put_errors.inc()
+        elif not payload.replayed:  # v1's meaning: stored by a fresh upload
+            m.s3_events_stored.inc(payload.num_events)
 
     async def start(self) -> None:
         s = self.settings
@@ -101,6 +114,16 @@ class S3Sink(Sink):
 
     async def send(self, payload: Payload) -> Result:
         return await self.put(self.key_of(payload), payload)
+
+    async def keep_rejected(self, payload: Payload) -> str | None:
+        """A batch S3 refused for good goes under DLQ_PREFIX, same partition and name (v1)."""
+        key = self.key_of(payload, prefix=self.dlq_prefix)
+        try:
+            async with asyncio.timeout(self.spec.timeout_s):
+                result = await self.put(key, payload)
+        except TimeoutError:
+            return None
+        return f"s3://{self.bucket}/{key}" if result.ok else None
 
     async def check(self) -> None:
         try:

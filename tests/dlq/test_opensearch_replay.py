@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from estat_ingest.cli import main
+from estat_ingest.formats.codec import compress
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.encoder import compress
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
 from tests.dlq.util import counter_value, data_files, run_async, settings, wait_for, write_entry
@@ -48,7 +48,7 @@ async def test_server_replayer_to_opensearch_moves_rejected_items_aside(tmp_path
     good, bad = make_dir(d)
     s = settings(tmp_path, sinks=("opensearch",), opensearch_urls=(fake.url,), dlq_max_age_s=0)
     metrics = Metrics()
-    p = Pipeline(s, metrics, [build_sink("opensearch", s)])
+    p = Pipeline(s, metrics, [build_sink("opensearch", s, metrics)])
     await p.start()
     try:
         await wait_for(lambda: len(p.lanes[0].store.index) == 0, 30, "the opensearch DLQ to empty")

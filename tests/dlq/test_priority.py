@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -38,7 +39,7 @@ async def test_no_replay_while_the_upload_queue_is_full(tmp_path: Path) -> None:
     for c in range(1, 6):
         write_entry(d, int(time.time()) - 100 + c, c, 2)
     sink = SlowFresh()
-    sink.timeout_s = 60
+    sink.spec = replace(sink.spec, timeout_s=60)
     s = settings(tmp_path, batch_max_events=1, upload_queue_batches=1, upload_concurrency=1, dlq_max_age_s=0)
     p = Pipeline(s, Metrics(), [sink])
     # fill the lane before the replayer can run: one batch in flight, one waiting → queue full
@@ -55,9 +56,9 @@ async def test_no_replay_while_the_upload_queue_is_full(tmp_path: Path) -> None:
 
         before = replayed()  # at most one wave could start before the queue filled up
         assert before <= s.dlq_replay_concurrency
-        gate = r._gate_waits
-        await wait_for(lambda: r._gate_waits >= gate + 10, 10, "the replayer to wait at the full queue")
-        assert lane.upload_q.full()
+        await wait_for(lambda: r.waiting_for_room and r.room_waits >= 1, 10, "the replayer to wait at the full queue")
+        await asyncio.sleep(0.5)  # a while with the queue full: the replayer stays at the gate
+        assert lane.upload_q.full() and r.waiting_for_room
         assert replayed() == before  # nothing replayed while fresh batches wait
         sink.release.set()
         await wait_for(lambda: len(lane.store.index) == 0, 20, "the DLQ to empty once the queue has room")

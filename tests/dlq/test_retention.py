@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from estat_ingest.dlq.store import DlqStore, Limits
+from estat_ingest.formats.codec import compress
+from estat_ingest.formats.keys import partition
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.encoder import compress
-from estat_ingest.pipeline.keys import partition
 from estat_ingest.sinks.base import Payload
 from tests.dlq.util import counter_value, data_files, lines_for, run_async, write_entry
 

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from estat_ingest.formats.keys import partition
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
-from estat_ingest.pipeline.keys import partition
 from estat_ingest.sinks.base import Outcome, Payload, Result
 from estat_ingest.sinks.s3 import S3Sink
 from tests.dlq.util import TZ, counter_value, data_files, run_async, settings, wait_for, write_entries, write_entry
@@ -59,7 +59,7 @@ async def test_v1_directory_replays_to_the_partition_of_its_names(tmp_path: Path
     ids += write_entry(root / "s3", 1_700_000_000, 1, 3)[1]
     s = s3_settings(tmp_path, moto, bucket)
     metrics = Metrics()
-    p = Pipeline(s, metrics, [S3Sink(s)])
+    p = Pipeline(s, metrics, [S3Sink(s, metrics)])
     await run_until(p, lambda: len(p.lanes[0].store.index) == 0 and p.lanes[0].store.totals.files == 0, 30,
                     "the v1 directory to empty")
     objs = s3_objects(s3, bucket)

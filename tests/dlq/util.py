@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 
 from estat_ingest.config import Settings
-from estat_ingest.pipeline.encoder import checksum, compress
-from estat_ingest.pipeline.keys import partition
+from estat_ingest.formats.codec import checksum, compress
+from estat_ingest.formats.keys import partition
 
 TZ = "Asia/Seoul"
 

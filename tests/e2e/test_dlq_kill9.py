@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from estat_ingest.pipeline.keys import partition
+from estat_ingest.formats.keys import partition
 from tests.dlq.util import TZ, data_files, write_entry
 from tests.helpers import ServerProcess, decode_object, free_port, s3_objects
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from estat_ingest.pipeline.encoder import CorruptPayload, compress, decompress, verify
+from estat_ingest.formats.codec import CorruptPayload, compress, decompress, verify
 from estat_ingest.pipeline.queue import EventQueue
 
 LINES = b"".join(b'{"n":%d}\n' % i for i in range(5000))
@@ -67,7 +67,7 @@ def test_queue_offer_many_is_all_or_nothing_and_close_drains() -> None:
 def test_encode_lines_is_one_stream_equal_to_the_joined_lines(codec: str, release: bool) -> None:
     import zstandard
 
-    from estat_ingest.pipeline.encoder import encode_lines
+    from estat_ingest.formats.codec import encode_lines
 
     lines = [b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * (i % 3000)) for i in range(3000)]  # ~4.5 MB: many chunks
     joined = b"".join(lines)
@@ -92,7 +92,7 @@ def test_every_gzip_level_is_one_standard_member_readers_take(level: int) -> Non
     import subprocess
     import zlib
 
-    from estat_ingest.pipeline.encoder import encode_lines
+    from estat_ingest.formats.codec import encode_lines
 
     lines = [b'{"n":%d,"s":"%s"}\n' % (i, str(i * 7919).encode() * 5) for i in range(20_000)]
     joined = b"".join(lines)

@@ -9,6 +9,7 @@ import asyncio
 import gzip
 import os
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,12 @@ import pytest
 from multidict import CIMultiDict
 
 from estat_ingest.config import Settings
+from estat_ingest.delivery import Backoff
 from estat_ingest.dlq.store import META_SUFFIX
+from estat_ingest.formats.keys import partition
 from estat_ingest.http.collect import Collector
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
-from estat_ingest.pipeline.keys import partition
-from estat_ingest.pipeline.retry import Backoff
 from estat_ingest.sinks.base import Outcome, Result
 from estat_ingest.sinks.memory import MemorySink
 from estat_ingest.sinks.s3 import S3Sink
@@ -64,7 +65,7 @@ def test_s3_attempts_are_exactly_one_plus_retries_no_hidden_sdk_retries(tmp_path
                 s = settings(tmp_path / str(retries), sinks=("s3",), raw_bucket="b", aws_region="us-east-1",
                              s3_endpoint_url=fake.endpoint, s3_app_retries=retries)
                 m = Metrics()
-                pipe = Pipeline(s, m, [S3Sink(s)], backoff=FAST)
+                pipe = Pipeline(s, m, [S3Sink(s, m)], backoff=FAST)
                 await pipe.start()
                 fake.puts.clear()
                 await run_events(pipe, 10)
@@ -93,7 +94,7 @@ def test_zero_retries_still_uploads(tmp_path: Path, moto: Any, bucket: str, s3: 
         s = settings(tmp_path, sinks=("s3",), raw_bucket=bucket, aws_region="us-east-1",
                      s3_endpoint_url=moto.endpoint, s3_app_retries=0)
         m = Metrics()
-        pipe = Pipeline(s, m, [S3Sink(s)], backoff=FAST)
+        pipe = Pipeline(s, m, [S3Sink(s, m)], backoff=FAST)
         await pipe.start()
         await run_events(pipe, 25)
         await pipe.drain(10)
@@ -114,7 +115,7 @@ def test_timed_out_put_is_retried_under_the_same_key(tmp_path: Path) -> None:
             s = settings(tmp_path, sinks=("s3",), raw_bucket="b", aws_region="us-east-1",
                          s3_endpoint_url=fake.endpoint, s3_timeout_s=0.3, s3_app_retries=2)
             m = Metrics()
-            pipe = Pipeline(s, m, [S3Sink(s)], backoff=FAST)
+            pipe = Pipeline(s, m, [S3Sink(s, m)], backoff=FAST)
             await pipe.start()
             await run_events(pipe, 7)
             await pipe.drain(10)
@@ -140,7 +141,7 @@ def test_classification_4xx_rejects_at_once_throttling_retries(tmp_path: Path, s
             s = settings(tmp_path, sinks=("s3",), raw_bucket="b", aws_region="us-east-1",
                          s3_endpoint_url=fake.endpoint, s3_app_retries=2)
             m = Metrics()
-            pipe = Pipeline(s, m, [S3Sink(s)], backoff=FAST)
+            pipe = Pipeline(s, m, [S3Sink(s, m)], backoff=FAST)
             await pipe.start()
             await run_events(pipe, 3)
             await pipe.drain(10)
@@ -325,7 +326,7 @@ def test_abort_mid_attempt_spills_even_when_the_sink_swallows_the_cancel(tmp_pat
     async def main() -> Any:
         s = settings(tmp_path, batch_max_events=10, upload_concurrency=2)
         sink = Swallow()
-        sink.timeout_s = 3600
+        sink.spec = replace(sink.spec, timeout_s=3600)
         pipe = Pipeline(s, Metrics(), [sink], backoff=FAST)
         await pipe.start()
         await run_events(pipe, 40)
@@ -334,7 +335,8 @@ def test_abort_mid_attempt_spills_even_when_the_sink_swallows_the_cancel(tmp_pat
 
     report, pipe = asyncio.run(main())
     assert report.aborted and report.spilled_events == 40 and report.delivered_events == 0
-    assert not pipe._attempting and not pipe._aborted
+    abort = pipe.lanes[0].delivery.abort
+    assert abort.attempting == 0 and abort.unconsumed == 0
     total = sum(len(gzip.decompress(f.read_bytes()).splitlines()) for f in dlq_files(tmp_path / "dlq"))
     assert total == 40
 
@@ -347,12 +349,13 @@ def test_a_cancelled_caller_cancels_its_attempt_and_abort_is_not_blamed(tmp_path
         pipe = Pipeline(settings(tmp_path), Metrics(), [sink], backoff=FAST)
         payload = Payload(name="x.jsonl.gz", partition="dt=2026-11-23/hr=00", num_events=1,
                           data=gzip.compress(b'{"a":1}\n'), compression="gzip", first_ts=0.0)
-        t = asyncio.create_task(pipe.attempt(sink, payload))
+        delivery = pipe.lanes[0].delivery
+        t = asyncio.create_task(delivery.attempt(payload))
         await asyncio.sleep(0.05)
-        assert pipe._attempting == {t}
+        assert delivery.abort.attempting == 1
         t.cancel()
         with pytest.raises(asyncio.CancelledError):
             await t
-        assert not pipe._attempting and not pipe._aborted
+        assert delivery.abort.attempting == 0 and delivery.abort.unconsumed == 0
 
     asyncio.run(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from estat_ingest.pipeline.keys import NAME_RE, Namer, join_key, partition, unix_of_name
+from estat_ingest.formats.keys import NAME_RE, Namer, join_key, partition, unix_of_name
 from estat_ingest.pipeline.record import IdGen, encode_record
 
 

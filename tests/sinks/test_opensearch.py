@@ -24,12 +24,12 @@ from botocore.credentials import Credentials
 from multidict import CIMultiDict
 
 from estat_ingest.config import Settings
+from estat_ingest.delivery import Backoff
 from estat_ingest.dlq.store import META_SUFFIX
+from estat_ingest.formats.codec import decompress
 from estat_ingest.http.collect import Collector
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.encoder import decompress
 from estat_ingest.pipeline.engine import Pipeline
-from estat_ingest.pipeline.retry import Backoff
 from estat_ingest.sinks.base import Outcome, Payload
 from estat_ingest.sinks.opensearch import Nodes, OpenSearchSink, rejected_name
 from tests.fake_opensearch import FakeOpenSearch, self_signed, server_tls
@@ -91,7 +91,7 @@ def top_files(d: Path) -> list[Path]:
 
 async def run(s: Settings, m: Metrics, feed: Any, until: Any = None, **sink_kw: Any) -> tuple[Pipeline, Any]:
     """Feed events, deliver them all; then, with `until`, let the DLQ replayer work until it holds."""
-    sink = OpenSearchSink(s, **sink_kw)
+    sink = OpenSearchSink(s, m, **sink_kw)
     pipe = Pipeline(s, m, [sink], backoff=FAST)
     await pipe.start()
     try:
@@ -469,7 +469,7 @@ def test_sigv4_default_credential_chain(tmp_path: Path, fake: FakeOpenSearch) ->
 
 
 def test_rejected_names_stay_v1_style_and_distinct() -> None:
-    from estat_ingest.pipeline.keys import NAME_RE
+    from estat_ingest.formats.keys import NAME_RE
 
     n = "1764805500_t-abc123_000042.jsonl.gz"
     r1, r2 = rejected_name(n, 1), rejected_name(n, 2)
@@ -498,7 +498,7 @@ def test_opensearch_index_template_is_checked_on_the_name_it_renders(value: str,
 
 
 def replay_payload(n: int, name: str = "1764805500_t-abc123_000001.jsonl.gz") -> Payload:
-    from estat_ingest.pipeline.encoder import compress
+    from estat_ingest.formats.codec import compress
     from estat_ingest.pipeline.record import IdGen, encode_record
 
     ids = IdGen()

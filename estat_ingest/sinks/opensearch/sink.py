@@ -32,71 +32,25 @@ import logging
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import aiohttp
 import orjson
 
 from estat_ingest.config import Settings
+from estat_ingest.formats.codec import compress, decompress
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.encoder import compress, decompress
-from estat_ingest.pipeline.keys import NAME_RE
-from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
-from estat_ingest.sinks.sigv4 import NoCredentials, SigV4Signer
+from estat_ingest.sinks.base import Batching, Outcome, Payload, Result, Sink, SinkSpec
+from estat_ingest.sinks.opensearch.documents import Bulk, Doc, DocumentBuilder, rejected_name, split_lines
+from estat_ingest.sinks.opensearch.items import Tally, classify_status, read_items
+from estat_ingest.sinks.opensearch.nodes import Nodes
+from estat_ingest.sinks.opensearch.sigv4 import NoCredentials, SigV4Signer
 
 log = logging.getLogger("estat_ingest.sinks.opensearch")
 
 SLICE = 500  # records per uninterrupted stretch of JSON work on the loop
-MAX_REASON = 500  # characters of an item error reason kept in the DLQ meta
-NODE_COOLDOWN_S = (2.0, 60.0)  # a failing node is skipped for 2 s, doubling up to 60 s
 _NODE_DOWN_STATUSES = frozenset({502, 503, 504})
-
-
-# ------------------------------------------------------------------------------------ nodes
-
-
-class Nodes:
-    """Round-robin over OPENSEARCH_URL; a node that failed is skipped until its cooldown ends."""
-
-    def __init__(self, urls: Sequence[str], clock: Any = time.monotonic) -> None:
-        self.urls = [u.rstrip("/") for u in urls]
-        self._clock = clock
-        self._next = 0
-        self._down_until = [0.0] * len(self.urls)
-        self._streak = [0] * len(self.urls)
-
-    def pick(self) -> str:
-        now = self._clock()
-        n = len(self.urls)
-        for k in range(n):
-            i = (self._next + k) % n
-            if self._down_until[i] <= now:
-                self._next = (i + 1) % n
-                return self.urls[i]
-        # every node is cooling down: try the one that comes back first rather than not at all
-        i = min(range(n), key=lambda j: self._down_until[j])
-        self._next = (i + 1) % n
-        return self.urls[i]
-
-    def failed(self, url: str) -> None:
-        i = self.urls.index(url)
-        self._streak[i] += 1
-        base, cap = NODE_COOLDOWN_S
-        cooldown = min(cap, base * 2 ** (self._streak[i] - 1))
-        if self._streak[i] == 1 or self._down_until[i] <= self._clock():
-            log.warning("opensearch node failing: skipped for a while",
-                        extra={"sink": "opensearch", "node": url, "cooldown_seconds": cooldown})
-        self._down_until[i] = self._clock() + cooldown
-
-    def ok(self, url: str) -> None:
-        i = self.urls.index(url)
-        if self._streak[i]:
-            log.info("opensearch node back", extra={"sink": "opensearch", "node": url})
-        self._streak[i] = 0
-        self._down_until[i] = 0.0
 
 
 class LogLimiter:
@@ -119,128 +73,6 @@ class LogLimiter:
         return self._suppressed.pop(key, 0)
 
 
-# ------------------------------------------------------------------------------------ documents
-
-
-@dataclass(slots=True)
-class Doc:
-    line: bytes  # the original JSONL record (what goes back to the DLQ)
-    index: str
-    id: str
-    body: bytes  # its two NDJSON lines: the `create` action and the document
-
-
-@dataclass(slots=True)
-class Bulk:
-    docs: list[Doc] = field(default_factory=list)
-    invalid: list[tuple[bytes, str]] = field(default_factory=list)  # (line, why) — records not indexable
-
-
-@dataclass(slots=True)
-class Tally:
-    """What one attempt (one or several `_bulk` requests) did to its documents."""
-
-    created: int = 0
-    duplicate: int = 0
-    retry: list[Doc] = field(default_factory=list)
-    retry_reasons: dict[str, int] = field(default_factory=dict)
-    rejected: list[tuple[bytes, dict[str, object]]] = field(default_factory=list)  # (record, its error)
-
-    @property
-    def done(self) -> int:
-        return self.created + self.duplicate
-
-    def retry_later(self, docs: Sequence[Doc], reason: str) -> None:
-        self.retry.extend(docs)
-        self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + len(docs)
-
-
-class DocumentBuilder:
-    """Record line → (`create` action, document). Pure; caches per second of receive time."""
-
-    def __init__(self, index: str, tz: str, data_stream: bool) -> None:
-        self.template = index
-        self.tz = ZoneInfo(tz)
-        self.data_stream = data_stream
-        self._index_cache: dict[int, str] = {}
-        self._iso_cache: dict[int, str] = {}
-
-    def index_of(self, ts: int) -> str:
-        if self.data_stream:
-            return self.template
-        name = self._index_cache.get(ts)
-        if name is None:
-            if len(self._index_cache) > 4096:
-                self._index_cache.clear()
-            name = datetime.fromtimestamp(ts, self.tz).strftime(self.template)
-            self._index_cache[ts] = name
-        return name
-
-    def timestamp(self, ts: int, event_id: str) -> str:
-        """ISO-8601 UTC with milliseconds: ts is whole seconds, the id's first 12 hex are epoch ms."""
-        ms = ts * 1000
-        try:
-            id_ms = int(event_id[:12], 16)
-        except ValueError:
-            id_ms = -1
-        if id_ms // 1000 == ts:
-            ms = id_ms
-        base = self._iso_cache.get(ts)
-        if base is None:
-            if len(self._iso_cache) > 4096:
-                self._iso_cache.clear()
-            base = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-            self._iso_cache[ts] = base
-        return f"{base}.{ms % 1000:03d}Z"
-
-    @staticmethod
-    def event_of(body: object) -> dict[str, Any]:
-        """The parsed body when it is a JSON object; anything else (a GET query string, an array,
-        a scalar, text when VALIDATE_JSON=false) as {"raw": <body as sent>}."""
-        if isinstance(body, str):
-            try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                return {"raw": body}
-            if isinstance(parsed, dict):
-                return parsed
-            return {"raw": body}
-        return {"raw": orjson.dumps(body).decode()}
-
-    def add(self, bulk: Bulk, line: bytes) -> None:
-        try:
-            rec = orjson.loads(line)
-            ts = int(rec["ts"])
-            event_id = rec["id"]
-            if not isinstance(event_id, str) or not event_id:
-                raise ValueError("id")
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            bulk.invalid.append((line, f"invalid record: {type(err).__name__}"))
-            return
-        index = self.index_of(ts)
-        doc = {
-            "@timestamp": self.timestamp(ts, event_id),
-            "ip": rec.get("ip", ""),
-            "user_agent": rec.get("user_agent", ""),
-            "event": self.event_of(rec.get("body", "")),
-            "id": event_id,
-        }
-        body = orjson.dumps({"create": {"_index": index, "_id": event_id}}, option=orjson.OPT_APPEND_NEWLINE) \
-            + orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
-        bulk.docs.append(Doc(line if line.endswith(b"\n") else line + b"\n", index, event_id, body))
-
-
-def rejected_name(name: str, attempt: int) -> str:
-    """A distinct DLQ name for the items rejected by one attempt, still a v1-style name."""
-    m = NAME_RE.match(name)
-    if m:
-        return f"{m.group('unix')}_{m.group('instance')}-rej{attempt}_{m.group('counter')}{m.group('ext') or ''}"
-    for ext in (".jsonl.gz", ".jsonl.zst"):
-        if name.endswith(ext):
-            return f"{name[:-len(ext)]}-rej{attempt}{ext}"
-    return f"{name}-rej{attempt}"
-
-
 def _prepare(body: bytes, gzip: bool, level: int, want_sha: bool) -> tuple[bytes, str]:
     data = compress(body, "gzip", level) if gzip and body else body
     return data, hashlib.sha256(data).hexdigest() if want_sha else ""
@@ -250,20 +82,17 @@ def _split_lines(raw: bytes) -> tuple[bytes, ...]:
     return tuple(line + b"\n" for line in raw.split(b"\n") if line.strip())
 
 
-# ------------------------------------------------------------------------------------ the sink
-
-
 class OpenSearchSink(Sink):
-    name = "opensearch"
-    wants_lines = True  # fresh batches come with their record lines: no decompression here
-
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, credentials: Any = None) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None, *, credentials: Any = None) -> None:
         s = settings
-        self.settings = s
-        self.attempts = 1 + s.opensearch_retries
+        # fresh batches come with their record lines (keeps_lines): no decompression here
+        self.spec = SinkSpec(
+            name="opensearch", attempts=1 + s.opensearch_retries, timeout_s=s.opensearch_timeout_s,
+            batching=Batching(s.bulk_batch_size, s.bulk_batch_bytes, s.bulk_flush_interval_s),
+            concurrency=s.bulk_max_parallel_flushes, keeps_lines=True)
         self.timeout_s = s.opensearch_timeout_s
-        self.batching = (s.bulk_batch_size, s.bulk_batch_bytes, s.bulk_flush_interval_s)
         self.concurrency = s.bulk_max_parallel_flushes
+        self.settings = s
         self.nodes = Nodes(s.opensearch_urls)
         self.builder = DocumentBuilder(s.opensearch_index, s.opensearch_index_tz, s.opensearch_data_stream)
         self.metrics = metrics
@@ -277,9 +106,6 @@ class OpenSearchSink(Sink):
         self._logs = LogLimiter()  # failure logs: one line per kind per 10 s, with a suppressed count
 
     # ---------------------------------------------------------------- lifecycle
-
-    def bind_metrics(self, metrics: Metrics) -> None:
-        self.metrics = metrics
 
     async def start(self) -> None:
         s = self.settings
@@ -379,7 +205,7 @@ class OpenSearchSink(Sink):
         lines = payload.lines
         if lines is None:  # a DLQ replay: the records are only in the compressed file
             raw = await asyncio.to_thread(decompress, payload.data, payload.compression)
-            lines = _split_lines(raw)
+            lines = split_lines(raw)
         bulk = await self._build(lines)
         attempt = payload.attempts + 1
         tally = Tally(rejected=[
@@ -427,7 +253,7 @@ class OpenSearchSink(Sink):
                 "sink": self.name, "batch": payload.name, "error": f"{type(err).__name__}: {err}"[:300]})
             return Result(Outcome.RETRY, "credentials")
 
-        whole = self._classify_status(status)
+        whole = classify_status(status)
         if whole is not None:
             suppressed = self._logs.allow(f"status:{status}")
             if suppressed is not None:
@@ -436,65 +262,22 @@ class OpenSearchSink(Sink):
                     "events": len(docs), "response": content[:300].decode("utf-8", "replace"),
                     "suppressed": suppressed})
             return whole
-        try:
-            response = orjson.loads(content)
-            items = response["items"]
-            errors = bool(response.get("errors", True))
-            if not isinstance(items, list):
-                raise TypeError("items")
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return Result(Outcome.RETRY, "bad_response")
-
-        if not errors and len(items) == len(docs):
-            tally.created += len(docs)
-            self._count("created", len(docs))
-            return None
-        created = duplicate = 0
-        retry: list[Doc] = []
-        reasons: dict[str, int] = {}
-        rejected: list[tuple[bytes, dict[str, object]]] = []
-        for i, doc in enumerate(docs):
-            item = items[i] if i < len(items) else None
-            info: dict[str, Any] = {}
-            if isinstance(item, dict) and item:
-                first = next(iter(item.values()))
-                info = first if isinstance(first, dict) else {}
-            st = info.get("status")
-            if not isinstance(st, int):
-                retry.append(doc)  # no answer for this document: it may or may not be there
-                reasons["missing_item"] = reasons.get("missing_item", 0) + 1
-            elif 200 <= st < 300:
-                created += 1
-            elif st == 409:
-                duplicate += 1
-            elif st == 429 or st >= 500:
-                retry.append(doc)
-                key = "throttled" if st == 429 else "server_error"
-                reasons[key] = reasons.get(key, 0) + 1
-            else:
-                error = info.get("error")
-                if not isinstance(error, dict):
-                    error = {"type": "unknown", "reason": str(error)}
-                rejected.append((doc.line, {
-                    "_id": doc.id, "index": info.get("_index", doc.index), "status": st,
-                    "type": error.get("type", "unknown"), "reason": str(error.get("reason", ""))[:MAX_REASON]}))
-        self._count("created", created)
-        self._count("duplicate", duplicate)
-        self._count("retried", len(retry))
-        self._count("rejected", len(rejected))
-        tally.created += created
-        tally.duplicate += duplicate
-        tally.retry.extend(retry)
-        for key, n in reasons.items():
-            tally.retry_reasons[key] = tally.retry_reasons.get(key, 0) + n
-        tally.rejected.extend(rejected)
-        suppressed = self._logs.allow("partial") if rejected or retry else None
+        items = read_items(content, docs)
+        if isinstance(items, Result):
+            return items
+        self._count("created", items.created)
+        self._count("duplicate", items.duplicate)
+        self._count("retried", len(items.retry))
+        self._count("rejected", len(items.rejected))
+        tally.add(items)
+        suppressed = self._logs.allow("partial") if items.rejected or items.retry else None
         if suppressed is not None:
             log.warning("opensearch bulk partially failed", extra={
                 "sink": self.name, "node": node, "batch": payload.name, "attempt": attempt,
-                "items_created": created, "items_duplicate": duplicate, "items_retried": len(retry),
-                "items_rejected": len(rejected), "retry_reasons": reasons,
-                "example_error": rejected[0][1] if rejected else None, "suppressed": suppressed})
+                "items_created": items.created, "items_duplicate": items.duplicate,
+                "items_retried": len(items.retry), "items_rejected": len(items.rejected),
+                "retry_reasons": items.reasons,
+                "example_error": items.rejected[0][1] if items.rejected else None, "suppressed": suppressed})
         return None
 
     async def _outcome(self, payload: Payload, attempt: int, tally: Tally, failed: Outcome, reason: str
@@ -523,23 +306,6 @@ class OpenSearchSink(Sink):
             return Result(failed, reason or "item_retry", remainder=rem, rejected=rej_payload, delivered=done)
         ok_reason = ("rejected_items" if not done else "partial") if rej_payload else ""
         return Result(Outcome.OK, ok_reason, rejected=rej_payload, delivered=done)
-
-    @staticmethod
-    def _classify_status(status: int) -> Result | None:
-        """None for a 200 (read the items); otherwise the whole request's outcome."""
-        if status == 200:
-            return None
-        if status == 429:
-            return Result(Outcome.RETRY, "throttled")
-        if status >= 500:
-            return Result(Outcome.RETRY, "server_error")
-        if status in (401, 403):
-            return Result(Outcome.REJECT, "auth")
-        if status == 413:
-            return Result(Outcome.REJECT, "too_large")
-        if 200 < status < 300:
-            return Result(Outcome.RETRY, "bad_response")
-        return Result(Outcome.REJECT, "client_error")
 
     # ---------------------------------------------------------------- start-up probe
 

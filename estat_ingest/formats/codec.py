@@ -1,4 +1,4 @@
-"""Batch encoding and verification (pure functions; call them through asyncio.to_thread).
+"""Batch encoding and verification (pure, blocking functions: the engine runs them in its pool).
 
 JSONL lines were encoded once at accept time, so a batch is its lines joined and compressed, in a
 thread: zlib and zstandard release the GIL, so the loop loses only the CPU the compression takes.
@@ -114,25 +114,44 @@ def decompress(data: bytes, compression: str, max_size: int = 1 << 34) -> bytes:
         raise CorruptPayload(str(err)) from None
 
 
-def count_json_lines(text: bytes) -> int:
-    """Number of lines, each of which must be valid JSON; raises CorruptPayload otherwise."""
+def stream_lines(data: bytes, compression: str, want_checksum: str | None = None) -> list[bytes]:
+    """The JSONL lines of a whole stream, verified: checksum (when known), complete decompression
+    (gzip CRC32 and length, zstd frame checksum), a newline at the end. Blocking and mostly GIL-free:
+    call it in a thread. Raises CorruptPayload."""
+    if want_checksum and checksum(data) != want_checksum:
+        raise CorruptPayload("checksum in meta does not match the data")
+    text = decompress(data, compression)
     if not text:
-        return 0
+        return []
     if not text.endswith(b"\n"):
         raise CorruptPayload("last line has no newline")
-    n = 0
-    for line in text.split(b"\n")[:-1]:
+    return text.split(b"\n")[:-1]
+
+
+def check_json(lines: list[bytes], start: int = 0, stop: int | None = None) -> None:
+    """Every line of `lines[start:stop]` is JSON; raises CorruptPayload naming the first that is not."""
+    loads, bad = orjson.loads, orjson.JSONDecodeError
+    for i in range(start, len(lines) if stop is None else min(stop, len(lines))):
         try:
-            orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise CorruptPayload(f"line {n + 1} is not JSON") from None
-        n += 1
+            loads(lines[i])
+        except bad:
+            raise CorruptPayload(f"line {i + 1} is not JSON") from None
+
+
+def check_count(n: int, want: int | None) -> int:
+    """`n` events, as the meta says (when it says), and at least one."""
+    if want is not None and want != n:
+        raise CorruptPayload(f"meta says {want} events, the file has {n}")
+    if n == 0:
+        raise CorruptPayload("no events")
     return n
 
 
-def verify(data: bytes, compression: str) -> int:
-    """Decompress fully and check every line; return the number of events."""
-    return count_json_lines(decompress(data, compression))
+def verify(data: bytes, compression: str, want_checksum: str | None = None, want_events: int | None = None) -> int:
+    """Full verification in one blocking call: stream, checksum, every line JSON, the count."""
+    lines = stream_lines(data, compression, want_checksum)
+    check_json(lines)
+    return check_count(len(lines), want_events)
 
 
 def checksum(data: bytes) -> str:
