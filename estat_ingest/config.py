@@ -243,6 +243,10 @@ class Settings:
     dlq_max_attempts: int = 20
     dlq_replay_concurrency: int = 1
     dlq_claim_timeout_s: float = 300.0
+    # acknowledgements (DESIGN.md §10)
+    ack_mode: str = "memory"  # memory: 2xx once queued; durable: 2xx once fsynced in the spool
+    spool_dir: str = ""  # "" = DLQ_DIR/spool
+    spool_adopt_after_s: float = 60.0
     # lifecycle
     shutdown_timeout_s: float = 25.0
     partition_tz: str = "Asia/Seoul"
@@ -370,6 +374,11 @@ class Settings:
         put("dlq_replay_concurrency", get("DLQ_REPLAY_CONCURRENCY", parse_int, lambda v: 1 <= v <= 64,
                                           "1 to 64"))
         put("dlq_claim_timeout_s", get("DLQ_CLAIM_TIMEOUT", parse_duration, lambda v: 1 <= v <= 86400,
+                                       "1s to 24h"))
+        # acknowledgements
+        put("ack_mode", get("ACK_MODE", _choice("memory", "durable")))
+        put("spool_dir", get("SPOOL_DIR", str.strip))
+        put("spool_adopt_after_s", get("SPOOL_ADOPT_AFTER", parse_duration, lambda v: 1 <= v <= 86400,
                                        "1s to 24h"))
         # lifecycle
         put("shutdown_timeout_s", get("SHUTDOWN_TIMEOUT", parse_duration, lambda v: 0.1 <= v <= 3600,

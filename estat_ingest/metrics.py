@@ -129,6 +129,22 @@ class Metrics:
         self.dlq_rejected = Counter(
             "dlq_events_rejected_total", "DLQ events the sink rejected for good, moved to DLQ_PREFIX or rejected/",
             ["sink"], registry=r)
+        # --- the durable spool (ACK_MODE=durable)
+        self.spool_fsync_seconds = Histogram(
+            "spool_fsync_seconds", "One group commit: every dirty batch's member written and fdatasynced",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.spool_files = Gauge("spool_files", "Open batches with a spool file of this process", registry=r)
+        self.spool_bytes = Gauge("spool_bytes", "Bytes of this process's spool files not yet delivered or "
+                                 "moved into the DLQ", registry=r)
+        self.spool_write_errors = Counter(
+            "spool_write_errors_total", "Group commits that failed (their requests got 503), by reason",
+            ["reason"], registry=r)
+        self.spool_recovered = Counter(
+            "spool_events_recovered_total", "Events found in the spool of a dead process and moved into the "
+            "DLQ: our own earlier run (restart) or a peer sharing DLQ_DIR (adoption)", ["how"], registry=r)
+        self.spool_torn_bytes = Counter(
+            "spool_torn_bytes_total", "Bytes cut off the end of recovered spool files (never acknowledged)",
+            registry=r)
         # --- OpenSearch, per _bulk item (not per request)
         self.opensearch_items = Counter(
             "opensearch_items_total",

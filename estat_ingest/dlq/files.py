@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import time
@@ -147,6 +148,23 @@ def temp_is_stale(name: str, age_s: float, own_pid_is_dead: bool, claim_timeout_
     except PermissionError:
         return False
     return False
+
+
+def take(src: str, path: str, meta: bytes) -> bool:
+    """Move a complete batch file (a spool file) in as the DLQ entry `path`: rename, then its meta,
+    both directories fsynced. False when it cannot be renamed here (another file system): the
+    caller writes a copy instead."""
+    try:
+        os.rename(src, path)
+    except OSError as err:
+        if err.errno in (errno.EXDEV, errno.ENOENT):
+            return False
+        raise
+    tmp = write_tmp(path + META_SUFFIX, meta)
+    os.replace(tmp, path + META_SUFFIX)
+    fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(src))
+    return True
 
 
 # ------------------------------------------------------------------------------ meta and data

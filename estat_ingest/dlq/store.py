@@ -218,6 +218,8 @@ class DlqStore:
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, payload.name)
         meta = orjson.dumps(self.meta_of(payload, reason))
+        if payload.file is not None and files.take(payload.file, path, meta):
+            return  # a spool file, renamed in: its bytes are written once
         tmp_data = write_tmp(path, payload.data)
         tmp_meta = write_tmp(path + META_SUFFIX, meta)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -16,6 +17,7 @@ class Batch:
     lines: list[bytes] = field(default_factory=list)
     nbytes: int = 0
     first_ts: float = 0.0  # receive time (epoch s) of the first event → partition and name
+    spool: Any = None  # ACK_MODE=durable: the batch's spool file and members (spool/writer.py)
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -89,6 +91,11 @@ class Batcher:
     def take(self) -> Batch | None:
         b, self._batch, self.deadline = self._batch, None, None
         return b if b else None
+
+    @property
+    def current(self) -> Batch | None:
+        """The open batch, if any."""
+        return self._batch
 
     @property
     def pending(self) -> int:

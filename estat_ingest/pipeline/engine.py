@@ -21,6 +21,7 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Coroutine, Sequence
@@ -38,6 +39,7 @@ from estat_ingest.pipeline.batcher import Batch, Batcher
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.threads import encode_pool
 from estat_ingest.sinks.base import Payload, Sink
+from estat_ingest.spool.writer import Spool
 
 log = logging.getLogger("estat_ingest.engine")
 
@@ -52,10 +54,11 @@ _SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejecte
 
 @dataclass(slots=True)
 class Closed:
-    """A closed batch on its way to an uploader: compression starts when it closes."""
+    """A closed batch on its way to an uploader: its payload is being made when it closes
+    (compressed in memory mode; in durable mode, its last records made durable)."""
 
-    nbytes: int  # JSONL bytes charged to the budget, given back when delivered or spilled
-    encoding: asyncio.Future[Payload]
+    batch: Batch  # its JSONL bytes are charged to the budget, given back when delivered or spilled
+    encoding: asyncio.Future[Payload | None]  # None: nothing of it was kept (a failed spool round)
 
 
 class UploadQueue:
@@ -137,6 +140,13 @@ class Pipeline:
                 concurrency=spec.concurrency or settings.upload_concurrency,
             ))
         self.fan_out = len(self.lanes) > 1
+        # ACK_MODE=durable: open batches are spool files and a request is answered after its fsync
+        self.spool: Spool | None = None
+        if settings.ack_mode == "durable":
+            self.spool = Spool(settings.spool_dir or os.path.join(settings.dlq_dir, "spool"), self.namer.instance,
+                               [lane.sink.name for lane in self.lanes], settings.compression, self._level(),
+                               metrics, adopt_after_s=settings.spool_adopt_after_s)
+            self.spool.on_rollback = self.queue.release
         # compression threads (lower CPU priority than the loop, see threads.py): one per uploader
         # and per possible overflow spill, so an encode never waits for a thread
         self._pool = encode_pool(sum(lane.concurrency for lane in self.lanes)
@@ -172,6 +182,8 @@ class Pipeline:
             await self._close_sinks()
             self._pool.shutdown(wait=False)
             raise
+        if self.spool is not None:  # a crash's spool files first, under their fixed names
+            await self.spool.start(self.dlq_root, {lane.sink.name: lane.store for lane in self.lanes})
         for lane in self.lanes:
             self._spawn(self._probe(lane.sink))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
@@ -228,6 +240,8 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self._close_sinks()
+        if self.spool is not None:
+            await self.spool.close()
         self._pool.shutdown(wait=False)  # every encode has returned: the tasks that awaited them are done
         return self.report
 
@@ -254,9 +268,12 @@ class Pipeline:
             if items is None:
                 break
             now = loop.time()
-            for lane in lanes:
-                for closed in lane.batcher.add_many(items, now):
-                    await self._hand_over(lane, closed)
+            closed = [(lane, lane.batcher.add_many(items, now)) for lane in lanes]
+            if self.spool is not None:  # before any await: the next round covers these records
+                self._note(closed)
+            for lane, batches in closed:
+                for b in batches:
+                    await self._hand_over(lane, b)
             now = loop.time()
             force, self._force_flush = self._force_flush, False
             # budget spent: close batches holding a real share of it, so it drains now rather than
@@ -264,18 +281,33 @@ class Pipeline:
             share = queue.max_bytes // (4 * max(1, len(lanes))) if queue.over_budget else None
             for lane in lanes:
                 if force or lane.batcher.due(now) or (share is not None and lane.batcher.nbytes >= share):
-                    b = lane.batcher.take()
-                    if b is not None:
-                        await self._hand_over(lane, b)
+                    due = lane.batcher.take()
+                    if due is not None:
+                        await self._hand_over(lane, due)
         for lane in lanes:  # queue closed and empty: flush every partial batch
-            b = lane.batcher.take()
-            if b is not None:
-                await self._hand_over(lane, b)
+            last = lane.batcher.take()
+            if last is not None:
+                await self._hand_over(lane, last)
         for lane in lanes:
             if lane.spills:
                 await asyncio.wait(lane.spills)
             for _ in lane.tasks:
                 await lane.upload_q.put(None)
+
+    def _note(self, closed: list[tuple[Lane, list[Batch]]]) -> None:
+        """Durable mode: tell the spool which batches got records, then which requests they answer."""
+        spool = self.spool
+        assert spool is not None
+        for lane, batches in closed:
+            for b in [*batches, lane.batcher.current]:
+                if b is not None and b.lines:
+                    sp = b.spool
+                    if sp is None:
+                        spool.note(lane.sink.name, b, self.namer.next(b.first_ts),
+                                   partition(b.first_ts, self.settings.partition_tz))
+                    else:
+                        spool.note(sp.sink, b, sp.name, sp.partition)
+        spool.add_tickets(self.queue.take_tickets())
 
     async def _hand_over(self, lane: Lane, batch: Batch) -> None:
         m = self.metrics
@@ -283,7 +315,9 @@ class Pipeline:
         m.batch_bytes.labels(lane.sink.name).observe(batch.nbytes)
         if self._abort.is_set():
             try:
-                await self._spill(lane, await self._encode(lane, batch), "shutdown")
+                p = await self._payload(lane, batch)
+                if p is not None and await self._spill(lane, p, "shutdown"):
+                    await self._drop_file(p)
             finally:
                 self.queue.release(batch.nbytes)
             return
@@ -299,11 +333,13 @@ class Pipeline:
         # compress now, not when an uploader is free: the encode overlaps the uploads ahead of it,
         # so an uploader's turn is only the send (each await costs a loop iteration, which is long
         # when the loop is saturated; with the encode inside the turn, two uploaders capped NDJSON)
-        await lane.upload_q.put(Closed(batch.nbytes, asyncio.ensure_future(self._encode(lane, batch))))
+        await lane.upload_q.put(Closed(batch, asyncio.ensure_future(self._payload(lane, batch))))
 
     async def _overflow(self, lane: Lane, batch: Batch) -> None:
         try:
-            await self._spill(lane, await self._encode(lane, batch), "overflow")
+            p = await self._payload(lane, batch)
+            if p is not None and await self._spill(lane, p, "overflow"):
+                await self._drop_file(p)
         finally:
             self.queue.release(batch.nbytes)
 
@@ -315,13 +351,34 @@ class Pipeline:
             if closed is None:
                 return
             try:
-                await self.deliver(lane, await closed.encoding)
+                payload = await closed.encoding
+                if payload is None:
+                    self._batch_done()
+                else:
+                    await self.deliver(lane, payload)
             finally:
-                self.queue.release(closed.nbytes)
+                self.queue.release(closed.batch.nbytes)
+
+    def _level(self) -> int:
+        s = self.settings
+        return s.zstd_level if s.compression == "zstd" else s.gzip_level
+
+    async def _payload(self, lane: Lane, batch: Batch) -> Payload | None:
+        """The closed batch as a payload: its spool members (durable mode, None if a failed round
+        left nothing of it), or compressed now (memory mode)."""
+        if self.spool is None or batch.spool is None:
+            return await self._encode(lane, batch)
+        sp = batch.spool
+        data = await self.spool.seal(sp)
+        if data is None:
+            return None
+        return Payload(name=sp.name, partition=sp.partition, num_events=len(batch), data=data,
+                       compression=self.settings.compression, first_ts=batch.first_ts,
+                       lines=tuple(batch.lines) if lane.sink.spec.keeps_lines else None, file=sp.path)
 
     async def _encode(self, lane: Lane, batch: Batch) -> Payload:
         s = self.settings
-        level = s.zstd_level if s.compression == "zstd" else s.gzip_level
+        level = self._level()
         n = len(batch)
         kept = tuple(batch.lines) if lane.sink.spec.keeps_lines else None
         # compressed ~1 MiB at a time; the lines are released as they go unless the sink keeps them
@@ -350,26 +407,44 @@ class Pipeline:
                 log.info("batch delivered", extra={
                     "sink": lane.sink.name, "batch": payload.name, "events": final.delivered,
                     "bytes": len(payload.data), "outcome": "ok", "attempts": final.payload.attempts})
+                await self._drop_file(payload)
                 return
-            await self._spill(lane, final.payload, _SPILL_REASON[final.next])
+            if await self._spill(lane, final.payload, _SPILL_REASON[final.next]):
+                await self._drop_file(payload)  # moved in by rename, or a remainder written as a copy
         finally:
-            self._open_batches -= 1
-            if self._open_batches == 0:
-                self._idle.set()
+            self._batch_done()
+
+    def _batch_done(self) -> None:
+        self._open_batches -= 1
+        if self._open_batches == 0:
+            self._idle.set()
+
+    async def _drop_file(self, payload: Payload) -> None:
+        """Durable mode: the batch's spool file is done with (delivered, or now in the DLQ)."""
+        if payload.file is not None and self.spool is not None:
+            self.spool.forget(len(payload.data))
+            await asyncio.to_thread(_unlink, payload.file)
 
     def _delivered(self, lane: Lane, n: int) -> None:
         self.metrics.events_delivered.labels(lane.sink.name).inc(n)
         self.report.delivered_events += n
 
-    async def _spill(self, lane: Lane, payload: Payload, reason: str) -> None:
+    async def _spill(self, lane: Lane, payload: Payload, reason: str) -> bool:
         if await lane.store.write(payload, reason):
             self.report.spilled_events += payload.num_events
-        else:
-            self.report.lost_events += payload.num_events
+            return True
+        # (durable mode: the spool file stays where it is; a restart recovers it)
+        self.report.lost_events += payload.num_events
+        return False
 
 
 def _line_size(item: Item) -> int:
     return len(item[1])
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def dlq_root_for(settings: Settings, worker: int | None) -> str:

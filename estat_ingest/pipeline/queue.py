@@ -33,6 +33,10 @@ class EventQueue(Generic[T]):
         self._items: deque[T] = deque()
         self._closed = False
         self._wakeup: asyncio.Event | None = None
+        # durable acknowledgements: a ticket is answered once every item offered before it is durable
+        self._offered = 0  # items ever offered
+        self._taken = 0  # items ever taken
+        self._tickets: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -57,6 +61,7 @@ class EventQueue(Generic[T]):
         if self._size is not None:
             self.held_bytes += self._size(item) * self._weight
         self._items.append(item)
+        self._offered += 1
         self.wake()
         return True
 
@@ -68,8 +73,23 @@ class EventQueue(Generic[T]):
         if self._size is not None:
             self.held_bytes += sum(map(self._size, items)) * self._weight
         self._items.extend(items)
+        self._offered += len(items)
         self.wake()
         return True
+
+    def ticket(self) -> asyncio.Future[None]:
+        """A future for everything offered so far: the consumer resolves it (durable mode: once the
+        spool round that covers those items has been fsynced) or fails it (503)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tickets.append((self._offered, fut))
+        return fut
+
+    def take_tickets(self) -> list[asyncio.Future[None]]:
+        """The tickets whose items have all been taken."""
+        t, taken, out = self._tickets, self._taken, []
+        while t and t[0][0] <= taken:
+            out.append(t.popleft()[1])
+        return out
 
     def release(self, nbytes: int) -> None:
         """Give back bytes charged by offers (a batch delivered or spilled)."""
@@ -108,5 +128,12 @@ class EventQueue(Generic[T]):
                 return None if self._closed else []
         items = self._items
         n = min(max_items, len(items))
+        if self._tickets:  # never split a ticketed request between two takes (durable mode)
+            end = self._taken + n
+            for seq, _ in self._tickets:
+                if seq >= end:
+                    n = seq - self._taken
+                    break
+        self._taken += n
         popleft = items.popleft
         return [popleft() for _ in range(n)]

@@ -37,6 +37,7 @@ class Payload:
     attempts: int = 0  # delivery attempts so far, over the payload's whole life
     meta: dict[str, object] = field(default_factory=dict)  # extra DLQ metadata (e.g. item errors)
     replayed: bool = False  # read back from a DLQ file (not a fresh batch)
+    file: str | None = None  # a spool file holding exactly `data`: the DLQ takes it by rename
 
     def with_attempts(self, attempts: int) -> Payload:
         return replace(self, attempts=attempts)
