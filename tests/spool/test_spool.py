@@ -1,0 +1,200 @@
+"""The durable spool in-process: ordering of fsyncs and answers, group commit, failed rounds, torn
+files and recovery of a dead owner's spool (ACK_MODE=durable, DESIGN.md §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gzip
+import os
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from estat_ingest.config import Settings
+from estat_ingest.formats.codec import compress
+from estat_ingest.metrics import Metrics
+from estat_ingest.pipeline.engine import Pipeline
+from estat_ingest.sinks.memory import MemorySink
+from estat_ingest.spool import lease
+from estat_ingest.spool.segment import spool_name
+from estat_ingest.spool.writer import SpoolError
+from tests.dlq.util import counter_value, run_async, wait_for
+
+
+def settings(tmp: Path, **kw: Any) -> Settings:
+    base: dict[str, Any] = {"dlq_dir": str(tmp / "dlq"), "instance_id": "t", "ack_mode": "durable",
+                            "flush_interval_s": 60.0, "dlq_max_age_s": 0}
+    base.update(kw)
+    return Settings.from_env({}, **base)
+
+
+def line(i: int) -> bytes:
+    return orjson.dumps({"ts": 1_790_000_000, "body": f'{{"i":{i}}}', "id": f"e{i:06d}"}) + b"\n"
+
+
+def ids_of(lines: list[bytes]) -> list[str]:
+    return [orjson.loads(x)["id"] for x in lines]
+
+
+@run_async
+async def test_no_answer_before_the_fsync_that_covers_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ticket is answered after an fdatasync of its file returned with the file already
+    holding the member that carries its event (a wrapped os.fdatasync records each sync)."""
+    events: list[tuple[str, Any]] = []  # ("sync", (path, size)) | ("ack", i) in the order they happened
+    content: dict[str, bytes] = {}  # each file as its last fsync left it
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        path, size = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size
+        with open(path, "rb") as f:  # (the spool's own fd is write-only)
+            content[path] = f.read(size)
+        events.append(("sync", (path, size)))
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    sink = MemorySink()
+    p = Pipeline(settings(tmp_path, batch_max_events=40), Metrics(), [sink])
+    await p.start()
+    try:
+        tickets = []
+        for i in range(100):  # a burst, then a trickle: several requests per round, then one each
+            assert p.queue.offer((time.time(), line(i)))
+            t = p.queue.ticket()
+            t.add_done_callback(lambda f, i=i: events.append(("ack", i)))
+            tickets.append(t)
+            if i >= 80:
+                await t
+        await asyncio.gather(*tickets)
+        await p.flush_and_wait()
+    finally:
+        await p.drain(5)
+    # where each event is on disk: the end offset of the member that carries it
+    ends: dict[int, tuple[str, int]] = {}
+    for path, data in content.items():
+        off = 0
+        while off < len(data):
+            d = zlib.decompressobj(31)
+            text = d.decompress(data[off:])
+            assert d.eof
+            off = len(data) - len(d.unused_data)
+            for rec in text.splitlines():
+                ends[int(orjson.loads(rec)["id"][1:])] = (path, off)
+    assert sorted(ends) == list(range(100))
+    synced: dict[str, int] = {}
+    rounds = 0
+    for kind, what in events:
+        if kind == "sync":
+            path, size = what
+            synced[path] = max(synced.get(path, 0), size)
+            rounds += 1
+        else:
+            path, end = ends[what]
+            assert synced.get(path, 0) >= end, f"event {what} answered before its bytes were synced"
+    assert rounds < 100  # the burst shared rounds (group commit)
+    assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in range(100)]
+    assert p.spool is not None and not Path(p.spool.dir).exists()  # every file delivered and deleted
+
+
+@run_async
+async def test_a_failed_round_answers_503_and_keeps_nothing_of_it(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC while writing: those requests fail, their events are taken back out; the next rounds
+    succeed and exactly the acknowledged events are delivered."""
+    sink = MemorySink()
+    m = Metrics()
+    p = Pipeline(settings(tmp_path, batch_max_events=1000), m, [sink])
+    await p.start()
+    real = os.pwrite
+    fail = {"on": False}
+
+    def pwrite(fd: int, data: Any, off: int) -> int:
+        if fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, off)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    acked: list[int] = []
+    try:
+        for phase, bad in ((0, False), (1, True), (2, False)):
+            fail["on"] = bad
+            tickets = []
+            for i in range(phase * 10, phase * 10 + 10):
+                assert p.queue.offer((time.time(), line(i)))
+                tickets.append((i, p.queue.ticket()))
+            for i, t in tickets:
+                try:
+                    await t
+                    acked.append(i)
+                except SpoolError as err:
+                    assert bad and err.reason == "no_space"
+            assert p.spool is not None and p.spool.healthy is (not bad)
+        await p.flush_and_wait()
+    finally:
+        await p.drain(5)
+    assert acked == list(range(10)) + list(range(20, 30))
+    assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in acked]
+    assert counter_value(m, "spool_write_errors_total", reason="no_space") >= 1
+    assert p.queue.held_bytes == 0  # the taken-back records gave their bytes back
+
+
+def dead_owner(spool: Path, owner: str) -> Path:
+    """An owner directory whose lease names this host and a pid that does not exist."""
+    d = spool / owner
+    (d / "memory").mkdir(parents=True)
+    me = lease.Holder.me()
+    lease.write_lease(str(d), lease.Holder(me.host, me.boot_id, 2**22 + 17, "1"))
+    return d
+
+
+@run_async
+async def test_a_dead_owners_spool_is_recovered_torn_tail_cut_and_counted(tmp_path: Path) -> None:
+    spool = tmp_path / "dlq" / "spool"
+    d = dead_owner(spool, "t-dead01")
+    name = "1790000000_t-dead01_000001.jsonl.gz"
+    good = compress(b"".join(line(i) for i in range(5)), "gzip", 1) + \
+        compress(b"".join(line(i) for i in range(5, 9)), "gzip", 1)
+    torn = compress(b"".join(line(i) for i in range(9, 12)), "gzip", 1)[:-7]  # a member cut short
+    (d / "memory" / spool_name("dt=2026-09-22/hr=02", name)).write_bytes(good + torn)
+    (d / "memory" / spool_name("dt=2026-09-22/hr=02", "1790000001_t-dead01_000002.jsonl.gz")).write_bytes(torn)
+    sink = MemorySink()
+    m = Metrics()
+    p = Pipeline(settings(tmp_path), m, [sink])
+    await p.start()
+    try:
+        await wait_for(lambda: len(sink.lines()) == 9, 20, "the recovered events to be replayed")
+    finally:
+        await p.drain(5)
+    assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in range(9)]
+    [payload] = sink.delivered
+    assert payload.name == name and payload.partition == "dt=2026-09-22/hr=02"  # the fixed key
+    assert gzip.decompress(payload.data).count(b"\n") == 9
+    assert counter_value(m, "spool_events_recovered_total", how="restart") == 9
+    assert counter_value(m, "spool_torn_bytes_total") == 2 * len(torn)
+    assert not d.exists()  # claimed, emptied, removed
+
+
+@run_async
+async def test_a_live_peers_spool_is_left_alone_until_its_lease_is_stale(tmp_path: Path) -> None:
+    spool = tmp_path / "dlq" / "spool"
+    d = spool / "peer-abc"
+    (d / "memory").mkdir(parents=True)
+    lease.write_lease(str(d), lease.Holder("another-host", "boot", 1, "1"))  # fresh lease, other host
+    name = "1790000000_peer-abc_000001.jsonl.gz"
+    (d / "memory" / spool_name("dt=2026-09-22/hr=02", name)).write_bytes(
+        compress(b"".join(line(i) for i in range(3)), "gzip", 1))
+    sink = MemorySink()
+    m = Metrics()
+    p = Pipeline(settings(tmp_path, spool_adopt_after_s=2), m, [sink])
+    await p.start()
+    try:
+        assert d.exists() and not sink.delivered  # alive: not adopted at start
+        await wait_for(lambda: len(sink.lines()) == 3, 30, "the stale peer's spool to be adopted")
+    finally:
+        await p.drain(5)
+    assert counter_value(m, "spool_events_recovered_total", how="adoption") == 3
+    assert sink.delivered[0].name == name
