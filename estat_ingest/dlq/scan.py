@@ -159,8 +159,12 @@ class ScanResult:
 
 
 def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], now: float,
-              claim_timeout_s: float, starting: bool = False) -> ScanResult:
+              claim_timeout_s: float, starting: bool = False,
+              owner_dead: Callable[[str], bool] | None = None) -> ScanResult:
     """Read the next `limit` entries of the scanner's directory and act on them (blocking).
+
+    A claim is stale after `claim_timeout_s`, or at once when `owner_dead` says its owner's lease
+    shows it dead (durable mode: spool/lease.py).
 
     Cost: one readdir chunk + one stat per data file not in the index (+ renames/unlinks for stale
     claims and temp files). Whatever the number of files in the directory.
@@ -184,6 +188,8 @@ def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], n
                 if m is not None:
                     res.present.add(m.group("name"))
                 data_name = files.stale_claim(name, now, claim_timeout_s)
+                if data_name is None and m is not None and owner_dead is not None and owner_dead(m.group("owner")):
+                    data_name = m.group("name")
                 if data_name is not None and files.recover(d, name, data_name):
                     res.recovered.append(data_name)
                     if not known(d, data_name):

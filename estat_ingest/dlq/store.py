@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,8 @@ class DlqStore:
         self.totals = DirTotals()
         self.limits = limits or (Limits.of(settings) if settings is not None else Limits())
         self.owner = owner or files.owner_id(settings.instance_id if settings is not None else "estat")
+        # blocking; True when a claim's owner is known dead (its lease says so): recover it at once
+        self.owner_dead: Callable[[str], bool] | None = None
         # DLQ_DIR itself when `root` is DLQ_DIR or a worker root in it (an unrelated root, as in
         # tests, never reaches into the configured DLQ_DIR)
         top = None
@@ -156,7 +159,7 @@ class DlqStore:
                     self.publish()
                     return False
                 res = await asyncio.to_thread(scan_pass, sw.scanner, chunk, self.index.knows, time.time(),
-                                              lim.claim_timeout_s, True)
+                                              lim.claim_timeout_s, True, self.owner_dead)
                 self._absorb(res)
                 sw.metas.extend(res.metas)
                 sw.present |= res.present
@@ -298,7 +301,7 @@ class DlqStore:
         n = 0
         for scanner in self._scanners:
             res = await asyncio.to_thread(scan_pass, scanner, self.limits.scan_limit, self.index.knows,
-                                          time.time(), self.limits.claim_timeout_s)
+                                          time.time(), self.limits.claim_timeout_s, False, self.owner_dead)
             self._absorb(res)
             n += len(res.new)
         self.publish()

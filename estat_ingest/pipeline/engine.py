@@ -39,6 +39,7 @@ from estat_ingest.pipeline.batcher import Batch, Batcher
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.threads import encode_pool
 from estat_ingest.sinks.base import Payload, Sink
+from estat_ingest.spool import lease
 from estat_ingest.spool.writer import Spool
 
 log = logging.getLogger("estat_ingest.engine")
@@ -135,7 +136,8 @@ class Pipeline:
                 batcher=(Batcher(b.max_events, b.max_bytes, b.interval_s) if b is not None else
                          Batcher(settings.batch_max_events, settings.batch_max_bytes, settings.flush_interval_s)),
                 upload_q=UploadQueue(settings.upload_queue_batches),
-                store=DlqStore(self.dlq_root, sink.name, metrics, settings=settings, reads_v1=spec.reads_v1_dlq),
+                store=DlqStore(self.dlq_root, sink.name, metrics, settings=settings, reads_v1=spec.reads_v1_dlq,
+                               owner=lease.owner_of(self.namer.instance)),
                 delivery=Delivery(sink, metrics, backoff=backoff, abort=self._abort),
                 concurrency=spec.concurrency or settings.upload_concurrency,
             ))
@@ -147,6 +149,8 @@ class Pipeline:
                                [lane.sink.name for lane in self.lanes], settings.compression, self._level(),
                                metrics, adopt_after_s=settings.spool_adopt_after_s)
             self.spool.on_rollback = self.queue.release
+            for lane in self.lanes:  # a claim of a process whose lease says it died is recovered at once
+                lane.store.owner_dead = self.spool.owner_dead
         # compression threads (lower CPU priority than the loop, see threads.py): one per uploader
         # and per possible overflow spill, so an encode never waits for a thread
         self._pool = encode_pool(sum(lane.concurrency for lane in self.lanes)

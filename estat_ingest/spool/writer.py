@@ -89,6 +89,7 @@ class Spool:
         self._watcher: asyncio.Task[None] | None = None
         self._dlq_root = ""
         self._stores: dict[str, DlqStore] = {}
+        self._recovered: set[str] = set()  # owners found dead (their DLQ claims are stale at once)
         self._open_files = 0
         self._bytes = 0
         # the engine gives the bytes of records taken back out of a batch back to the queue's budget
@@ -121,6 +122,7 @@ class Spool:
             claimed = await asyncio.to_thread(lease.claim, self.root, owner, self.owner)
             if claimed is None:  # another peer got there first
                 continue
+            self._recovered.add(owner)
             try:
                 rec = await asyncio.to_thread(recover_owner, claimed, self._dlq_root)
             except OSError as err:
@@ -139,6 +141,14 @@ class Spool:
                 "owner": owner, "how": how, "files": rec.files, "events": rec.events,
                 "torn_bytes": rec.torn_bytes})
         return total
+
+    def owner_dead(self, owner: str) -> bool:
+        """Blocking. A DLQ claim's owner is dead by its lease (False without a lease: unknown)."""
+        if owner in self._recovered:
+            return True
+        d = os.path.join(self.root, owner)
+        return owner != self.owner and os.path.isdir(d) and lease.is_dead(d, self.me, time.time(),
+                                                                           self.adopt_after_s)
 
     def _dead_owners(self) -> list[str]:
         now = time.time()

@@ -198,3 +198,22 @@ async def test_a_live_peers_spool_is_left_alone_until_its_lease_is_stale(tmp_pat
         await p.drain(5)
     assert counter_value(m, "spool_events_recovered_total", how="adoption") == 3
     assert sink.delivered[0].name == name
+
+
+@run_async
+async def test_a_dlq_claim_of_a_dead_owner_is_recovered_at_once(tmp_path: Path) -> None:
+    """DLQ_CLAIM_TIMEOUT is 5 minutes, but the claim's owner has a lease that says it is dead."""
+    from tests.dlq.util import write_entry
+
+    dead_owner(tmp_path / "dlq" / "spool", "t-gone42")
+    d = tmp_path / "dlq" / "memory"
+    name, ids = write_entry(d, int(time.time()) - 10, 1, 4)
+    os.rename(d / name, d / f"{name}.claim-{int(time.time())}-t-gone42")
+    sink = MemorySink()
+    p = Pipeline(settings(tmp_path, dlq_claim_timeout_s=300), Metrics(), [sink])
+    await p.start()
+    try:
+        await wait_for(lambda: len(sink.lines()) == 4, 20, "the claimed file to be recovered and replayed")
+    finally:
+        await p.drain(5)
+    assert sorted(ids_of(sink.lines())) == sorted(ids)
