@@ -27,12 +27,13 @@ from estat_ingest.dlq import files
 from estat_ingest.dlq.scan import Entry
 from estat_ingest.dlq.settle import settle
 from estat_ingest.dlq.store import DlqStore
-from estat_ingest.formats.codec import CorruptPayload, decompress
-from estat_ingest.formats.keys import unix_of_name
+from estat_ingest.formats.codec import CorruptPayload, Members, compression_of, decompress, walk_members
+from estat_ingest.formats.keys import parse_spool_name, unix_of_name
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.base import Sink
 
 SINK_DIRS = ("s3", "file", "opensearch", "memory")
+SPOOL_DIR = "spool"  # ACK_MODE=durable's default SPOOL_DIR under DLQ_DIR: <owner>/<sink>/<spool files>
 
 
 # ------------------------------------------------------------------------------ discovery
@@ -43,6 +44,7 @@ class Group:
     directory: str
     sink: str  # the sink its files belong to (v1 files at a root → s3)
     label: str  # path relative to DIR, "." for DIR itself
+    spool: bool = False  # open batches of ACK_MODE=durable (spool files), not DLQ entries
 
 
 def discover(root: str) -> list[Group]:
@@ -56,7 +58,9 @@ def discover(root: str) -> list[Group]:
         path = os.path.join(root, name)
         if not os.path.isdir(path) or name in files.SUBDIRS:
             continue
-        if name in SINK_DIRS:
+        if name == SPOOL_DIR:
+            out += spool_groups(path, name)
+        elif name in SINK_DIRS:
             out.append(Group(path, name, name))
         elif name.startswith("w") and name[1:].isdigit():  # --workers roots
             out.append(Group(path, "s3", name))
@@ -64,6 +68,34 @@ def discover(root: str) -> list[Group]:
                 if sub in SINK_DIRS and os.path.isdir(os.path.join(path, sub)):
                     out.append(Group(os.path.join(path, sub), sub, f"{name}/{sub}"))
     return out
+
+
+def spool_groups(spool: str, label: str) -> list[Group]:
+    """SPOOL_DIR/<owner>/<sink>/: the open (or crashed) batches of each durable process."""
+    out = []
+    for owner in sorted(os.listdir(spool)):
+        for sink in sorted(os.listdir(os.path.join(spool, owner))) if os.path.isdir(os.path.join(spool, owner)) else []:
+            d = os.path.join(spool, owner, sink)
+            if os.path.isdir(d):
+                out.append(Group(d, sink, f"{label}/{owner}/{sink}", spool=True))
+    return out
+
+
+def spool_files(group: Group) -> list[tuple[str, str, str]]:
+    """(path, partition, name) of the spool files of a spool group, oldest first."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for fname in os.listdir(group.directory):
+            parsed = parse_spool_name(fname)
+            if parsed is not None:
+                out.append((os.path.join(group.directory, fname), *parsed))
+    out.sort(key=lambda f: (unix_of_name(f[2]) or 0, f[2]))
+    return out
+
+
+def walk_spool_file(path: str, name: str) -> Members:
+    with open(path, "rb") as f:
+        return walk_members(f.read(), compression_of(name))
 
 
 @dataclass(slots=True)
@@ -155,11 +187,26 @@ class GroupStats:
     corrupt: int = 0
     foreign: int = 0
     temp: int = 0
+    spool: bool = False  # open batches of a durable process (acknowledged, not yet delivered)
+    torn_bytes: int = 0  # spool: bytes after the last complete member (never acknowledged)
 
 
 def stats_of(group: Group, now: float) -> GroupStats:
-    st = GroupStats(group.label, group.sink)
+    st = GroupStats(group.label, group.sink, spool=group.spool)
     unixes: list[int] = []
+    if group.spool:
+        for path, _part, name in spool_files(group):
+            with contextlib.suppress(FileNotFoundError):
+                m = walk_spool_file(path, name)
+                st.files += 1
+                st.events += m.events
+                st.bytes += m.good + m.torn
+                st.torn_bytes += m.torn
+                unixes.append(unix_of_name(name) or 0)
+        if unixes:
+            st.oldest_age_s = round(now - min(unixes), 1)
+            st.newest_age_s = round(now - max(unixes), 1)
+        return st
     for kind, e in entries(group):
         if kind in ("data", "claim"):
             name = e.name if kind == "data" else files.CLAIM_RE.match(e.name).group("name")  # type: ignore[union-attr]
@@ -206,7 +253,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     rows = [head]
     for g in shown:
         events = f"{g.events}" + (f"+?{g.events_unknown_files}" if g.events_unknown_files else "")
-        rows.append((g.path if g.path != "." else ". (v1)", g.sink, str(g.files), events, _human_bytes(g.bytes),
+        sink = g.sink + (" (spool)" if g.spool else "")
+        rows.append((g.path if g.path != "." else ". (v1)", sink, str(g.files), events, _human_bytes(g.bytes),
                      _human_age(g.oldest_age_s), _human_age(g.newest_age_s), str(g.claimed), str(g.rejected),
                      str(g.corrupt), str(g.foreign)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -234,8 +282,17 @@ def verify_file(f: Found) -> tuple[int | None, str]:
 def cmd_verify(args: argparse.Namespace) -> int:
     if (code := _check_dir(args.path)) is not None:
         return code
-    ok, events, corrupt, quarantined = 0, 0, [], []
+    ok, events, corrupt, quarantined, torn = 0, 0, [], [], []
     for g in discover(args.path):
+        if g.spool:  # open batches: every complete member is verified; a torn tail was never acknowledged
+            for path, _part, name in spool_files(g):
+                with contextlib.suppress(FileNotFoundError):
+                    m = walk_spool_file(path, name)
+                    ok += 1
+                    events += m.events
+                    if m.torn:
+                        torn.append({"path": os.path.relpath(path, args.path), "sink": g.sink, "bytes": m.torn})
+            continue
         for f in data_of(g):
             n, err = verify_file(f)
             if n is None:
@@ -249,10 +306,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
                             if files.kind_of(n) == "data"]
     if args.json:
         _print_json({"dir": os.path.abspath(args.path), "ok_files": ok, "events": events, "corrupt": corrupt,
-                     "quarantined": quarantined})
+                     "quarantined": quarantined, "spool_torn": torn})
     else:
         for c in corrupt:
             print(f"CORRUPT  {c['path']}: {c['error']}")
+        for t in torn:
+            print(f"spool file with a torn tail (never acknowledged; cut when recovered)  {t['path']}: "
+                  f"{t['bytes']} bytes")
         for q in quarantined:
             print(f"quarantined (already moved aside by the server)  {q}")
         print(f"{ok} files ok ({events} events), {len(corrupt)} corrupt")
@@ -265,6 +325,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_cat(args: argparse.Namespace) -> int:
     path = args.path
     base = os.path.basename(path)
+    spooled = parse_spool_name(base)
+    if spooled is not None:  # an open batch: its complete members (what was acknowledged)
+        try:
+            data = files.read_file(path)
+        except OSError as err:
+            print(f"estat-ingest dlq cat: {err}", file=sys.stderr)
+            return 2
+        walked = walk_members(data, compression_of(spooled[1]))
+        if walked.good:
+            sys.stdout.buffer.write(decompress(data[:walked.good], compression_of(spooled[1])))
+            sys.stdout.buffer.flush()
+        if walked.torn:
+            print(f"estat-ingest dlq cat: {path}: {walked.torn} bytes of torn tail not shown (never "
+                  "acknowledged)", file=sys.stderr)
+        return 0
     m = files.CLAIM_RE.match(base)
     name = m.group("name") if m else base
     meta = files.read_meta(os.path.dirname(path) or ".", name)

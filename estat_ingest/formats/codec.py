@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import orjson
@@ -160,3 +161,36 @@ def checksum(data: bytes) -> str:
 
 def compression_of(name: str) -> str:
     return "zstd" if name.endswith(".zst") else "gzip"
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """What a walk over a multi-member stream (a spool file) found."""
+
+    good: int  # bytes of complete, verified members from the start
+    events: int  # records in them
+    torn: int  # bytes after them (a torn tail: never acknowledged)
+
+
+def walk_members(data: bytes, compression: str) -> Members:
+    """Verify members from the start; stop at the first that is incomplete or damaged."""
+    good = events = 0
+    rest = data
+    while rest:
+        try:
+            if compression == "zstd":
+                d = zstandard.ZstdDecompressor().decompressobj()
+                text = d.decompress(rest)
+                done, unused = d.eof, d.unused_data
+            else:
+                z = zlib.decompressobj(31)
+                text = z.decompress(rest)
+                done, unused = z.eof, z.unused_data
+        except (zlib.error, zstandard.ZstdError):
+            break
+        if not done or not text or not text.endswith(b"\n"):
+            break
+        good += len(rest) - len(unused)
+        events += text.count(b"\n")
+        rest = unused
+    return Members(good, events, len(data) - good)

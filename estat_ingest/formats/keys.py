@@ -50,3 +50,18 @@ def unix_of_name(name: str) -> int | None:
     """The epoch seconds at the start of a v1-style name, or None for a foreign name."""
     m = NAME_RE.match(name)
     return int(m.group("unix")) if m else None
+
+
+# a spool file (ACK_MODE=durable): the open batch's partition and name in one file name
+def spool_name(partition: str, name: str) -> str:
+    return f"{partition.replace('/', '+')}+{name}"
+
+
+def parse_spool_name(fname: str) -> tuple[str, str] | None:
+    """(partition, name) of a spool file name, or None for anything else."""
+    parts = fname.split("+", 2)
+    if len(parts) != 3 or not parts[0].startswith("dt=") or not parts[1].startswith("hr="):
+        return None
+    if not NAME_RE.match(parts[2]):
+        return None
+    return f"{parts[0]}/{parts[1]}", parts[2]

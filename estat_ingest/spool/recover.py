@@ -52,7 +52,7 @@ def recover_owner(claimed: str, dlq_root: str) -> Recovered:
             partition, name = parsed
             compression = compression_of(name)
             data = segment.read(src)
-            m = segment.walk(data, compression)
+            m = segment.walk_members(data, compression)
             out.torn_bytes += m.torn
             if m.events == 0:
                 os.unlink(src)

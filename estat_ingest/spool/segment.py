@@ -9,28 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import zlib
-from dataclasses import dataclass
 
-import zstandard
-
-from estat_ingest.formats.codec import compress
-from estat_ingest.formats.keys import NAME_RE
+from estat_ingest.formats.codec import Members, compress, walk_members
+from estat_ingest.formats.keys import parse_spool_name, spool_name
 from estat_ingest.fsutil import fsync_dir
 
-
-def spool_name(partition: str, name: str) -> str:
-    return f"{partition.replace('/', '+')}+{name}"
-
-
-def parse_spool_name(fname: str) -> tuple[str, str] | None:
-    """(partition, name) of a spool file name, or None for anything else."""
-    parts = fname.split("+", 2)
-    if len(parts) != 3 or not parts[0].startswith("dt=") or not parts[1].startswith("hr="):
-        return None
-    if not NAME_RE.match(parts[2]):
-        return None
-    return f"{parts[0]}/{parts[1]}", parts[2]
+__all__ = ["Members", "SpoolFile", "cut", "parse_spool_name", "read", "spool_name", "walk_members"]
 
 
 class SpoolFile:
@@ -79,39 +63,6 @@ class SpoolFile:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = None
-
-
-@dataclass(frozen=True, slots=True)
-class Members:
-    """What a walk over a spool file found."""
-
-    good: int  # bytes of complete, verified members from the start
-    events: int  # records in them
-    torn: int  # bytes after them (a torn tail: never acknowledged)
-
-
-def walk(data: bytes, compression: str) -> Members:
-    """Verify members from the start; stop at the first that is incomplete or damaged."""
-    good = events = 0
-    rest = data
-    while rest:
-        try:
-            if compression == "zstd":
-                d = zstandard.ZstdDecompressor().decompressobj()
-                text = d.decompress(rest)
-                done, unused = d.eof, d.unused_data
-            else:
-                z = zlib.decompressobj(31)
-                text = z.decompress(rest)
-                done, unused = z.eof, z.unused_data
-        except (zlib.error, zstandard.ZstdError):
-            break
-        if not done or not text or not text.endswith(b"\n"):
-            break
-        good += len(rest) - len(unused)
-        events += text.count(b"\n")
-        rest = unused
-    return Members(good, events, len(data) - good)
 
 
 def read(path: str) -> bytes:
