@@ -116,9 +116,9 @@ class Spool:
         owners = await asyncio.to_thread(self._dead_owners)
         total = 0
         for owner in owners:
-            path = os.path.join(self.root, owner)
-            holder, _ = await asyncio.to_thread(lease.read_holder, path)
-            how = "restart" if holder is not None and holder.host == self.me.host else "adoption"
+            # an earlier run of this instance (same INSTANCE_ID, same worker) or another instance
+            base = owner[len(lease.ADOPTING):].rpartition("@")[0] if owner.startswith(lease.ADOPTING) else owner
+            how = "restart" if base.rpartition("-")[0] == self.owner.rpartition("-")[0] else "adoption"
             claimed = await asyncio.to_thread(lease.claim, self.root, owner, self.owner)
             if claimed is None:  # another peer got there first
                 continue
