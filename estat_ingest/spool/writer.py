@@ -150,6 +150,22 @@ class Spool:
         return owner != self.owner and os.path.isdir(d) and lease.is_dead(d, self.me, time.time(),
                                                                            self.adopt_after_s)
 
+    def _probe(self) -> bool:
+        """After a failed round (/ready is 503, so no traffic comes to retry it): can a small file
+        be written, synced and removed in our directory again?"""
+        path = os.path.join(self.dir, f".probe-{os.getpid()}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, b"x" * 4096)
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(path)
+        except OSError:
+            return False
+        return True
+
     def _dead_owners(self) -> list[str]:
         now = time.time()
         return (lease.dead_owners(self.root, self.me, self.owner, now, self.adopt_after_s)
@@ -165,6 +181,9 @@ class Spool:
             try:
                 if not await self.renew():
                     return
+                if not self.healthy and await asyncio.to_thread(self._probe):
+                    log.info("spool writes succeed again", extra={"owner": self.owner})
+                    self.healthy = True
                 if loop.time() >= next_adoption:
                     next_adoption = loop.time() + max(every, self.adopt_after_s / 2)
                     await self.recover_dead()
