@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import os
 import platform
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,9 +38,9 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from bodies import event_body, ndjson_body  # noqa: E402
+from common import CLK, busy_jiffies, fmt, free_port, get, loadavg, med, proc_cpu_s, proc_mem_mb  # noqa: E402
 
 PY = sys.executable
-CLK = os.sysconf("SC_CLK_TCK")
 SERVER_CORE, GEN_CORE = "0", "1"
 
 TARGETS = {
@@ -60,66 +57,8 @@ TARGETS = {
 # ------------------------------------------------------------------------------------ helpers
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def med(xs: list[float]) -> dict[str, float]:
-    xs = [x for x in xs if x == x]  # drop NaN
-    if not xs:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
-
-
-def fmt(s: dict[str, float], unit: str = "", digits: int = 0) -> str:
-    if not s.get("n"):
-        return "n/a"
-    f = f"{{:,.{digits}f}}"
-    return f"{f.format(s['median'])}{unit} [{f.format(s['min'])}-{f.format(s['max'])}]"
-
-
 def pinned(core: str) -> list[str]:
     return ["taskset", "-c", core] if PIN else []
-
-
-def loadavg() -> list[float]:
-    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-
-
-def busy_jiffies() -> int:
-    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    vals = [int(x) for x in parts]
-    return sum(vals) - vals[3] - vals[4]  # minus idle and iowait
-
-
-def proc_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / CLK  # utime + stime, all threads
-
-
-def proc_mem_mb(pid: int) -> tuple[float, float]:
-    rss = hwm = float("nan")
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
-    return rss, hwm
-
-
-def get(port: int, path: str) -> int:
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-    try:
-        c.request("GET", path)
-        return c.getresponse().status
-    finally:
-        c.close()
 
 
 # ------------------------------------------------------------------------------------ servers
