@@ -35,3 +35,10 @@ def event_body(i: int, size: int) -> bytes:
 
 def ndjson_body(n: int, size: int) -> bytes:
     return b"".join(event_body(i, size) + b"\n" for i in range(n))
+
+
+# Request headers of a browser page view (the v1 comparison sends them with every event; both
+# servers store the User-Agent and the Cookie in each record)
+BROWSER_UA = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+              "Chrome/131.0.0.0 Safari/537.36")
+BROWSER_COOKIE = "_ga=GA1.1.1795000007.1795000000; sid=5b0e3c1a9f2d4e67; consent=analytics"

@@ -97,9 +97,12 @@ class Gen:
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         body = open(args.body_file, "rb").read() if args.body_file else b""  # noqa: SIM115
         method = args.method or ("POST" if body else "GET")
+        extra = [h.strip() for h in args.header]
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                f"Content-Length: {len(body)}", f"Content-Type: {args.content_type}",
-                "User-Agent: estat-bench/1"]
+                f"Content-Length: {len(body)}", f"Content-Type: {args.content_type}"]
+        if not any(h.lower().startswith("user-agent:") for h in extra):
+            head.append("User-Agent: estat-bench/1")
+        head += extra
         self.request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
         self.rate = args.rate
         self.stats = Stats()
@@ -219,6 +222,8 @@ def main() -> None:
     p.add_argument("--body-file")
     p.add_argument("--method")
     p.add_argument("--content-type", default="application/json")
+    p.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="extra request header, repeatable (a User-Agent here replaces estat-bench/1)")
     p.add_argument("-c", "--connections", type=int, default=64)
     p.add_argument("-d", "--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=0.0)

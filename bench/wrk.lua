@@ -1,11 +1,16 @@
--- wrk script for bench/run.py: POST the bytes of $BENCH_BODY_FILE with $BENCH_CTYPE, and print
--- one machine-readable line with the counts and the latency percentiles (microseconds).
+-- wrk script for bench/run.py: POST the bytes of $BENCH_BODY_FILE with $BENCH_CTYPE (User-Agent
+-- $BENCH_UA, Cookie $BENCH_COOKIE when set), and print one machine-readable line with the counts and
+-- the latency percentiles (microseconds).
 local f = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_CTYPE") or "application/json"
-wrk.headers["User-Agent"] = "estat-bench/1"
+wrk.headers["User-Agent"] = os.getenv("BENCH_UA") or "estat-bench/1"
+local cookie = os.getenv("BENCH_COOKIE")
+if cookie and cookie ~= "" then
+  wrk.headers["Cookie"] = cookie
+end
 
 done = function(summary, latency, requests)
   local e = summary.errors
