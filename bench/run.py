@@ -138,7 +138,7 @@ def run_load(srv: Server, body_file: Path, *, ctype: str = "application/json", c
     env = {**os.environ, "BENCH_BODY_FILE": str(body_file), "BENCH_CTYPE": ctype}
     if use_wrk:
         cmd = [*pinned(GEN_CORE), WRK, "-t1", f"-c{conns}", f"-d{duration:g}s", "--timeout", "10s", "-s", str(HERE / "wrk.lua"), url]
-        warm = [*pinned(GEN_CORE), WRK, "-t1", f"-c{conns}", f"-d{max(warmup, 0.5):g}s", "-s", str(HERE / "wrk.lua"), url]
+        warm = [*pinned(GEN_CORE), WRK, "-t1", f"-c{conns}", f"-d{max(1, round(warmup))}s", "-s", str(HERE / "wrk.lua"), url]
     else:
         cmd = [*pinned(GEN_CORE), PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(body_file), "--content-type", ctype, "-c", str(conns), "-d", str(duration)]
         if rate is not None:
