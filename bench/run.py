@@ -8,10 +8,13 @@ OTHER processes used on the machine during the run ("other", in cores), so a noi
 
 Sections: 1 single-event /collect (full pipeline vs bare aiohttp) · 2 NDJSON events/s ·
 3 latency at half of the maximum (constant rate) · 4 peak RSS under overload (300 B, 16 KB, sink
-down) · 5 encoder vs raw zlib/zstd · 6 DLQ scan pass at 1k/10k/100k files · 7 generator CPU.
+down) · 5 encoder vs raw zlib/zstd · 6 DLQ scan pass at 1k/10k/100k files · 7 generator CPU ·
+8 v1 comparison (bench/v1.py): the Go original against `serve`, S3 sink to a local moto, given
+V1_BIN or --v1-bin (without it the estat-only rows of section 8 run and v1 is skipped).
 
-    python bench/run.py            # ~ 5 minutes
-    python bench/run.py --quick    # ~ 1.5 minutes, fewer and shorter runs
+    python bench/run.py            # ~ 5 minutes, + ~ 13 for section 8
+    python bench/run.py --quick    # ~ 1.5 minutes, + ~ 2.5 for section 8; fewer and shorter runs
+    V1_BIN=/tmp/v1-bench/estat-v1 python bench/run.py --only v1
     python bench/run.py --loadgen python   # force the Python generator even when wrk exists
 Figures go to bench/results.json as well (override with --out).
 """
@@ -37,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import v1  # noqa: E402
 from bodies import event_body, ndjson_body  # noqa: E402
 from common import CLK, busy_jiffies, fmt, free_port, get, loadavg, med, proc_cpu_s, proc_mem_mb  # noqa: E402
 
@@ -311,8 +315,8 @@ def code_under_test() -> dict[str, Any]:
             "working_tree_changes_in_estat_ingest": bool(dirty) and path.startswith(str(ROOT))}
 
 
-def verdict(ok: bool) -> str:
-    return "met" if ok else "MISSED"
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else "met" if ok else "MISSED"
 
 
 def main() -> int:
@@ -325,7 +329,12 @@ def main() -> int:
                    help="extra environment for every estat-ingest server (tuning experiments), repeatable")
     p.add_argument("--no-aiohttp", dest="aio", action="store_false",
                    help="skip the HTTP_FRONT=aiohttp variant in sections 1 and 3")
-    p.add_argument("--only", default="", help="comma list of sections to run: collect,ndjson,half,rss,encoder,dlq")
+    p.add_argument("--only", default="", help="comma list of sections to run: collect,ndjson,half,rss,encoder,dlq,v1")
+    p.add_argument("--v1-bin", default=os.environ.get("V1_BIN") or None, metavar="PATH",
+                   help="the Go original's binary for section 8 (default: $V1_BIN; see ../shared/bench/README.md)")
+    p.add_argument("--v1-rounds", type=int, default=None, help="rounds of section 8 (default 5, 2 with --quick)")
+    p.add_argument("--v1-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra environment for every v1 server in section 8, repeatable")
     cfg = p.parse_args()
     cfg.rounds = 2 if cfg.quick else 3
     cfg.duration = 3.0 if cfg.quick else 10.0
@@ -424,6 +433,14 @@ def main() -> int:
                 cold = f"  first-sight pass {fmt(s['cold_pass_ms'], ' ms', 2)}" if s.get("cold_pass_ms") else ""
                 say(f"  {int(n):>7,} files: pass {fmt(s['pass_ms'], ' ms', 2)}{cold}  "
                     f"(full listing {fmt(s['full_listing_ms'], ' ms', 1)})")
+        if want("v1"):
+            say("\n8. v1 comparison: the Go original and estat-ingest serve, S3 sink (moto), each server restarted "
+                "per run, same run and pinning")
+            results["v1"] = v1.section(v1.Opts(
+                work=work, v1_bin=cfg.v1_bin, wrk=WRK, pin=PIN,
+                rounds=cfg.v1_rounds or (2 if cfg.quick else 5), duration=cfg.duration, warmup=cfg.warmup,
+                rss_duration=cfg.rss_duration, estat_env=dict(EXTRA_ENV),
+                v1_env=dict(item.partition("=")[::2] for item in cfg.v1_env), say=say))
     results["machine"]["loadavg_end"] = loadavg()
     results["elapsed_s"] = time.monotonic() - t_start
     results["summary"] = summarize(results)
@@ -437,7 +454,7 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(name: str, value: float, target: float, higher_better: bool, text: str) -> None:
-        ok = value >= target if higher_better else value <= target
+        ok = None if value != value else value >= target if higher_better else value <= target  # NaN: not measured
         rows.append({"target": name, "value": value, "limit": target, "met": ok, "text": text})
 
     if "collect" in res:
@@ -483,6 +500,8 @@ def summarize(res: dict[str, Any]) -> list[dict[str, Any]]:
             ratio = s["100000"]["pass_ms"]["median"] / s["1000"]["pass_ms"]["median"]
             row("DLQ pass 100k / 1k", ratio, TARGETS["dlq_100k_over_1k"], False,
                 f"{ratio:.2f}x ({s['100000']['pass_ms']['median']:.2f} ms vs {s['1000']['pass_ms']['median']:.2f} ms)")
+    if "v1" in res:
+        v1.summary_rows(res["v1"], row)
     say("\n" + "=" * 100)
     say(f"{'target':34} {'limit':>10}  {'result':7}  measured (median [min-max])")
     for r in rows:
