@@ -40,11 +40,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check estat_ingest tests
 	$(BIN)/mypy
 
+# V1_BIN=/path/to/estat-v1 make bench adds v1 (the Go original) to section 8; without it that part
+# is skipped with a note (how to build v1: ../shared/bench/README.md)
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); } || \
 	  echo "note: wrk not installed (apt-get install wrk); using the Python load generator"
-	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	V1_BIN="$(V1_BIN)" $(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS=--quick
