@@ -690,8 +690,9 @@ def section(o: Opts) -> dict[str, Any]:
         raise RuntimeError(f"estat-ingest config show failed with the bench's env: {why}")
     durable, why_not = durable_mode(o)
     env = describe_env(o, cfg)
+    warm = max(1, round(o.warmup)) if o.wrk else o.warmup  # wrk takes whole seconds
     res.update(env=env, durable_available=durable, settings={
-        "rounds": o.rounds, "duration_s": o.duration, "warmup_s": o.warmup, "rss_duration_s": o.rss_duration,
+        "rounds": o.rounds, "duration_s": o.duration, "warmup_s": warm, "rss_duration_s": o.rss_duration,
         "connections": list(o.conns), "body_bytes": BODY_BYTES, "user_agent": BROWSER_UA, "cookie": BROWSER_COOKIE,
         "loadgen": "wrk" if o.wrk else "bench/loadgen.py",
         "pinning": f"servers taskset -c {SERVER_CORE}; wrk -t1 and moto taskset -c {GEN_CORE}" if o.pin else "none"})
@@ -701,7 +702,6 @@ def section(o: Opts) -> dict[str, Any]:
         f"default, effective: {', '.join(f'{k}={v}' for k, v in env['estat_effective'].items())}")
     say(f"  both:         {' '.join(f'{k}={v}' for k, v in AWS_ENV.items())} (moto's dummies); from the caller "
         f"only {', '.join(env['inherited'])}; a fresh server, directory and bucket for every run")
-    warm = max(1, round(o.warmup)) if o.wrk else o.warmup
     say(f"  pinning: {res['settings']['pinning']}; two-core rows unpinned · {o.rounds} rounds x {o.duration:g}s "
         f"(+{warm:g}s warm-up) · {BODY_BYTES} B JSON, browser User-Agent and Cookie · "
         f"generator {res['settings']['loadgen']}")
