@@ -12,8 +12,8 @@ down) · 5 encoder vs raw zlib/zstd · 6 DLQ scan pass at 1k/10k/100k files · 7
 8 v1 comparison (bench/v1.py): the Go original against `serve`, S3 sink to a local moto, given
 V1_BIN or --v1-bin (without it the estat-only rows of section 8 run and v1 is skipped).
 
-    python bench/run.py            # ~ 5 minutes, + ~ 13 for section 8
-    python bench/run.py --quick    # ~ 1.5 minutes, + ~ 2.5 for section 8; fewer and shorter runs
+    python bench/run.py            # ~ 5 minutes, + ~ 13-16 for section 8
+    python bench/run.py --quick    # ~ 1.5 minutes, + ~ 2.5-3 for section 8; fewer and shorter runs
     V1_BIN=/tmp/v1-bench/estat-v1 python bench/run.py --only v1
     python bench/run.py --loadgen python   # force the Python generator even when wrk exists
 Figures go to bench/results.json as well (override with --out).
