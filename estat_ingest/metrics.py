@@ -2,13 +2,35 @@
 
 v1's twelve names keep v1's meaning (DESIGN.md §3); `dlq_*` gained a `sink` label (and `reason`
 on drops) so `sum()` over them is v1's number. New metrics follow Prometheus naming.
+
+What is always true of a scrape:
+- Every series with a bounded, known label set exists from the first scrape, at 0: the HTTP
+  rejection reasons from the start, every per-sink series once the pipeline has called
+  `declare_sinks` with its sinks. A series born at 1 is invisible to rate() and increase() (they
+  need two samples), so alerts on the first drop or the first failed upload would miss it.
+  tests/test_metrics.py checks the tables below against the label values the code uses.
+- No `_created` series (prometheus_client's per-counter creation timestamps): they double the
+  series count and carry nothing an alert or a dashboard uses. The switch is process-wide and is
+  thrown at import, so every registry of this process, the test suite's fresh ones included,
+  renders the same way.
+- `process_*` (CPU, memory, file descriptors, start time of this process, from /proc) and
+  `python_info` are on the same registry as the rest.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.samples import Sample
 
 from estat_ingest import __version__
@@ -20,6 +42,38 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _EVENT_BUCKETS = (1, 10, 100, 500, 1000, 2000, 5000, 10_000, 50_000)
 _BYTE_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB … 1 GiB
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+
+# --- bounded label values, declared at 0 (module docstring)
+# http_requests_rejected_total{reason}: http/collect.py, http/bodies.py, http/routes.py,
+# http/guard.py, fastfront.py
+REJECT_REASONS = (
+    "too_large", "queue_full", "draining", "overloaded", "method_not_allowed", "auth_missing",
+    "auth_invalid", "empty", "invalid_json", "invalid_utf8", "too_deep", "bad_encoding", "bad_body",
+    "unsupported_encoding", "read_timeout", "header_timeout", "bad_http", "header_too_large",
+    "server_error",
+)
+# dlq_events_dropped_total{reason}: dlq/store.py
+DLQ_DROP_REASONS = ("ttl", "capacity", "corrupt", "write_error")
+# dlq_batches_written_total{reason}: pipeline/engine.py
+DLQ_WRITE_REASONS = ("failed", "rejected", "shutdown", "overflow")
+UPLOAD_OUTCOMES = ("ok", "retry", "reject")
+# upload_attempts_total{outcome, reason}: the engine's own verdicts for every sink (pipeline/engine.py,
+# dlq/replayer.py), then what each sink's Result can say (sinks/<name>.py). Reasons made of data
+# (the file sink's errno_<n>) appear when they happen.
+ENGINE_ATTEMPTS = (("ok", "ok"), ("retry", "timeout"), ("retry", "error"))
+SINK_ATTEMPTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "s3": (("retry", "throttled"), ("retry", "server_error"), ("retry", "connection"), ("retry", "sdk_error"),
+           ("reject", "auth"), ("reject", "client_error")),
+    "opensearch": (("ok", "partial"), ("ok", "rejected_items"), ("retry", "throttled"), ("retry", "server_error"),
+                   ("retry", "connection"), ("retry", "tls"), ("retry", "credentials"), ("retry", "bad_response"),
+                   ("retry", "item_retry"), ("retry", "missing_item"), ("reject", "auth"), ("reject", "too_large"),
+                   ("reject", "client_error")),
+    "file": (("retry", "io_error"),),
+}
+# opensearch_items_total{outcome}: sinks/opensearch.py
+OPENSEARCH_ITEM_OUTCOMES = ("created", "duplicate", "retried", "rejected")
 
 
 class LoopCounter(Counter):
@@ -55,6 +109,8 @@ class LoopCounter(Counter):
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
         # --- v1 names, v1 meaning
         self.http_requests = LoopCounter(
@@ -151,6 +207,28 @@ class Metrics:
             "OpenSearch _bulk items by outcome: created, duplicate (409 on create = already indexed), "
             "retried (item 429/5xx, sent again alone), rejected (item 4xx or invalid record → DLQ)",
             ["outcome"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def declare_sinks(self, names: Iterable[str]) -> None:
+        """Create every per-sink series at 0 (idempotent): v1's DLQ names and the rest."""
+        for sink in names:
+            for per_sink in (self.dlq_enqueued, self.dlq_reuploaded, self.dlq_expired, self.dlq_files,
+                             self.dlq_bytes, self.dlq_oldest_age, self.dlq_write_errors, self.dlq_rejected,
+                             self.events_delivered, self.upload_queue_depth, self.batch_events, self.batch_bytes,
+                             self.batch_compressed_bytes):
+                per_sink.labels(sink)
+            for reason in DLQ_DROP_REASONS:
+                self.dlq_dropped.labels(sink, reason)
+            for reason in DLQ_WRITE_REASONS:
+                self.dlq_writes.labels(sink, reason)
+            for outcome in UPLOAD_OUTCOMES:
+                self.upload_duration.labels(sink, outcome)
+            for outcome, reason in ENGINE_ATTEMPTS + SINK_ATTEMPTS.get(sink, ()):
+                self.upload_attempts.labels(sink, outcome, reason)
+            if sink == "opensearch":
+                for outcome in OPENSEARCH_ITEM_OUTCOMES:
+                    self.opensearch_items.labels(outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

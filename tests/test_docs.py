@@ -250,7 +250,9 @@ def registered_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     out: dict[str, tuple[str, frozenset[str]]] = {}
     for family in m.registry.collect():
         name = family.name + "_total" if family.type == "counter" else family.name
-        out[name] = (family.type, labels.get(family.name, frozenset()))
+        # collectors (process_*, python_info) are not metric objects: their samples carry the labels
+        from_samples = frozenset(k for s in family.samples for k in s.labels) - {"le"}
+        out[name] = (family.type, labels.get(family.name, from_samples))
     return out
 
 

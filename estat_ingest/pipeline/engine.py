@@ -171,6 +171,7 @@ class Pipeline:
         metrics.buffer_bytes.set_function(lambda: self.queue.held_bytes)
         for lane in self.lanes:
             metrics.upload_queue_depth.labels(lane.sink.name).set_function(lane.upload_q.qsize)
+        metrics.declare_sinks(lane.sink.name for lane in self.lanes)  # every per-sink series at 0 from the first scrape
 
     # ------------------------------------------------------------------ lifecycle
 

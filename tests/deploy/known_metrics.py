@@ -32,6 +32,8 @@ COUNTERS: dict[str, frozenset[str]] = {
     "dlq_events_rejected_total": frozenset({"sink"}),
     "http_requests_api_key_total": frozenset({"key_name"}),
     "opensearch_items_total": frozenset({"outcome"}),
+    # prometheus_client's process collector (this process, from /proc)
+    "process_cpu_seconds_total": frozenset(),
 }
 GAUGES: dict[str, frozenset[str]] = {
     # v1
@@ -46,6 +48,13 @@ GAUGES: dict[str, frozenset[str]] = {
     "ingest_buffer_capacity_bytes": frozenset(),
     "upload_queue_depth_batches": frozenset({"sink"}),
     "dlq_oldest_file_age_seconds": frozenset({"sink"}),
+    # prometheus_client's process and platform collectors
+    "process_resident_memory_bytes": frozenset(),
+    "process_virtual_memory_bytes": frozenset(),
+    "process_start_time_seconds": frozenset(),
+    "process_open_fds": frozenset(),
+    "process_max_fds": frozenset(),
+    "python_info": frozenset({"implementation", "major", "minor", "patchlevel", "version"}),
 }
 HISTOGRAMS: dict[str, frozenset[str]] = {
     "batch_events": frozenset({"sink"}),

@@ -9,6 +9,8 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 
 def _registered() -> dict[str, tuple[str, frozenset[str]]]:
+    """Metric objects of Metrics() with their label names, then the collectors' families on its
+    registry (process_*, python_info) with the label names of their samples."""
     from estat_ingest.metrics import Metrics
 
     m = Metrics()
@@ -18,7 +20,16 @@ def _registered() -> dict[str, tuple[str, frozenset[str]]]:
             kind = obj._type
             name = obj._name + "_total" if kind == "counter" else obj._name
             out[name] = (kind, frozenset(obj._labelnames))
+    for family in m.registry.collect():
+        name = family.name + "_total" if family.type == "counter" else family.name
+        out.setdefault(name, (family.type, frozenset(k for s in family.samples for k in s.labels)))
     return out
+
+
+def test_process_metrics_are_collected() -> None:
+    registered = _registered()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert name in registered, f"{name} not on Metrics().registry (ProcessCollector/PlatformCollector)"
 
 
 def test_known_metrics_are_the_registered_ones() -> None:
