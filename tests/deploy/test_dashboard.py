@@ -24,6 +24,8 @@ REQUIRED = {
     "DLQ depth": "dlq_files_current",
     "DLQ age": "dlq_oldest_file_age_seconds",
     "drops": "dlq_events_dropped_total",
+    "CPU": "process_cpu_seconds_total",
+    "memory": "process_resident_memory_bytes",
 }
 
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
@@ -107,6 +109,15 @@ def test_required_topics_have_panels() -> None:
     queried = set().union(*(metric_names(_as_promql(t["expr"])) for _, t in _targets()))
     missing = {topic: series for topic, series in REQUIRED.items() if series not in queried}
     assert not missing
+
+
+def test_cpu_and_memory_panels_read_the_process_metrics() -> None:
+    """CPU is the rate of the CPU-seconds counter (in cores); memory is the resident set size."""
+    by_title = {title: " ".join(t["expr"] for tt, t in _targets() if tt == title) for title, _ in _targets()}
+    panels = {p["title"]: p for p in _panels()}
+    assert "rate(process_cpu_seconds_total{" in by_title["CPU"]
+    assert "process_resident_memory_bytes{" in by_title["Memory (RSS)"]
+    assert panels["Memory (RSS)"]["fieldConfig"]["defaults"]["unit"] == "bytes"
 
 
 def test_promtool_parses_every_expression(tmp_path: Path) -> None:
