@@ -2,7 +2,9 @@
 
 Every AWS request file is validated against botocore's own service model (the same check the
 AWS CLI does before sending), then the values are checked against the contract: shutdown timing,
-health check, logs, storage, least privilege.
+health check, logs, storage, least privilege; the ADOT variant's collector config against the
+task definition, the IAM policies and the alert rules; the load balancer's rules against the
+routes that must stay private.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from estat_ingest.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 ECS = ROOT / "deploy" / "ecs"
-TASK_DEFS = ["task-definition.json", "task-definition-efs.json"]
+TASK_DEFS = ["task-definition.json", "task-definition-efs.json", "task-definition-adot.json"]
 STATE_DIR = "/var/lib/estat-ingest"
 FARGATE_MAX_STOP_TIMEOUT = 120
 
@@ -25,13 +28,17 @@ FARGATE_MAX_STOP_TIMEOUT = 120
 REQUESTS = {
     "task-definition.json": ("ecs", "RegisterTaskDefinition"),
     "task-definition-efs.json": ("ecs", "RegisterTaskDefinition"),
+    "task-definition-adot.json": ("ecs", "RegisterTaskDefinition"),
     "service.json": ("ecs", "CreateService"),
     "autoscaling-target.json": ("application-autoscaling", "RegisterScalableTarget"),
     "autoscaling-policy.json": ("application-autoscaling", "PutScalingPolicy"),
     "target-group.json": ("elbv2", "CreateTargetGroup"),
     "target-group-attributes.json": ("elbv2", "ModifyTargetGroupAttributes"),
+    "listener-default-action.json": ("elbv2", "ModifyListener"),
+    "listener-rule-collect.json": ("elbv2", "CreateRule"),
 }
-POLICIES = ["task-role-policy.json", "task-role-policy-efs.json", "execution-role-policy.json"]
+POLICIES = ["task-role-policy.json", "task-role-policy-efs.json", "task-role-policy-adot.json",
+            "execution-role-policy.json", "execution-role-policy-adot.json"]
 # the only actions AWS does not let you scope to a resource
 RESOURCE_STAR_ALLOWED = {"ecr:GetAuthorizationToken"}
 
@@ -40,8 +47,12 @@ def load(name: str) -> dict:
     return json.loads((ECS / name).read_text())
 
 
-def container(name: str = "task-definition.json") -> dict:
-    (c,) = load(name)["containerDefinitions"]
+APP = "estat-ingest"  # the server's container (the ADOT variant has a collector beside it)
+COLLECTOR = "aws-otel-collector"
+
+
+def container(name: str = "task-definition.json", which: str = APP) -> dict:
+    (c,) = [c for c in load(name)["containerDefinitions"] if c["name"] == which]
     return c
 
 
@@ -278,4 +289,150 @@ def test_autoscaling_targets_the_service() -> None:
 def test_readme_explains_the_dlq_storage_trade_off() -> None:
     text = (ECS / "README.md").read_text().lower()
     for phrase in ("ephemeral", "efs", "lost", "stoptimeout", "shutdown_timeout", "deregistration"):
+        assert phrase in text, phrase
+
+
+# ------------------------------------------------------------------------------------------------
+# The ADOT variant: a collector sidecar scrapes /metrics into Amazon Managed Service for Prometheus
+
+ADOT_CONFIG = ECS / "adot-collector-config.yaml"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+AMP_ENDPOINT = re.compile(r"^https://aps-workspaces\.([a-z0-9-]+)\.amazonaws\.com/workspaces/(ws-[0-9a-f-]+)"
+                          r"/api/v1/remote_write$")
+SSM_STANDARD_MAX_BYTES = 4096  # a standard-tier SSM parameter (advanced: 8 KiB, billed)
+
+
+def collector_config() -> dict:
+    """adot-collector-config.yaml with its ${env:X} resolved from the collector's environment."""
+    c = container("task-definition-adot.json", COLLECTOR)
+    environment = env(c)
+    text = ADOT_CONFIG.read_text()
+    missing = sorted(set(ENV_REF.findall(text)) - set(environment))
+    assert not missing, f"the collector config reads {missing}, which its container does not set"
+    return yaml.safe_load(ENV_REF.sub(lambda m: environment[m.group(1)], text))
+
+
+def test_adot_variant_differs_only_by_the_collector() -> None:
+    base, adot = load("task-definition.json"), load("task-definition-adot.json")
+    assert container("task-definition-adot.json") == container("task-definition.json")
+    assert [c["name"] for c in adot["containerDefinitions"]] == [APP, COLLECTOR]
+    skip = ("family", "containerDefinitions")
+    assert {k: v for k, v in adot.items() if k not in skip} == {k: v for k, v in base.items() if k not in skip}
+    assert adot["family"] == "estat-ingest-adot"
+
+
+def test_collector_sidecar_cannot_take_the_server_down() -> None:
+    td = load("task-definition-adot.json")
+    c = container("task-definition-adot.json", COLLECTOR)
+    # a crashed collector is a gap in the metrics, not an outage: the task keeps serving
+    assert c["essential"] is False
+    assert not c.get("portMappings"), "nothing connects to the collector from outside the task"
+    assert "dependsOn" not in container("task-definition-adot.json"), "the server must not wait for it"
+    image, _, tag = c["image"].rpartition(":")
+    assert image == "public.ecr.aws/aws-observability/aws-otel-collector"
+    assert re.fullmatch(r"v\d+\.\d+\.\d+", tag), f"pin a release, not {tag!r}"
+    assert c["user"].split(":")[0] not in ("0", "root") and c["readonlyRootFilesystem"] is True
+    assert c["healthCheck"]["command"] == ["CMD", "/healthcheck"]  # the image's own probe binary
+    assert "health_check" in collector_config()["service"]["extensions"]
+    log = c["logConfiguration"]
+    assert log["logDriver"] == "awslogs" and log["options"]["mode"] == "non-blocking"
+    app_log = container()["logConfiguration"]["options"]
+    assert log["options"]["awslogs-group"] == app_log["awslogs-group"]
+    assert log["options"]["awslogs-stream-prefix"] != app_log["awslogs-stream-prefix"]
+    # the server's memory budget (test_memory_covers_the_configured_buffers) still fits beside it
+    s = settings(container("task-definition-adot.json"))
+    need = (s.upload_queue_batches + s.upload_concurrency + 1) * s.batch_max_bytes * 2 \
+        + s.channel_size * s.max_body_bytes * 2 + 256 * 1024**2
+    assert need + c["memory"] * 1024**2 <= int(td["memory"]) * 1024**2
+    assert c["memoryReservation"] <= c["memory"] and c["cpu"] <= int(td["cpu"]) // 4
+
+
+def test_collector_scrapes_the_servers_metrics_as_the_alerts_expect() -> None:
+    cfg = collector_config()
+    prom = cfg["receivers"]["prometheus"]["config"]
+    (job,) = prom["scrape_configs"]
+    # the alert rules select the scrape job by name
+    (expected_job,) = set(re.findall(r'up\{job="([^"]+)"\}', ALERTS.read_text()))
+    assert job["job_name"] == expected_job
+    assert job["metrics_path"] == "/metrics"
+    (static,) = job["static_configs"]
+    (target,) = static["targets"]
+    host, _, port = target.rpartition(":")
+    assert host in ("127.0.0.1", "localhost"), "awsvpc: the sidecar reaches the server on the task's loopback"
+    assert int(port) == settings(container("task-definition-adot.json")).http_port
+    interval, timeout = (int(prom["global"][k].removesuffix("s")) for k in ("scrape_interval", "scrape_timeout"))
+    assert 0 < timeout < interval <= 60
+
+
+def test_collector_writes_to_one_amp_workspace_with_sigv4() -> None:
+    cfg = collector_config()
+    (pipeline,) = cfg["service"]["pipelines"].values()
+    assert pipeline["receivers"] == ["prometheus"] and pipeline["exporters"] == ["prometheusremotewrite"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert set(pipeline.get(kind, [])) <= set(cfg[kind]), f"{kind} used but not configured"
+    assert set(cfg["service"]["extensions"]) <= set(cfg["extensions"])
+    exporter = cfg["exporters"]["prometheusremotewrite"]
+    assert exporter["auth"]["authenticator"] == "sigv4auth"
+    assert "sigv4auth" in cfg["service"]["extensions"]
+    sigv4 = cfg["extensions"]["sigv4auth"]
+    region = settings(container("task-definition-adot.json")).aws_region
+    assert sigv4 == {"region": region, "service": "aps"}
+    m = AMP_ENDPOINT.match(exporter["endpoint"])
+    assert m, exporter["endpoint"]
+    assert m.group(1) == region
+    # the task role may write to exactly that workspace, and do nothing else there
+    (stmt,) = load("task-role-policy-adot.json")["Statement"]
+    assert stmt["Action"] == ["aps:RemoteWrite"]
+    assert stmt["Resource"] == [f"arn:aws:aps:{region}:123456789012:workspace/{m.group(2)}"]
+    assert load("task-definition-adot.json")["taskRoleArn"].endswith(":role/estat-ingest-task")
+
+
+def test_every_task_writes_its_own_series() -> None:
+    """Every sidecar scrapes 127.0.0.1:8080: without a per-task `instance`, the tasks' series
+    would be one series in the workspace, written by several tasks at once."""
+    cfg = collector_config()
+    (pipeline,) = cfg["service"]["pipelines"].values()
+    procs = pipeline["processors"]
+    assert "ecs" in cfg["processors"]["resourcedetection"]["detectors"]
+    (action,) = [a for a in cfg["processors"]["resource"]["attributes"] if a["key"] == "service.instance.id"]
+    assert action["action"] == "upsert" and action["from_attribute"].startswith("aws.ecs.task.")
+    assert procs.index("resourcedetection") < procs.index("resource"), "detect first, then copy"
+    assert cfg["exporters"]["prometheusremotewrite"]["resource_to_telemetry_conversion"] == {"enabled": False}
+
+
+def test_collector_config_reaches_the_collector_through_ssm() -> None:
+    c = container("task-definition-adot.json", COLLECTOR)
+    (secret,) = [s for s in c["secrets"] if s["name"] == "AOT_CONFIG_CONTENT"]
+    param = secret["valueFrom"]
+    assert re.fullmatch(r"arn:aws:ssm:ap-northeast-2:123456789012:parameter/[\w/.-]+", param), param
+    (stmt,) = load("execution-role-policy-adot.json")["Statement"]
+    assert stmt["Action"] == ["ssm:GetParameters"] and stmt["Resource"] == [param]
+    name = "/" + param.split(":parameter/", 1)[1]
+    for doc in (ADOT_CONFIG.read_text(), (ECS / "README.md").read_text()):
+        assert f"--name {name}" in doc, "the put-parameter command must name the parameter the task reads"
+    assert len(ADOT_CONFIG.read_bytes()) <= SSM_STANDARD_MAX_BYTES
+
+
+def test_only_collect_reaches_the_tasks_through_the_load_balancer() -> None:
+    """/metrics (and /health, /ready) must not be public. Both HTTP fronts percent-decode the path
+    before routing (`/%6Detrics` is /metrics), so the listener allows /collect instead of denying
+    /metrics: everything else gets the listener's fixed 404."""
+    rule, default = load("listener-rule-collect.json"), load("listener-default-action.json")
+    assert rule["ListenerArn"] == default["ListenerArn"]
+    (cond,) = rule["Conditions"]
+    assert cond["Field"] == "path-pattern" and cond["PathPatternConfig"]["Values"] == ["/collect"]
+    (action,) = rule["Actions"]
+    assert action["Type"] == "forward"
+    assert action["TargetGroupArn"] == load("target-group-attributes.json")["TargetGroupArn"]
+    (fallback,) = default["DefaultActions"]
+    assert fallback["Type"] == "fixed-response" and fallback["FixedResponseConfig"]["StatusCode"] == "404"
+    # the health check goes to the targets directly, not through the listener's rules
+    assert load("target-group.json")["HealthCheckPath"] == "/ready"
+
+
+def test_readme_explains_adot_and_the_private_routes() -> None:
+    text = (ECS / "README.md").read_text()
+    for phrase in ("task-definition-adot.json", "adot-collector-config.yaml", "aps:RemoteWrite",
+                   "ssm:GetParameters", "AOT_CONFIG_CONTENT", "listener-rule-collect.json", "/metrics"):
         assert phrase in text, phrase
