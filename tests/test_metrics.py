@@ -92,15 +92,33 @@ def rejection_reasons(paths: list[Path]) -> set[str]:
     return found
 
 
+def _assigned(tree: ast.Module) -> dict[str, set[str]]:
+    """Name → the string constants of every value assigned to it in the module."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    out[t.id] |= _strings(node.value)
+    return out
+
+
 def dlq_write_reasons(path: Path) -> set[str]:
-    """The `reason` of every DLQ write in the engine: `_spill(lane, payload, "x")` and the
-    `reason = "x"` assignments that feed `_spill(lane, payload, reason)`."""
+    """The `reason` of every DLQ write in the engine: `_spill(lane, payload, <reason>)`, where the
+    reason is a literal, a name assigned in the module, or a lookup in a table (`TABLE[key]`)
+    assigned in the module."""
+    tree = _tree(path)
+    assigned = _assigned(tree)
     found: set[str] = set()
-    for node in ast.walk(_tree(path)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _call_name(node) == "_spill" and len(node.args) == 3:
-            found |= _strings(node.args[2])
-        elif isinstance(node, ast.Assign) and _assigns_reason(node):
-            found |= _strings(node.value)
+            arg = node.args[2]
+            if isinstance(arg, ast.Subscript) and isinstance(arg.value, ast.Name):
+                found |= assigned[arg.value.id]
+            elif isinstance(arg, ast.Name):
+                found |= assigned[arg.id]
+            else:
+                found |= _strings(arg)
     return found
 
 
@@ -109,12 +127,7 @@ def result_verdicts(path: Path) -> set[tuple[str | None, str]]:
     a variable; a reason given by a name is resolved through the module's assignments to it; an
     empty reason is the outcome itself (the engine labels `result.reason or outcome`)."""
     tree = _tree(path)
-    assigned: dict[str, set[str]] = defaultdict(set)
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign):
-            for t in node.targets:
-                if isinstance(t, ast.Name):
-                    assigned[t.id] |= _strings(node.value)
+    assigned = _assigned(tree)
     out: set[tuple[str | None, str]] = set()
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and _call_name(node) == "Result" and node.args):
@@ -135,11 +148,19 @@ def result_verdicts(path: Path) -> set[tuple[str | None, str]]:
     return out
 
 
-def sink_module(name: str) -> Path:
+def sink_files(name: str) -> list[Path]:
+    """The source of a sink: its module, or every module of its package."""
     from estat_ingest.sinks import REGISTRY
 
-    module = REGISTRY[name].partition(":")[0]
-    return ROOT / (module.replace(".", "/") + ".py")
+    base = ROOT / REGISTRY[name].partition(":")[0].replace(".", "/")
+    files = sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+    assert files and all(f.is_file() for f in files), f"no source for sink {name!r} at {base}"
+    return files
+
+
+# where the engine's own verdicts are made (timeouts, a sink that raised), whichever exist
+ENGINE_FILES = [p for p in (PKG / "delivery.py", PKG / "pipeline" / "engine.py", PKG / "dlq" / "replayer.py")
+                if p.is_file()]
 
 
 def declared() -> Metrics:
@@ -181,18 +202,31 @@ def test_rejection_reasons_are_declared() -> None:
     assert {key[0] for key in children(m)["rejected"]} == set(metrics_mod.REJECT_REASONS)
 
 
+def drop_reasons(paths: list[Path]) -> set[str]:
+    """Reasons the DLQ drops files for: `drop(entry, "x")`, `_count_drop(name, events, "x")`."""
+    found: set[str] = set()
+    for path in paths:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Call) and node.args and _call_name(node) in ("drop", "_count_drop"):
+                found |= _strings(node.args[-1])
+    return found
+
+
 def test_dlq_reasons_are_declared() -> None:
     used = dlq_write_reasons(PKG / "pipeline" / "engine.py")
     assert {"failed", "shutdown"} <= used
     assert used <= set(metrics_mod.DLQ_WRITE_REASONS), sorted(used - set(metrics_mod.DLQ_WRITE_REASONS))
     assert set(metrics_mod.DLQ_DROP_REASONS) == V1_DROP_REASONS
+    dropped = drop_reasons(sorted((PKG / "dlq").glob("*.py")))
+    assert {"ttl", "capacity"} <= dropped
+    assert dropped <= V1_DROP_REASONS, sorted(dropped - V1_DROP_REASONS)
 
 
 @pytest.mark.parametrize("sink", SINKS)
 def test_each_sinks_verdicts_are_declared(sink: str) -> None:
-    verdicts = result_verdicts(sink_module(sink))
-    assert verdicts, f"no Result(...) found in {sink_module(sink)}"
-    engine = result_verdicts(PKG / "pipeline" / "engine.py") | result_verdicts(PKG / "dlq" / "replayer.py")
+    verdicts = set().union(*(result_verdicts(f) for f in sink_files(sink)))
+    assert verdicts, f"no Result(...) found in {sink_files(sink)}"
+    engine = set().union(*(result_verdicts(f) for f in ENGINE_FILES))
     assert ("retry", "timeout") in engine
     declared_pairs = set(metrics_mod.ENGINE_ATTEMPTS) | set(metrics_mod.SINK_ATTEMPTS[sink])
     missing = sorted(str(v) for v in verdicts | engine
@@ -203,7 +237,7 @@ def test_each_sinks_verdicts_are_declared(sink: str) -> None:
 
 
 def test_opensearch_item_outcomes_are_declared() -> None:
-    used = {a.value for node in ast.walk(_tree(sink_module("opensearch")))
+    used = {a.value for path in sink_files("opensearch") for node in ast.walk(_tree(path))
             if isinstance(node, ast.Call) and _call_name(node) == "_count" and node.args
             for a in node.args[:1] if isinstance(a, ast.Constant)}
     assert used == set(metrics_mod.OPENSEARCH_ITEM_OUTCOMES)
@@ -214,13 +248,15 @@ def test_the_scans_read_what_they_claim(tmp_path: Path) -> None:
            '    reason = "r"\n    return None, "v"\n    return None\n'
            '    Result(Outcome.RETRY, "t")\n    ok = "p" if x else ""\n    Result(Outcome.OK, ok)\n'
            '    Result(failed, reason or "i")\n    m.dlq.labels(s, "w")\n    self._spill(l, p, "s")\n'
-           '    Result(Outcome.RETRY, "e" if x else f"errno_{x}")\n')
+           '    Result(Outcome.RETRY, "e" if x else f"errno_{x}")\n'
+           'TABLE = {None: "t1", 1: "t2"}\n'
+           'def g(x):\n    self._spill(l, p, TABLE[x])\n')
     path = tmp_path / "scan_probe.py"
     path.write_text(src)
     assert rejection_reasons([path]) == {"a_b", "q", "d", "r", "v"}
     assert result_verdicts(path) == {("retry", "t"), ("ok", "p"), ("ok", "ok"), (None, "i"), ("retry", "e")}
     assert literal_label_values([path]) == {"dlq": {(1, "w")}}
-    assert dlq_write_reasons(path) == {"s", "r"}
+    assert dlq_write_reasons(path) == {"s", "t1", "t2"}
 
 
 def test_docs_list_every_declared_reason() -> None:
