@@ -72,8 +72,11 @@ SINK_ATTEMPTS: dict[str, tuple[tuple[str, str], ...]] = {
                    ("reject", "client_error")),
     "file": (("retry", "io_error"),),
 }
-# opensearch_items_total{outcome}: sinks/opensearch.py
+# opensearch_items_total{outcome}: sinks/opensearch/
 OPENSEARCH_ITEM_OUTCOMES = ("created", "duplicate", "retried", "rejected")
+# spool_write_errors_total{reason}, spool_events_recovered_total{how}: spool/writer.py
+SPOOL_WRITE_ERROR_REASONS = ("no_space", "read_only", "permission", "io_error", "lease_lost")
+SPOOL_RECOVERY_HOWS = ("restart", "adoption")
 
 
 class LoopCounter(Counter):
@@ -209,6 +212,10 @@ class Metrics:
             ["outcome"], registry=r)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
+        for reason in SPOOL_WRITE_ERROR_REASONS:
+            self.spool_write_errors.labels(reason)
+        for how in SPOOL_RECOVERY_HOWS:
+            self.spool_recovered.labels(how)
 
     def declare_sinks(self, names: Iterable[str]) -> None:
         """Create every per-sink series at 0 (idempotent): v1's DLQ names and the rest."""

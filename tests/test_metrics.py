@@ -243,6 +243,35 @@ def test_opensearch_item_outcomes_are_declared() -> None:
     assert used == set(metrics_mod.OPENSEARCH_ITEM_OUTCOMES)
 
 
+def spool_error_reasons(path: Path) -> set[str]:
+    """Reasons a failed group commit is counted under: what reason_of() maps an OSError to, and
+    each `failure = SpoolError("x")`."""
+    found: set[str] = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.FunctionDef) and node.name == "reason_of":
+            found |= _strings(node)
+        elif (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "failure" for t in node.targets)
+              and isinstance(node.value, ast.Call) and _call_name(node.value) == "SpoolError" and node.value.args):
+            found |= _strings(node.value.args[0])
+    return found
+
+
+def test_spool_labels_are_declared() -> None:
+    writer = PKG / "spool" / "writer.py"
+    used = spool_error_reasons(writer)
+    assert {"no_space", "io_error", "lease_lost"} <= used
+    assert used <= set(metrics_mod.SPOOL_WRITE_ERROR_REASONS), sorted(used - set(metrics_mod.SPOOL_WRITE_ERROR_REASONS))
+    hows: set[str] = set()
+    for node in ast.walk(_tree(writer)):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "how" for t in node.targets):
+            value = node.value  # `"a" if <test> else "b"`: the test's own strings are not values
+            hows |= _strings(value.body) | _strings(value.orelse) if isinstance(value, ast.IfExp) else _strings(value)
+    assert hows == set(metrics_mod.SPOOL_RECOVERY_HOWS)
+    have = children(Metrics())
+    assert {k[0] for k in have["spool_write_errors"]} == set(metrics_mod.SPOOL_WRITE_ERROR_REASONS)
+    assert {k[0] for k in have["spool_recovered"]} == set(metrics_mod.SPOOL_RECOVERY_HOWS)
+
+
 def test_the_scans_read_what_they_claim(tmp_path: Path) -> None:
     src = ('def f(x):\n    self.reject(400, "a_b", "m")\n    self.unavailable("q" if x else "d")\n'
            '    reason = "r"\n    return None, "v"\n    return None\n'
@@ -271,6 +300,8 @@ def test_docs_list_every_declared_reason() -> None:
                            ("dlq_events_dropped_total", metrics_mod.DLQ_DROP_REASONS),
                            ("dlq_batches_written_total", metrics_mod.DLQ_WRITE_REASONS),
                            ("opensearch_items_total", metrics_mod.OPENSEARCH_ITEM_OUTCOMES),
+                           ("spool_write_errors_total", metrics_mod.SPOOL_WRITE_ERROR_REASONS),
+                           ("spool_events_recovered_total", metrics_mod.SPOOL_RECOVERY_HOWS),
                            ("upload_attempts_total", upload_reasons)):
         missing = sorted(v for v in values if f"`{v}`" not in rows[metric])
         assert not missing, f"docs/ops.md, {metric}: reasons not listed: {missing}"

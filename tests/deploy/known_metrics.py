@@ -32,6 +32,10 @@ COUNTERS: dict[str, frozenset[str]] = {
     "dlq_events_rejected_total": frozenset({"sink"}),
     "http_requests_api_key_total": frozenset({"key_name"}),
     "opensearch_items_total": frozenset({"outcome"}),
+    # durable spool (ACK_MODE=durable)
+    "spool_write_errors_total": frozenset({"reason"}),
+    "spool_events_recovered_total": frozenset({"how"}),
+    "spool_torn_bytes_total": frozenset(),
     # prometheus_client's process collector (this process, from /proc)
     "process_cpu_seconds_total": frozenset(),
 }
@@ -48,6 +52,8 @@ GAUGES: dict[str, frozenset[str]] = {
     "ingest_buffer_capacity_bytes": frozenset(),
     "upload_queue_depth_batches": frozenset({"sink"}),
     "dlq_oldest_file_age_seconds": frozenset({"sink"}),
+    "spool_files": frozenset(),
+    "spool_bytes": frozenset(),
     # prometheus_client's process and platform collectors
     "process_resident_memory_bytes": frozenset(),
     "process_virtual_memory_bytes": frozenset(),
@@ -61,6 +67,7 @@ HISTOGRAMS: dict[str, frozenset[str]] = {
     "batch_bytes": frozenset({"sink"}),
     "batch_compressed_bytes": frozenset({"sink"}),
     "upload_duration_seconds": frozenset({"sink", "outcome"}),
+    "spool_fsync_seconds": frozenset(),
 }
 
 V1_METRICS = frozenset({

@@ -86,6 +86,8 @@ def test_first_scrape_has_the_other_bounded_series_at_zero(first_scrape: tuple[s
     expected: list[tuple[str, dict[str, str]]] = []
     expected += [("http_requests_rejected_total", {"reason": r}) for r in metrics_mod.REJECT_REASONS]
     expected += [("opensearch_items_total", {"outcome": o}) for o in metrics_mod.OPENSEARCH_ITEM_OUTCOMES]
+    expected += [("spool_write_errors_total", {"reason": r}) for r in metrics_mod.SPOOL_WRITE_ERROR_REASONS]
+    expected += [("spool_events_recovered_total", {"how": h}) for h in metrics_mod.SPOOL_RECOVERY_HOWS]
     for sink in SINKS:
         expected += [("upload_attempts_total", {"sink": sink, "outcome": o, "reason": r})
                      for o, r in metrics_mod.ENGINE_ATTEMPTS + metrics_mod.SINK_ATTEMPTS[sink]]
