@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import urllib.request
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -21,14 +20,6 @@ def _load(overrides: dict[str, Any] | None = None) -> Settings:
     except ConfigError as err:
         print(f"estat-ingest: configuration error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop missing on this platform
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -49,7 +40,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("estat_ingest").info("starting", extra={"version": __version__,
                                                               "config": settings.describe()})
-    return _run(serve(settings))
+    from estat_ingest.runtime import run
+
+    return run(serve(settings))
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

@@ -106,12 +106,12 @@ def worker_main(settings: Settings, index: int) -> None:
     os.setpgid(0, 0)
     _die_with_parent()
     from estat_ingest import log as logsetup
-    from estat_ingest.cli import _run
+    from estat_ingest.runtime import run
 
     logsetup.setup(settings.log_level, settings.log_format, service="estat-ingest",
                    instance=settings.instance_id, worker=index)
     sock = bind_reuseport(settings.http_host, settings.http_port)
-    code = _run(early.serve(settings, index, sock))
+    code = run(early.serve(settings, index, sock))
     sys.exit(code)
 
 
