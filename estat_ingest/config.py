@@ -1,8 +1,14 @@
 """Configuration: the ONLY module that reads the environment.
 
-`Settings.from_env(env)` parses every variable once, checks its range, and returns one frozen
-object. A bad value raises `ConfigError` whose message is one line naming the variable, the value
-and what was expected; `serve` prints it and exits 2 before it listens.
+`VARIABLES` is the table of every variable: its Settings field, parser, range and how its value is
+shown. `Settings.from_env(env)` parses every variable once, checks its range, and returns one
+frozen object. Bad values raise one `ConfigError` listing every bad variable, one line each,
+naming the variable, the value (a secret's masked) and what was expected; `serve` prints them and
+exits 2 before it starts anything.
+
+No secret leaves this module in clear: `describe()` (config show, the start-up log), error lines
+and `repr()` mask API keys, passwords and URL user-info; `secret_values()` lists them for the log
+redaction of log.py.
 
 Units are in the attribute names (`flush_interval_s`, `max_body_bytes`); the environment keeps the
 names of DESIGN.md §6 (v1's names unchanged).
@@ -10,19 +16,19 @@ names of DESIGN.md §6 (v1's names unchanged).
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 T = TypeVar("T")
 
 SINK_NAMES = ("s3", "file", "opensearch")
-SECRET_FIELDS = frozenset({"api_keys", "opensearch_password"})
 
 DEFAULT_TRUSTED_PROXIES = (
     "10.0.0.0/8",
@@ -35,7 +41,17 @@ DEFAULT_TRUSTED_PROXIES = (
 
 
 class ConfigError(ValueError):
-    """One bad variable: str(err) is the single line printed at start-up."""
+    """Bad configuration: `problems` has one line per bad variable; str(err) joins them with
+    newlines (one problem: its single line)."""
+
+    def __init__(self, problems: str | Sequence[str], *, settings: Settings | None = None,
+                 failed: frozenset[str] = frozenset()) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # from_env: what it could build, with each bad variable (`failed`) at its default, so that
+        # `validate` can go on checking the rest (directories) and report everything at once
+        self.settings = settings
+        self.failed = failed
+        super().__init__("\n".join(self.problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,9 +200,275 @@ def default_instance_id() -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# showing values: each variable's value as the environment would spell it, secrets masked
+
+_USERINFO_RE = re.compile(r"(?<=://)[^/\s]*@")
+
+
+def mask_userinfo(text: str) -> str:
+    """`scheme://user:pass@host` → `scheme://***@host`, for every URL in `text`."""
+    return _USERINFO_RE.sub("***@", text)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → a duration `parse_duration` reads back: `24h`, `120s`, `500ms`, `0`."""
+    if seconds == 0:
+        return "0"
+    ms = round(seconds * 1000, 3)
+    if ms % 1000 == 0:
+        whole = int(ms // 1000)
+        return f"{whole // 3600}h" if whole % 3600 == 0 else f"{whole}s"
+    if float(ms).is_integer():
+        return f"{int(ms)}ms"
+    return f"{round(seconds * 1e6)}us"
+
+
+def format_size(n: int) -> str:
+    """Bytes → the shortest exact spelling `parse_size` reads back: `64MiB`, `18GB`, `16384`."""
+    spellings = [str(n)]
+    for power, letter in enumerate("KMGT", start=1):
+        if n and n % 1024**power == 0:
+            spellings.append(f"{n // 1024**power}{letter}iB")
+        if n and n % 1000**power == 0:
+            spellings.append(f"{n // 1000**power}{letter}B")
+    return min(spellings, key=len)
+
+
+def _show_bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _show_list(value: tuple[str, ...]) -> str:
+    return ",".join(value)
+
+
+def _show_addr(value: tuple[str, int]) -> str:
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _show_api_keys(value: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{name}:***" for name, _ in value)
+
+
+def _show_secret(value: str) -> str:
+    return "***" if value else ""
+
+
+def _mask_api_keys_text(raw: str) -> str:
+    """A raw API_KEYS value with every key masked (names kept); an item without a `:` may be a
+    key itself, so it is masked whole."""
+    items = []
+    for item in raw.split(","):
+        name, sep, _ = item.partition(":")
+        items.append(f"{name}:***" if sep else ("***" if item.strip() else item))
+    return ",".join(items)
+
+
+_SHOW_FOR: dict[Callable[..., Any], Callable[[Any], str]] = {
+    parse_duration: format_duration,
+    parse_size: format_size,
+    parse_bool: _show_bool,
+    parse_list: _show_list,
+    parse_cidrs: _show_list,
+    _sinks: _show_list,
+    parse_addr: _show_addr,
+}
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# the variables
 
 
 @dataclass(frozen=True, slots=True)
+class Var:
+    """One environment variable: the Settings field(s) it sets, how its text is parsed and range
+    checked, and how its value is shown (`config show`, the start-up log)."""
+
+    name: str
+    attr: str | tuple[str, ...]  # a tuple when the parsed value is a tuple spread over fields
+    parse: Callable[[str], Any]
+    ok: Callable[[Any], bool] | None = None
+    expect: str = ""  # what `ok` accepts, for the error line
+    show: Callable[[Any], str] | None = None  # default: by `parse` (_SHOW_FOR), else str()
+    mask_raw: Callable[[str], str] | None = None  # a secret: how its raw text appears in an error line
+
+    def value_of(self, settings: Settings) -> Any:
+        if isinstance(self.attr, tuple):
+            return tuple(getattr(settings, a) for a in self.attr)
+        return getattr(settings, self.attr)
+
+    def shown(self, settings: Settings) -> str:
+        show = self.show or _SHOW_FOR.get(self.parse, str)
+        return mask_userinfo(show(self.value_of(settings)))
+
+    def shown_raw(self, raw: str) -> str:
+        return mask_userinfo(self.mask_raw(raw) if self.mask_raw else raw)
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: lo <= v <= hi
+
+
+def _nonneg(v: Any) -> bool:
+    return bool(v >= 0)
+
+
+def _url(v: str) -> bool:
+    return v.startswith(("http://", "https://"))
+
+
+def _prefix(text: str) -> str:
+    return text.strip().strip("/")
+
+
+def _mib(text: str) -> int:
+    return parse_int(text) * MiB
+
+
+def _ms(text: str) -> float:
+    return parse_int(text) / 1000.0
+
+
+# In the order of docs/config.md. Every variable is optional: unset or empty keeps the default.
+VARIABLES: tuple[Var, ...] = (
+    # HTTP
+    Var("HTTP_ADDR", ("http_host", "http_port"), parse_addr),
+    Var("MAX_BODY_SIZE", "max_body_bytes", parse_size, _range(1, 64 * MiB), "1 byte to 64MiB"),
+    Var("VALIDATE_JSON", "validate_json", parse_bool),
+    Var("MAX_JSON_DEPTH", "max_json_depth", parse_int, _range(1, 512), "1 to 512 levels"),
+    Var("HTTP_FRONT", "http_front", _choice("aiohttp", "fast")),
+    Var("MAX_HEADER_BYTES", "max_header_bytes", parse_size, _range(1024, MiB), "1KiB to 1MiB per header line"),
+    Var("MAX_HEADERS", "max_headers", parse_int, _range(8, 1000), "8 to 1000 headers"),
+    Var("REQUEST_READ_TIMEOUT", "request_read_timeout_s", parse_duration, _range(0.1, 600), "100ms to 10m"),
+    Var("HEADER_READ_TIMEOUT", "header_read_timeout_s", parse_duration, _range(0.5, 600), "500ms to 10m"),
+    Var("MAX_IN_FLIGHT", "max_in_flight", parse_int, _range(1, 1_000_000), "1 to 1000000 requests"),
+    # edge and privacy
+    Var("API_KEYS", "api_keys", parse_api_keys, show=_show_api_keys, mask_raw=_mask_api_keys_text),
+    Var("CORS_ALLOW_ORIGINS", "cors_allow_origins", parse_list),
+    Var("TRUSTED_PROXIES", "trusted_proxies", parse_cidrs),
+    Var("STORE_COOKIES", "store_cookies", parse_bool),
+    Var("RECORD_API_KEY_NAME", "record_api_key_name", parse_bool),
+    Var("COOKIE_ALLOWLIST", "cookie_allowlist", parse_list),
+    # pipeline
+    Var("SINKS", "sinks", _sinks),
+    Var("CHANNEL_SIZE", "channel_size", parse_int, _range(1, 10_000_000), "1 to 10000000 events"),
+    Var("BUFFER_MAX_BYTES", "buffer_max_bytes", parse_size, _range(MiB, 64 * 1024**3), "1MiB to 64GiB"),
+    Var("BATCH_SIZE", "batch_max_events", parse_int, _range(1, 10_000_000), "1 to 10000000 events"),
+    Var("BATCH_MAX_BYTES", "batch_max_bytes", parse_size, _range(1024, 4 * 1024**3), "1KiB to 4GiB"),
+    Var("FLUSH_INTERVAL", "flush_interval_s", parse_duration, _range(0.01, 86400), "10ms to 24h"),
+    Var("UPLOAD_QUEUE", "upload_queue_batches", parse_int, _range(1, 1000), "1 to 1000 batches"),
+    Var("UPLOAD_CONCURRENCY", "upload_concurrency", parse_int, _range(1, 64), "1 to 64"),
+    Var("COMPRESSION", "compression", _choice("gzip", "zstd")),
+    Var("GZIP_LEVEL", "gzip_level", parse_int, _range(1, 9), "1 to 9"),
+    Var("ZSTD_LEVEL", "zstd_level", parse_int, _range(1, 19), "1 to 19"),
+    # S3
+    Var("AWS_REGION", "aws_region", str.strip),
+    Var("RAW_BUCKET", "raw_bucket", str.strip),
+    Var("RAW_PREFIX", "raw_prefix", _prefix),
+    Var("DLQ_PREFIX", "dlq_prefix", _prefix),
+    Var("S3_ENDPOINT_URL", "s3_endpoint_url", str.strip, _url, "an http:// or https:// URL"),
+    Var("S3_TIMEOUT", "s3_timeout_s", parse_duration, _range(0.05, 600), "50ms to 10m"),
+    Var("S3_APP_RETRIES", "s3_app_retries", parse_int, _range(0, 100), "0 to 100 retries after the first attempt"),
+    # file sink
+    Var("FILE_SINK_DIR", "file_sink_dir", str.strip),
+    # OpenSearch
+    Var("OPENSEARCH_URL", "opensearch_urls", parse_list, lambda v: all(_url(u) for u in v),
+        "comma-separated http:// or https:// URLs"),
+    Var("OPENSEARCH_INDEX", "opensearch_index", str.strip, index_name_ok,
+        "an index name template such as events-%Y.%m.%d that renders lower case, "
+        "without spaces or \\ / * ? \" < > | , # :"),
+    Var("OPENSEARCH_INDEX_TZ", "opensearch_index_tz", parse_tz),
+    Var("OPENSEARCH_DATA_STREAM", "opensearch_data_stream", parse_bool),
+    Var("OPENSEARCH_USERNAME", "opensearch_username", str.strip),
+    Var("OPENSEARCH_PASSWORD", "opensearch_password", str, show=_show_secret, mask_raw=_show_secret),
+    Var("OPENSEARCH_AWS_SIGV4", "opensearch_aws_sigv4", parse_bool),
+    Var("OPENSEARCH_AWS_SERVICE", "opensearch_aws_service", _choice("es", "aoss")),
+    Var("OPENSEARCH_CA_BUNDLE", "opensearch_ca_bundle", str.strip, os.path.isfile, "the path of an existing PEM file"),
+    Var("OPENSEARCH_VERIFY_TLS", "opensearch_verify_tls", parse_bool),
+    Var("OPENSEARCH_TIMEOUT", "opensearch_timeout_s", parse_duration, _range(0.05, 600), "50ms to 10m"),
+    Var("OPENSEARCH_RETRIES", "opensearch_retries", parse_int, _range(0, 100), "0 to 100"),
+    Var("OPENSEARCH_GZIP", "opensearch_gzip", parse_bool),
+    Var("BULK_BATCH_SIZE", "bulk_batch_size", parse_int, _range(1, 100_000), "1 to 100000 documents"),
+    Var("BULK_BATCH_BYTES_MB", "bulk_batch_bytes", _mib, _range(MiB, 1024 * MiB), "1 to 1024 MB",
+        show=lambda v: str(v // MiB)),
+    Var("BULK_FLUSH_INTERVAL_MS", "bulk_flush_interval_s", _ms, _range(0.01, 86_400), "10 to 86400000 ms",
+        show=lambda v: str(round(v * 1000))),
+    Var("BULK_MAX_PARALLEL_FLUSHES", "bulk_max_parallel_flushes", parse_int, _range(1, 64), "1 to 64"),
+    # DLQ
+    Var("DLQ_DIR", "dlq_dir", str.strip),
+    Var("DLQ_MAX_AGE", "dlq_max_age_s", parse_duration, _nonneg, "0 (never expire) or more"),
+    Var("DLQ_MAX_SIZE_BYTES", "dlq_max_size_bytes", parse_size, _nonneg, "0 (no cap) or more bytes"),
+    Var("DLQ_MIN_FREE_BYTES", "dlq_min_free_bytes", parse_size, _nonneg, "0 or more bytes"),
+    Var("DLQ_SCAN_LIMIT", "dlq_scan_limit", parse_int, _range(10, 1_000_000), "10 to 1000000 entries"),
+    Var("DLQ_MAX_ATTEMPTS", "dlq_max_attempts", parse_int, _range(1, 100_000), "1 to 100000"),
+    Var("DLQ_REPLAY_CONCURRENCY", "dlq_replay_concurrency", parse_int, _range(1, 64), "1 to 64"),
+    Var("DLQ_CLAIM_TIMEOUT", "dlq_claim_timeout_s", parse_duration, _range(1, 86400), "1s to 24h"),
+    # acknowledgements (DESIGN.md §10)
+    Var("ACK_MODE", "ack_mode", _choice("memory", "durable")),
+    Var("SPOOL_DIR", "spool_dir", str.strip),
+    Var("SPOOL_ADOPT_AFTER", "spool_adopt_after_s", parse_duration, _range(1, 86400), "1s to 24h"),
+    # lifecycle and scale
+    Var("SHUTDOWN_TIMEOUT", "shutdown_timeout_s", parse_duration, _range(0.1, 3600), "100ms to 1h"),
+    Var("PARTITION_TZ", "partition_tz", parse_tz),
+    Var("INSTANCE_ID", "instance_id", str.strip, lambda v: re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v) is not None,
+        "1-64 characters from A-Z a-z 0-9 . _ -"),
+    Var("WORKERS", "workers", parse_int, _range(1, 256), "1 to 256"),
+    # logs
+    Var("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error")),
+    Var("LOG_FORMAT", "log_format", _choice("auto", "json", "text")),
+)
+
+# Read only so that their values are redacted from every log line (the AWS SDK reads them itself).
+# Shorter values are no real AWS secret (those are 40+ characters) but dummies such as moto's
+# "testing", which would blank that word in every line.
+AWS_SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+AWS_SECRET_MIN_LEN = 16
+
+# v1 names that are no longer read (docs/config.md): ignored, never reported as misspellings.
+RETIRED_VARIABLES = frozenset({"LOG_PRETTY", "LOG_SAMPLE_N", "GOMAXPROCS", "S3_MAX_RETRIES"})
+
+# Other programs' variables that sit close to ours (the AWS SDK's, ECS's): never misspellings.
+FOREIGN_VARIABLES = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN", "AWS_ROLE_SESSION_NAME", "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "AWS_EXECUTION_ENV", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+    "AWS_CA_BUNDLE", "AWS_DEFAULT_OUTPUT", "AWS_REGION_NAME", "ECS_CONTAINER_METADATA_URI",
+    "ECS_CONTAINER_METADATA_URI_V4",
+})
+
+_ENV_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+def misspelt_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per variable in `env` that looks like a misspelling of one of ours
+    (`BATCHSIZE`, `FLUSH_INTERVALL`, `batch_size`). Names only: a value may be a secret."""
+    import difflib
+
+    e = os.environ if env is None else env
+    ours = [v.name for v in VARIABLES]
+    known = set(ours) | RETIRED_VARIABLES | FOREIGN_VARIABLES
+    out = []
+    for name in sorted(e):
+        if name in known or not _ENV_NAME_RE.fullmatch(name):
+            continue
+        upper = name.upper()
+        close = [upper] if upper in ours else difflib.get_close_matches(upper, ours, 3, 0.8)
+        if close:
+            # OPENSEARCH_USER: OPENSEARCH_USERNAME, which it begins, rather than the nearer OPENSEARCH_URL
+            best = next((c for c in close if c.startswith(upper)), close[0])
+            out.append(f"{name} is not a variable estat-ingest reads: did you mean {best}?")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class Settings:
     # HTTP
     http_host: str = "0.0.0.0"
@@ -268,7 +550,12 @@ class Settings:
     header_read_timeout_s: float = 20.0
     # logs
     log_level: str = "info"
-    log_format: str = "json"
+    log_format: str = "auto"  # auto: text when stdout is a terminal, else json (log.py)
+
+    # bookkeeping of from_env (not configuration: never compared)
+    env_names: frozenset[str] = field(default=frozenset(), compare=False)  # variables set in the environment
+    override_attrs: frozenset[str] = field(default=frozenset(), compare=False)  # fields set by the CLI
+    redact_extra: tuple[str, ...] = field(default=(), compare=False)  # AWS secrets of the environment
 
     @property
     def ext(self) -> str:
@@ -276,171 +563,111 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Parse `env` (default: os.environ). `overrides` replace parsed values (tests, CLI)."""
+        """Parse `env` (default: os.environ). `overrides` replace parsed values (tests, CLI).
+
+        Every variable is checked before anything is reported: a `ConfigError` lists every bad
+        variable, one line each (values of secrets masked)."""
         e = os.environ if env is None else env
         values: dict[str, Any] = {}
-
-        def get(
-            name: str, parse: Callable[[str], T], ok: Callable[[T], bool] | None = None, expect: str = ""
-        ) -> T | None:
-            raw = e.get(name)
+        problems: list[str] = []
+        failed: set[str] = set()
+        set_names: set[str] = set()
+        for var in VARIABLES:
+            raw = e.get(var.name)
             if raw is None or raw.strip() == "":
-                return None
+                continue
+            set_names.add(var.name)
             try:
-                value = parse(raw)
+                value = var.parse(raw)
             except ValueError as err:
-                raise ConfigError(f"{name}={raw!r} is invalid: expected {err}") from None
-            if ok is not None and not ok(value):
-                raise ConfigError(f"{name}={raw!r} is out of range: expected {expect}")
-            return value
-
-        def put(attr: str, value: Any) -> None:
-            if value is not None:
-                values[attr] = value
-
-        nonneg: Callable[[Any], bool] = lambda v: v >= 0  # noqa: E731
-
-        addr = get("HTTP_ADDR", parse_addr)
-        if addr is not None:
-            values["http_host"], values["http_port"] = addr
-        put("max_body_bytes", get("MAX_BODY_SIZE", parse_size, lambda v: 1 <= v <= 64 * 1024**2,
-                                  "1 byte to 64MiB"))
-        put("validate_json", get("VALIDATE_JSON", parse_bool))
-        put("http_front", get("HTTP_FRONT", _choice("aiohttp", "fast")))
-        put("channel_size", get("CHANNEL_SIZE", parse_int, lambda v: 1 <= v <= 10_000_000,
-                                "1 to 10000000 events"))
-        put("buffer_max_bytes", get("BUFFER_MAX_BYTES", parse_size, lambda v: 1024**2 <= v <= 64 * 1024**3,
-                                    "1MiB to 64GiB"))
-        put("batch_max_events", get("BATCH_SIZE", parse_int, lambda v: 1 <= v <= 10_000_000,
-                                    "1 to 10000000 events"))
-        put("batch_max_bytes", get("BATCH_MAX_BYTES", parse_size, lambda v: 1024 <= v <= 4 * 1024**3,
-                                   "1KiB to 4GiB"))
-        put("flush_interval_s", get("FLUSH_INTERVAL", parse_duration, lambda v: 0.01 <= v <= 86400,
-                                    "10ms to 24h"))
-        put("upload_queue_batches", get("UPLOAD_QUEUE", parse_int, lambda v: 1 <= v <= 1000,
-                                        "1 to 1000 batches"))
-        put("upload_concurrency", get("UPLOAD_CONCURRENCY", parse_int, lambda v: 1 <= v <= 64, "1 to 64"))
-        put("compression", get("COMPRESSION", _choice("gzip", "zstd")))
-        put("gzip_level", get("GZIP_LEVEL", parse_int, lambda v: 1 <= v <= 9, "1 to 9"))
-        put("zstd_level", get("ZSTD_LEVEL", parse_int, lambda v: 1 <= v <= 19, "1 to 19"))
-        # S3
-        put("aws_region", get("AWS_REGION", str.strip))
-        put("raw_bucket", get("RAW_BUCKET", str.strip))
-        put("raw_prefix", get("RAW_PREFIX", lambda s: s.strip().strip("/")))
-        put("dlq_prefix", get("DLQ_PREFIX", lambda s: s.strip().strip("/")))
-        put("s3_endpoint_url", get("S3_ENDPOINT_URL", str.strip, lambda v: v.startswith(("http://", "https://")),
-                                   "an http:// or https:// URL"))
-        put("s3_timeout_s", get("S3_TIMEOUT", parse_duration, lambda v: 0.05 <= v <= 600, "50ms to 10m"))
-        put("s3_app_retries", get("S3_APP_RETRIES", parse_int, lambda v: 0 <= v <= 100,
-                                  "0 to 100 retries after the first attempt"))
-        put("file_sink_dir", get("FILE_SINK_DIR", str.strip))
-        # OpenSearch
-        put("opensearch_urls", get("OPENSEARCH_URL", parse_list,
-                                   lambda v: all(u.startswith(("http://", "https://")) for u in v),
-                                   "comma-separated http:// or https:// URLs"))
-        put("opensearch_index", get("OPENSEARCH_INDEX", str.strip, index_name_ok,
-                                    "an index name template such as events-%Y.%m.%d that renders lower case, "
-                                    "without spaces or \\ / * ? \" < > | , # :"))
-        put("opensearch_index_tz", get("OPENSEARCH_INDEX_TZ", parse_tz))
-        put("opensearch_username", get("OPENSEARCH_USERNAME", str.strip))
-        put("opensearch_password", get("OPENSEARCH_PASSWORD", str))
-        put("opensearch_aws_sigv4", get("OPENSEARCH_AWS_SIGV4", parse_bool))
-        put("opensearch_aws_service", get("OPENSEARCH_AWS_SERVICE", _choice("es", "aoss")))
-        put("opensearch_ca_bundle", get("OPENSEARCH_CA_BUNDLE", str.strip, os.path.isfile,
-                                        "the path of an existing PEM file"))
-        put("opensearch_verify_tls", get("OPENSEARCH_VERIFY_TLS", parse_bool))
-        put("opensearch_timeout_s", get("OPENSEARCH_TIMEOUT", parse_duration, lambda v: 0.05 <= v <= 600,
-                                        "50ms to 10m"))
-        put("opensearch_retries", get("OPENSEARCH_RETRIES", parse_int, lambda v: 0 <= v <= 100, "0 to 100"))
-        put("opensearch_gzip", get("OPENSEARCH_GZIP", parse_bool))
-        put("opensearch_data_stream", get("OPENSEARCH_DATA_STREAM", parse_bool))
-        put("bulk_batch_size", get("BULK_BATCH_SIZE", parse_int, lambda v: 1 <= v <= 100_000,
-                                   "1 to 100000 documents"))
-        mb = get("BULK_BATCH_BYTES_MB", parse_int, lambda v: 1 <= v <= 1024, "1 to 1024 MB")
-        put("bulk_batch_bytes", None if mb is None else mb * 1024 * 1024)
-        ms = get("BULK_FLUSH_INTERVAL_MS", parse_int, lambda v: 10 <= v <= 86_400_000, "10 to 86400000 ms")
-        put("bulk_flush_interval_s", None if ms is None else ms / 1000.0)
-        put("bulk_max_parallel_flushes", get("BULK_MAX_PARALLEL_FLUSHES", parse_int, lambda v: 1 <= v <= 64,
-                                             "1 to 64"))
-        # DLQ
-        put("dlq_dir", get("DLQ_DIR", str.strip))
-        put("dlq_max_age_s", get("DLQ_MAX_AGE", parse_duration, nonneg, "0 (never expire) or more"))
-        put("dlq_max_size_bytes", get("DLQ_MAX_SIZE_BYTES", parse_size, nonneg, "0 (no cap) or more bytes"))
-        put("dlq_min_free_bytes", get("DLQ_MIN_FREE_BYTES", parse_size, nonneg, "0 or more bytes"))
-        put("dlq_scan_limit", get("DLQ_SCAN_LIMIT", parse_int, lambda v: 10 <= v <= 1_000_000,
-                                  "10 to 1000000 entries"))
-        put("dlq_max_attempts", get("DLQ_MAX_ATTEMPTS", parse_int, lambda v: 1 <= v <= 100_000,
-                                    "1 to 100000"))
-        put("dlq_replay_concurrency", get("DLQ_REPLAY_CONCURRENCY", parse_int, lambda v: 1 <= v <= 64,
-                                          "1 to 64"))
-        put("dlq_claim_timeout_s", get("DLQ_CLAIM_TIMEOUT", parse_duration, lambda v: 1 <= v <= 86400,
-                                       "1s to 24h"))
-        # acknowledgements
-        put("ack_mode", get("ACK_MODE", _choice("memory", "durable")))
-        put("spool_dir", get("SPOOL_DIR", str.strip))
-        put("spool_adopt_after_s", get("SPOOL_ADOPT_AFTER", parse_duration, lambda v: 1 <= v <= 86400,
-                                       "1s to 24h"))
-        # lifecycle
-        put("shutdown_timeout_s", get("SHUTDOWN_TIMEOUT", parse_duration, lambda v: 0.1 <= v <= 3600,
-                                      "100ms to 1h"))
-        put("partition_tz", get("PARTITION_TZ", parse_tz))
-        put("instance_id", get("INSTANCE_ID", str.strip, lambda v: re.fullmatch(r"[A-Za-z0-9._-]{1,64}", v)
-                               is not None, "1-64 characters from A-Z a-z 0-9 . _ -"))
-        put("workers", get("WORKERS", parse_int, lambda v: 1 <= v <= 256, "1 to 256"))
-        # edge
-        put("api_keys", get("API_KEYS", parse_api_keys))
-        put("cors_allow_origins", get("CORS_ALLOW_ORIGINS", parse_list))
-        put("trusted_proxies", get("TRUSTED_PROXIES", parse_cidrs))
-        put("store_cookies", get("STORE_COOKIES", parse_bool))
-        put("cookie_allowlist", get("COOKIE_ALLOWLIST", parse_list))
-        put("max_header_bytes", get("MAX_HEADER_BYTES", parse_size, lambda v: 1024 <= v <= 1024**2,
-                                    "1KiB to 1MiB per header line"))
-        put("max_headers", get("MAX_HEADERS", parse_int, lambda v: 8 <= v <= 1000, "8 to 1000 headers"))
-        put("request_read_timeout_s", get("REQUEST_READ_TIMEOUT", parse_duration, lambda v: 0.1 <= v <= 600,
-                                          "100ms to 10m"))
-        put("max_in_flight", get("MAX_IN_FLIGHT", parse_int, lambda v: 1 <= v <= 1_000_000,
-                                 "1 to 1000000 requests"))
-        put("max_json_depth", get("MAX_JSON_DEPTH", parse_int, lambda v: 1 <= v <= 512, "1 to 512 levels"))
-        put("record_api_key_name", get("RECORD_API_KEY_NAME", parse_bool))
-        put("header_read_timeout_s", get("HEADER_READ_TIMEOUT", parse_duration, lambda v: 0.5 <= v <= 600,
-                                         "500ms to 10m"))
-        put("log_level", get("LOG_LEVEL", _choice("debug", "info", "warning", "error")))
-        put("log_format", get("LOG_FORMAT", _choice("json", "text")))
-
-        sinks = get("SINKS", _sinks)
-        if sinks is None:
-            sinks = ("s3",) if values.get("raw_bucket") else ("file",)
-        values["sinks"] = sinks
+                problems.append(f"{var.name}={var.shown_raw(raw)!r} is invalid: expected {err}")
+                failed.add(var.name)
+                continue
+            if var.ok is not None and not var.ok(value):
+                problems.append(f"{var.name}={var.shown_raw(raw)!r} is out of range: expected {var.expect}")
+                failed.add(var.name)
+                continue
+            if isinstance(var.attr, tuple):
+                values.update(zip(var.attr, value, strict=True))
+            else:
+                values[var.attr] = value
+        if "sinks" not in values:
+            values["sinks"] = ("s3",) if values.get("raw_bucket") else ("file",)
         values.update(overrides)
-        settings = cls(**values)
-        settings.check()
+        extra = tuple(v for v in (e.get("AWS_SECRET_ACCESS_KEY"), e.get("AWS_SESSION_TOKEN"))
+                      if v and len(v) >= AWS_SECRET_MIN_LEN)
+        settings = cls(**values, env_names=frozenset(set_names), override_attrs=frozenset(overrides),
+                       redact_extra=extra)
+        problems += [line for names, line in settings.rule_problems() if not names & failed]
+        if problems:
+            raise ConfigError(problems, settings=settings, failed=frozenset(failed))
         return settings
 
-    def check(self) -> None:
-        """Cross-variable rules (one line each, like the per-variable ones)."""
-        if "s3" in self.sinks and not self.raw_bucket:
-            raise ConfigError("RAW_BUCKET='' is invalid: expected a bucket name when SINKS includes s3")
-        if "opensearch" in self.sinks and not self.opensearch_urls:
-            raise ConfigError("OPENSEARCH_URL='' is invalid: expected a URL when SINKS includes opensearch")
-        if self.opensearch_password and not self.opensearch_username:
-            raise ConfigError("OPENSEARCH_USERNAME='' is invalid: expected a user name with OPENSEARCH_PASSWORD")
-        if self.opensearch_aws_sigv4 and self.opensearch_username:
-            raise ConfigError("OPENSEARCH_AWS_SIGV4='true' is invalid: expected either SigV4 or basic auth, "
-                              "not both")
-        if self.opensearch_aws_sigv4 and not self.aws_region:
-            raise ConfigError("AWS_REGION='' is invalid: expected a region when OPENSEARCH_AWS_SIGV4=true")
+    def rule_problems(self) -> list[tuple[frozenset[str], str]]:
+        """Cross-variable rules: (the variables involved, one line) per broken rule."""
+        out: list[tuple[frozenset[str], str]] = []
 
-    def describe(self) -> dict[str, Any]:
-        """Effective configuration with secrets masked (for `config show` and the start-up log)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "api_keys":
-                value = [f"{name}:***" for name, _ in value]
-            elif f.name in SECRET_FIELDS and value:
-                value = "***"
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
+        def rule(names: str, line: str) -> None:
+            out.append((frozenset(names.split()), line))
+
+        if "s3" in self.sinks and not self.raw_bucket:
+            rule("SINKS RAW_BUCKET", "RAW_BUCKET='' is invalid: expected a bucket name when SINKS includes s3")
+        if "opensearch" in self.sinks and not self.opensearch_urls:
+            rule("SINKS OPENSEARCH_URL",
+                 "OPENSEARCH_URL='' is invalid: expected a URL when SINKS includes opensearch")
+        if self.opensearch_password and not self.opensearch_username:
+            rule("OPENSEARCH_PASSWORD OPENSEARCH_USERNAME",
+                 "OPENSEARCH_USERNAME='' is invalid: expected a user name with OPENSEARCH_PASSWORD")
+        if self.opensearch_aws_sigv4 and self.opensearch_username:
+            rule("OPENSEARCH_AWS_SIGV4 OPENSEARCH_USERNAME",
+                 "OPENSEARCH_AWS_SIGV4='true' is invalid: expected either SigV4 or basic auth, not both")
+        if self.opensearch_aws_sigv4 and not self.aws_region:
+            rule("OPENSEARCH_AWS_SIGV4 AWS_REGION",
+                 "AWS_REGION='' is invalid: expected a region when OPENSEARCH_AWS_SIGV4=true")
         return out
 
+    def check(self) -> None:
+        """Raise `ConfigError` with every broken cross-variable rule."""
+        problems = [line for _, line in self.rule_problems()]
+        if problems:
+            raise ConfigError(problems)
+
+    def source_of(self, var: Var) -> str:
+        """`env`, `default`, or `cli` (an override such as `serve --workers`)."""
+        attrs = var.attr if isinstance(var.attr, tuple) else (var.attr,)
+        if self.override_attrs & set(attrs):
+            return "cli"
+        return "env" if var.name in self.env_names else "default"
+
+    def describe(self) -> dict[str, str]:
+        """Environment name → effective value as the environment spells it, secrets masked (for
+        `config show` and the start-up log)."""
+        return {var.name: var.shown(self) for var in VARIABLES}
+
+    def describe_sources(self) -> dict[str, dict[str, str]]:
+        """Environment name → {"value": …, "source": env|default|cli} (`config show --json`)."""
+        return {var.name: {"value": var.shown(self), "source": self.source_of(var)} for var in VARIABLES}
+
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret this configuration holds (API keys, passwords, URL user-info, AWS secrets
+        of the environment), longest first: what log lines must never contain."""
+        from urllib.parse import unquote, urlsplit
+
+        def basic(userinfo: str) -> str:  # the Authorization: Basic token made of it
+            return base64.b64encode(userinfo.encode()).decode()
+
+        found = {key for _, key in self.api_keys} | {self.opensearch_password, *self.redact_extra}
+        if self.opensearch_password:
+            found.add(basic(f"{self.opensearch_username}:{self.opensearch_password}"))
+        for url in (*self.opensearch_urls, self.s3_endpoint_url):
+            userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+            if at and userinfo:
+                _, colon, password = userinfo.partition(":")
+                found |= {userinfo, unquote(userinfo), basic(unquote(userinfo))}
+                if colon:
+                    found |= {password, unquote(password)}
+        return tuple(sorted((s for s in found if s), key=len, reverse=True))
+
+    def __repr__(self) -> str:
+        # masked like config show, so a failing assertion or a debug print cannot leak a secret
+        return "Settings(" + ", ".join(f"{k}={v!r}" for k, v in self.describe().items()) + ")"

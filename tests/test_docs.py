@@ -41,24 +41,24 @@ ENV_NAME_RE = re.compile(r"[A-Z][A-Z0-9_]*")
 
 def variables_read(source: str) -> set[str]:
     """Environment names read in config.py's source: the string literal first argument of
-    `get("NAME", ...)` (Settings.from_env's reader), and of any other `x.get("NAME")`,
-    `getenv("NAME")` or `environ["NAME"]` with an ALL_CAPS name, so a variable read around the
-    helper is not missed."""
+    `Var("NAME", ...)` (the table Settings.from_env reads), of `get("NAME", ...)`, and of any other
+    `x.get("NAME")`, `getenv("NAME")` or `environ["NAME"]` with an ALL_CAPS name, so a variable
+    read around the table is not missed."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(source)):
         arg: ast.expr | None = None
         if isinstance(node, ast.Call) and node.args:
             func = node.func
             fname = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
-            if fname in ("get", "getenv"):
+            if fname in ("get", "getenv", "Var"):
                 arg = node.args[0]
         elif isinstance(node, ast.Subscript) and isinstance(node.value, (ast.Name, ast.Attribute)):
             base = node.value.id if isinstance(node.value, ast.Name) else node.value.attr
             if base == "environ":
                 arg = node.slice
         if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "get":
-                names.add(arg.value)  # the helper: every literal is a variable
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("get", "Var"):
+                names.add(arg.value)  # the table or the helper: every literal is a variable
             elif ENV_NAME_RE.fullmatch(arg.value):
                 names.add(arg.value)
     return names
@@ -323,9 +323,10 @@ def test_config_md_defaults_of_v1_names_are_marked() -> None:
 
 
 def test_config_parsers_catch_missing_and_stale() -> None:
-    src = ('def f():\n    get("ALPHA_ONE", int)\n    values.get("raw_bucket")\n    get(name)\n'
+    src = ('V = (Var("EPSILON_X", "eps", int), Var(name, "x", int))\n'
+           'def f():\n    get("ALPHA_ONE", int)\n    values.get("raw_bucket")\n    get(name)\n'
            '    os.environ.get("BETA")\n    os.getenv("GAMMA_2")\n    os.environ["DELTA"]\n')
-    assert variables_read(src) == {"ALPHA_ONE", "BETA", "GAMMA_2", "DELTA"}
+    assert variables_read(src) == {"EPSILON_X", "ALPHA_ONE", "BETA", "GAMMA_2", "DELTA"}
     md = ("| variable | default |\n|---|---|\n| `ALPHA_ONE` (v1) | `1` |\n| `GONE_VAR` | — |\n"
           "\n```\n| `IN_CODE` | x |\n```\nprose `PROSE_VAR`\n")
     assert documented_variables(md) == {"ALPHA_ONE", "GONE_VAR"}
