@@ -1,15 +1,30 @@
-"""Structured logs on stdout: one JSON object per line (LOG_FORMAT=json) or key=value text."""
+"""Structured logs on stdout: one JSON object per line, or `key=value` text on a terminal.
+
+`LOG_FORMAT=auto` (unset) picks text when stdout is a terminal and JSON otherwise (containers,
+files, pipes). Every formatted line goes through a redaction step: the secret values of the
+loaded configuration (`Settings.secret_values()`: API keys, passwords, URL user-info, AWS
+secrets) and the user-info of any `scheme://user:pass@` URL become `***`, so no log line can
+carry a secret, whatever a message or a library puts in it (DESIGN.md §2, invariant 9).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
+from estat_ingest.config import mask_userinfo
+
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName"}
+
+# libraries whose info lines are noise for an operator ("Found credentials in environment
+# variables", connection pool chatter, asyncio's debug lines): warnings and errors only
+QUIET_LOGGERS = ("aiobotocore", "botocore", "boto3", "s3transfer", "urllib3", "asyncio", "aiohttp.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -43,10 +58,51 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup(level: str, fmt: str, **static: Any) -> None:
+class Redactor:
+    """Replaces every secret in a text by `***`: each value as is, as JSON escapes it and as
+    repr() does (a value with a quote or a backslash is spelt differently in a JSON or a text
+    line), then the user-info of every URL."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        spellings: set[str] = set()
+        for secret in secrets:
+            if secret:
+                spellings |= {secret, orjson.dumps(secret).decode()[1:-1], repr(secret)[1:-1]}
+        ordered = sorted(spellings, key=len, reverse=True)  # a longer secret before its substrings
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is not None:
+            text = self._pattern.sub("***", text)
+        return mask_userinfo(text)
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, inner: logging.Formatter, redact: Redactor) -> None:
+        super().__init__()
+        self.inner = inner
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self.inner.format(record))
+
+
+def resolve_format(fmt: str) -> str:
+    """`auto` → `text` on a terminal, else `json`."""
+    if fmt == "auto":
+        return "text" if sys.stdout.isatty() else "json"
+    return fmt
+
+
+def setup(level: str, fmt: str, *, redact: Iterable[str] = (), **static: Any) -> None:
+    """Log lines on stdout at `level`, in `fmt` (json, text or auto), every line stripped of the
+    `redact` values and of URL user-info; `static` fields go on every JSON line."""
+    inner = JsonFormatter(static) if resolve_format(fmt) == "json" else TextFormatter()
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter(static) if fmt == "json" else TextFormatter())
+    handler.setFormatter(RedactingFormatter(inner, Redactor(redact)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn() lines go through the same handler (redacted)

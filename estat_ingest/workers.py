@@ -108,8 +108,8 @@ def worker_main(settings: Settings, index: int) -> None:
     from estat_ingest import log as logsetup
     from estat_ingest.runtime import run
 
-    logsetup.setup(settings.log_level, settings.log_format, service="estat-ingest",
-                   instance=settings.instance_id, worker=index)
+    logsetup.setup(settings.log_level, settings.log_format, redact=settings.secret_values(),
+                   service="estat-ingest", instance=settings.instance_id, worker=index)
     sock = bind_reuseport(settings.http_host, settings.http_port)
     code = run(early.serve(settings, index, sock))
     sys.exit(code)
@@ -262,11 +262,14 @@ class Supervisor:
                 self._start(slot)
 
 
-def run_workers(settings: Settings) -> int:
-    """Run `settings.workers` server processes on one port until SIGTERM/SIGINT; the exit code."""
+def run_workers(settings: Settings, holder: socket.socket | None = None) -> int:
+    """Run `settings.workers` server processes on one port until SIGTERM/SIGINT; the exit code.
+    `holder`: the port, already bound with SO_REUSEPORT (the CLI binds it before anything starts,
+    so a port in use is one line, not a traceback); closed on return."""
     # Port 0 means "any": pick it once here so every worker binds the same one. The parent keeps
     # its socket bound (never listening) so the port stays ours while workers restart.
-    holder = bind_reuseport(settings.http_host, settings.http_port)
+    if holder is None:
+        holder = bind_reuseport(settings.http_host, settings.http_port)
     try:
         port = holder.getsockname()[1]
         settings = dataclasses.replace(settings, http_port=port)
