@@ -158,15 +158,15 @@ def test_every_module_comes_from_the_target_directory(image: Image) -> None:
 
 
 def test_config_show_from_the_image_environment(image: Image) -> None:
-    out = image.run("config", "show", env=image.env(API_KEYS="web:not-for-your-eyes"))
+    out = image.run("config", "show", "--json", env=image.env(API_KEYS="web:not-for-your-eyes"))
     assert out.returncode == 0, out.stderr
     assert "not-for-your-eyes" not in out.stdout, "secrets must be masked"
-    cfg = json.loads(out.stdout)
-    assert cfg["http_port"] == 8080
-    assert cfg["dlq_dir"] == str(image.state / "dlq")
-    assert cfg["file_sink_dir"] == str(image.state / "data")
-    assert cfg["sinks"] == ["file"]
-    assert cfg["api_keys"] == ["web:***"]
+    cfg = {name: item["value"] for name, item in json.loads(out.stdout).items()}
+    assert cfg["HTTP_ADDR"] == "0.0.0.0:8080"
+    assert cfg["DLQ_DIR"] == str(image.state / "dlq")
+    assert cfg["FILE_SINK_DIR"] == str(image.state / "data")
+    assert cfg["SINKS"] == "file"
+    assert cfg["API_KEYS"] == "web:***"
 
 
 def test_bad_configuration_is_one_line_and_exit_2(image: Image) -> None:
