@@ -23,10 +23,8 @@ import re
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-T = TypeVar("T")
 
 SINK_NAMES = ("s3", "file", "opensearch")
 
