@@ -82,9 +82,8 @@ V1_DEFAULTS = {"RAW_PREFIX": "raw", "DLQ_PREFIX": "raw_dlq", "MAX_BODY_SIZE": "1
                "UPLOAD_QUEUE": "4", "BATCH_SIZE": "5000", "FLUSH_INTERVAL": "120s", "S3_TIMEOUT": "3s",
                "S3_APP_RETRIES": "3", "DLQ_MAX_AGE": "24h", "DLQ_MAX_SIZE_BYTES": "18000000000"}
 # the estat-ingest settings shown with the env (from `config show`), to make the comparison visible
-SHOWN = ("http_front", "channel_size", "batch_max_events", "upload_queue_batches", "upload_concurrency",
-         "flush_interval_s", "max_body_bytes", "s3_timeout_s", "s3_app_retries", "compression", "gzip_level",
-         "buffer_max_bytes")
+SHOWN = ("HTTP_FRONT", "CHANNEL_SIZE", "BATCH_SIZE", "UPLOAD_QUEUE", "UPLOAD_CONCURRENCY", "FLUSH_INTERVAL",
+         "MAX_BODY_SIZE", "S3_TIMEOUT", "S3_APP_RETRIES", "COMPRESSION", "GZIP_LEVEL", "BUFFER_MAX_BYTES")
 
 
 @dataclass
@@ -519,14 +518,15 @@ def ratios(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[s
 
 def estat_config(o: Opts, extra: dict[str, str]) -> tuple[dict[str, Any] | None, str]:
     env = {**base_env(), **estat_env(o, 8080, "bench-bucket", o.work, "http://127.0.0.1:1", extra)}
-    p = subprocess.run([PY, "-m", "estat_ingest", "config", "show"], env=env, capture_output=True, text=True,
-                       check=False, timeout=120, cwd=o.work)
+    p = subprocess.run([PY, "-m", "estat_ingest", "config", "show", "--json"], env=env, capture_output=True,
+                       text=True, check=False, timeout=120, cwd=o.work)
     if p.returncode != 0:
         return None, (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
     try:
-        cfg: dict[str, Any] = json.loads(p.stdout)
-    except ValueError:
-        return None, "config show printed no JSON"
+        shown: dict[str, dict[str, str]] = json.loads(p.stdout)  # {"BATCH_SIZE": {"value": "5000", "source": …}}
+        cfg: dict[str, Any] = {name: item["value"] for name, item in shown.items()}
+    except (ValueError, TypeError, KeyError):
+        return None, "config show --json printed no {NAME: {value, source}} object"
     return cfg, ""
 
 
