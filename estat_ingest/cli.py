@@ -98,9 +98,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if err.settings is None:
             raise
         # go on with what parsed: the bad variables are at their defaults, so skip the
-        # directories that depend on one of them
+        # directories that depend on one of them (FILE_SINK_DIR is probed with the file sink only,
+        # SPOOL_DIR with ACK_MODE=durable only)
         settings, config_problems = err.settings, err.problems
-        skip = frozenset({"FILE_SINK_DIR"} if "SINKS" in err.failed else set()) | err.failed
+        depends = {"SINKS": "FILE_SINK_DIR", "ACK_MODE": "SPOOL_DIR"}
+        skip = err.failed | {d for var, d in depends.items() if var in err.failed}
     machine_problems = preflight.directory_problems(settings, skip=skip)
     # Sink probes (a request to each configured sink with its real credentials) would run here,
     # after the configuration and the directories, once the sink seam offers a probe.

@@ -26,6 +26,8 @@ def directories(settings: Settings) -> list[tuple[str, str]]:
     out = [("DLQ_DIR", settings.dlq_dir)]
     if "file" in settings.sinks:
         out.append(("FILE_SINK_DIR", settings.file_sink_dir))
+    if settings.ack_mode == "durable" and settings.spool_dir:  # unset: under DLQ_DIR, probed above
+        out.append(("SPOOL_DIR", settings.spool_dir))
     return out
 
 

@@ -111,6 +111,17 @@ def test_file_sink_dir_is_checked_only_with_the_file_sink(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
 
 
+def test_spool_dir_is_checked_with_durable_acknowledgements(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    env = base_env(tmp_path, SPOOL_DIR=str(tmp_path / "afile" / "spool"), HTTP_ADDR="127.0.0.1:0")
+    [line] = refused(serve({**env, "ACK_MODE": "durable"}))
+    assert line == (f"estat-ingest: cannot start: SPOOL_DIR={str(tmp_path / 'afile' / 'spool')!r} is not usable: "
+                    f"{tmp_path / 'afile'} is a file, not a directory")
+    proc = subprocess.run([sys.executable, "-m", "estat_ingest", "validate"], capture_output=True, text=True,
+                          env={**env, "ACK_MODE": "memory"}, timeout=60)
+    assert proc.returncode == 0, proc.stderr  # the memory mode has no spool
+
+
 def _ro_mount_works() -> bool:
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         return False
