@@ -15,7 +15,6 @@ bin/); without them these tests skip with a message.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -187,7 +186,9 @@ def test_values_schema_covers_every_value() -> None:
 def test_default_env_is_a_valid_configuration() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     env = {k: str(v) for k, v in values["env"].items()}
-    read_by_server = set(re.findall(r'get\("([A-Z0-9_]+)"', (ROOT / "estat_ingest" / "config.py").read_text()))
+    from estat_ingest.config import VARIABLES
+
+    read_by_server = {v.name for v in VARIABLES}
     assert not set(env) - read_by_server, f"variables the server does not read: {sorted(set(env) - read_by_server)}"
     s = Settings.from_env(env)
     assert s.http_port == values["containerPort"]
@@ -233,11 +234,11 @@ def test_existing_claim_is_mounted_not_created(tmp_path: Path) -> None:
 def test_ack_mode(tmp_path: Path) -> None:
     data = by_kind(render())["ConfigMap"]["data"]
     assert "ACK_MODE" not in data, "empty ackMode: the server's default"
-    assert Settings.from_env(data).describe()["ack_mode"] == "memory"
+    assert Settings.from_env(data).describe()["ACK_MODE"] == "memory"
     for mode in ("memory", "durable"):
         data = by_kind(render("--set", f"ackMode={mode}"))["ConfigMap"]["data"]
         assert data["ACK_MODE"] == mode
-        assert Settings.from_env(data).describe()["ack_mode"] == mode  # what the server reads (DESIGN.md §10)
+        assert Settings.from_env(data).describe()["ACK_MODE"] == mode  # what the server reads (DESIGN.md §10)
     bad = helm_template("--set", "ackMode=fsync", check=False)
     assert bad.returncode != 0 and "ackMode" in bad.stderr
 
