@@ -19,15 +19,18 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from estat_ingest.dlq.scan import Entry
 from estat_ingest.dlq.store import DlqStore
 from estat_ingest.formats.keys import unix_of_name
 from estat_ingest.metrics import Metrics
-from estat_ingest.pipeline.batcher import Batch
 from estat_ingest.spool import lease
 from estat_ingest.spool.recover import recover_owner
 from estat_ingest.spool.segment import SpoolFile, spool_name
+
+if TYPE_CHECKING:
+    from estat_ingest.pipeline.batcher import Batch
 
 log = logging.getLogger("estat_ingest.spool")
 
