@@ -30,11 +30,6 @@ from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
 
 log = logging.getLogger("estat_ingest.delivery")
 
-# rejections that say "this sink refuses everything right now" (expired credentials, a missing IAM
-# permission), not "this batch is bad": an outage, never a reason to move a batch aside
-SINK_WIDE_REJECTS = frozenset({"auth"})
-
-
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Capped exponential backoff with "equal jitter" (half fixed, half random)."""
@@ -71,8 +66,10 @@ def judge(result: Result, payload: Payload) -> Verdict:
         n = payload.num_events if result.delivered is None else result.delivered
         return Verdict(Next.DELIVERED, result.reason, payload, n, result.rejected)
     left = payload if result.remainder is None else result.remainder.with_attempts(payload.attempts)
-    if result.outcome is Outcome.REJECT:
-        nxt = Next.OUTAGE if result.reason in SINK_WIDE_REJECTS else Next.REJECTED
+    if result.outage:  # the sink says the destination refuses everything: never this batch's fault
+        nxt = Next.OUTAGE
+    elif result.outcome is Outcome.REJECT:
+        nxt = Next.REJECTED
     else:
         nxt = Next.RETRY
     return Verdict(nxt, result.reason or result.outcome.value, left, result.delivered or 0, result.rejected)

@@ -4,8 +4,9 @@ DIR may be a DLQ_DIR root (every sink's subdirectory, worker roots `w<N>/`, and 
 which belong to the s3 sink) or one sink's subdirectory. The commands work on a live directory:
 `replay` claims each file exactly like the server's replayer, so both can run at once.
 
-Exit codes: 0 ok; 1 something is corrupt (verify) or not every file was delivered (replay);
-2 usage or configuration error (bad DIR, missing RAW_BUCKET …).
+Exit codes: 0 ok; 1 something is corrupt (verify) or not every file was delivered (replay: also
+when the destination refused everything — a missing bucket, refused credentials — which stops the
+run at once and moves nothing aside); 2 usage or configuration error (bad DIR, missing RAW_BUCKET …).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from estat_ingest.delivery import Delivery
+from estat_ingest.delivery import Delivery, Next
 from estat_ingest.dlq import files
 from estat_ingest.dlq.scan import Entry
 from estat_ingest.dlq.settle import settle
@@ -373,6 +374,8 @@ class ReplayReport:
     corrupt: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     skipped_claimed: int = 0  # claimed by a live replayer (younger than DLQ_CLAIM_TIMEOUT)
+    outage: str = ""  # "<sink>: <reason>" when the destination refused everything: the run stopped
+    not_attempted: int = 0  # files left alone after the outage
     dry_run: bool = False
 
 
@@ -454,6 +457,9 @@ async def _replay(args: argparse.Namespace) -> int:
         async with sem:
             rel = os.path.relpath(f.path, args.path)  # noqa: ASYNC240 - string work, CLI process
             sink_name = args.sink or g.sink
+            if report.outage:  # the destination refuses everything: stop, move nothing
+                report.not_attempted += 1
+                return
             if args.dry_run:
                 n, err = await asyncio.to_thread(verify_file, f)
                 if n is None:
@@ -481,6 +487,8 @@ async def _replay(args: argparse.Namespace) -> int:
                 payload = files.payload_of(f.name, data, meta, n, settings.partition_tz)
                 delivery, store = deliveries[sink_name]
                 final = await delivery.run(payload)
+                if final.next is Next.OUTAGE and not report.outage:
+                    report.outage = f"{sink_name}: {final.reason}"
                 entry = Entry(unix_of_name(f.name) or 0, f.name, f.directory, f.size)
                 settled = await settle(store, delivery.sink, entry, cpath, final)
                 report.delivered_events += final.delivered
@@ -518,7 +526,7 @@ async def _replay(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 await s.aclose()
     progress.update(report, final=True)
-    ok = not (report.corrupt or report.failed or report.rejected or report.skipped_claimed)
+    ok = not (report.corrupt or report.failed or report.rejected or report.skipped_claimed or report.outage)
     if args.json:
         _print_json({**asdict(report), "ok": ok})
     else:
@@ -533,6 +541,10 @@ async def _replay(args: argparse.Namespace) -> int:
             print(f"REJECTED  {line}")
         for line in report.failed:
             print(f"FAILED    {line}")
+        if report.outage:
+            print(f"OUTAGE    {report.outage}: the destination refuses everything (missing bucket, credentials, "
+                  f"closed or blocked index); stopped, nothing moved aside, {report.not_attempted} files not "
+                  "attempted: fix the destination and run again")
         if report.skipped_claimed:
             print(f"SKIPPED   {report.skipped_claimed} files claimed by another replayer (younger than "
                   "DLQ_CLAIM_TIMEOUT): run again later, or with --steal-claims if that process is dead")

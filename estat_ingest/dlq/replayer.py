@@ -221,7 +221,10 @@ class Replayer:
                 log.info("dlq file delivered", extra={
                     "sink": self.sink.name, "batch": name, "events": final.delivered,
                     "bytes": len(data), "outcome": "ok", "attempts": final.payload.attempts})
-            self._healthy()  # the sink answered: it is up
+            if final.next is Next.OUTAGE:
+                self.failing += 1  # partly delivered, the rest refused with the whole destination: back off
+            else:
+                self._healthy()  # the sink answered: it is up
             return True
         return await self._failed(entry, cpath, final, meta or {"num_events": events})
 

@@ -50,7 +50,7 @@ TAKE_MAX = 1024
 # the healthy sinks; at most this many per lane, then the dispatcher waits (memory stays bounded).
 MAX_PENDING_SPILLS = 2
 # why a batch that was not delivered went to the DLQ, by where its delivery run ended
-_SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejected", Next.OUTAGE: "rejected"}
+_SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejected", Next.OUTAGE: "outage"}
 
 
 @dataclass(slots=True)

@@ -7,6 +7,11 @@ module (`estat_ingest/delivery.py`) owns retries, backoff, timeouts and what an 
 (Fluent Bit's OK/RETRY/ERROR, httpx's transport). Optional abilities are small Protocols
 (`KeepsRejects`), checked by mypy, never discovered with getattr.
 
+A failed Result also says what it is about: this batch (its own 4xx, a mapping error: the batch
+may be set aside) or, with `outage=True`, the whole destination (a missing bucket, refused or
+expired credentials, a closed or blocked index: nothing is wrong with the batch, it is kept and
+retried later). Each sink decides this from its own error codes; only the delivery module reads it.
+
 `Payload` is what a batch becomes: its name and partition are fixed when the batch closes and
 never change, so every retry and every DLQ replay goes to the same key (§2.4).
 """
@@ -51,6 +56,9 @@ class Result:
     rejected: Payload | None = None  # partial failure: items rejected for good (→ set aside)
     delivered: int | None = None  # events delivered by this attempt when not all of them
     error: str = ""  # the error text for the log line (never a label: unbounded)
+    # the destination refuses everything right now (NoSuchBucket, AccessDenied, expired token,
+    # OpenSearch 401/403, index closed, cluster block): never a verdict about this batch
+    outage: bool = False
 
     @property
     def ok(self) -> bool:
@@ -58,6 +66,11 @@ class Result:
 
 
 OK = Result(Outcome.OK)
+
+
+def outage(reason: str, outcome: Outcome = Outcome.REJECT, error: str = "") -> Result:
+    """A failure about the whole destination, not this batch (`Result.outage`)."""
+    return Result(outcome, reason, error=error, outage=True)
 
 
 @dataclass(frozen=True, slots=True)

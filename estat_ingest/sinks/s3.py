@@ -2,7 +2,10 @@
 
 SDK retries are off for real (`total_max_attempts=1`: one HTTP request per attempt), so the
 engine's `1 + S3_APP_RETRIES` attempts are the only retries (v1 defects §9 a, b). Throttling, 5xx,
-timeouts and connection errors retry; other 4xx (AccessDenied, NoSuchBucket) reject at once.
+timeouts and connection errors retry. Errors about the whole bucket or the credentials (NoSuchBucket,
+AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, expired tokens, a wrong region, no
+credentials at all) are outages (`Result.outage`): the batch is kept and retried later, never set
+aside. Only another 4xx, about this one request, rejects the batch.
 The key comes from the payload, fixed at batch close, so a retry after an ambiguous timeout
 overwrites the same object instead of adding a duplicate (§9 g).
 """
@@ -20,8 +23,10 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    CredentialRetrievalError,
     NoCredentialsError,
     PartialCredentialsError,
+    TokenRetrievalError,
 )
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
@@ -30,7 +35,7 @@ from botocore.exceptions import (
 from estat_ingest.config import Settings
 from estat_ingest.formats.keys import join_key
 from estat_ingest.metrics import Metrics
-from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec
+from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec, outage
 
 log = logging.getLogger("estat_ingest.sinks.s3")
 
@@ -38,6 +43,26 @@ RETRYABLE_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
     "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
 })
+# Error codes about the whole destination, with the bounded reason they are counted under. Any
+# other 401/403 is `auth` too; a 301 (the bucket lives in another region) is `wrong_region`.
+OUTAGE_CODES = {
+    "NoSuchBucket": "no_bucket",
+    "InvalidBucketName": "no_bucket",
+    "AccessDenied": "auth",
+    "AllAccessDisabled": "auth",
+    "AccountProblem": "auth",
+    "InvalidAccessKeyId": "auth",
+    "SignatureDoesNotMatch": "auth",
+    "InvalidToken": "auth",
+    "ExpiredToken": "auth",
+    "TokenRefreshRequired": "auth",
+    "InvalidSecurity": "auth",
+    "MissingSecurityHeader": "auth",
+    "NotSignedUp": "auth",
+    "PermanentRedirect": "wrong_region",
+    "AuthorizationHeaderMalformed": "wrong_region",
+    "IllegalLocationConstraintException": "wrong_region",
+}
 
 
 def classify_client_error(err: ClientError) -> Result:
@@ -47,9 +72,14 @@ def classify_client_error(err: ClientError) -> Result:
         return Result(Outcome.RETRY, "throttled")
     if status >= 500 or code in RETRYABLE_CODES:
         return Result(Outcome.RETRY, "server_error")
+    error = f"{code or status}"[:100]
+    if code in OUTAGE_CODES:
+        return outage(OUTAGE_CODES[code], error=error)
     if status in (401, 403):
-        return Result(Outcome.REJECT, "auth")
-    return Result(Outcome.REJECT, "client_error")
+        return outage("auth", error=error)
+    if status == 301:
+        return outage("wrong_region", error=error)
+    return Result(Outcome.REJECT, "client_error", error=error)
 
 
 class S3Sink(Sink):
@@ -104,8 +134,8 @@ class S3Sink(Sink):
             await self._client.put_object(Bucket=self.bucket, Key=key, Body=payload.data)
         except ClientError as err:
             return classify_client_error(err)
-        except (NoCredentialsError, PartialCredentialsError):
-            return Result(Outcome.REJECT, "auth")
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, TokenRetrievalError) as err:
+            return outage("auth", error=type(err).__name__)
         except (BotoConnectionError, aiohttp.ClientError, OSError):
             return Result(Outcome.RETRY, "connection")
         except BotoCoreError:

@@ -170,3 +170,26 @@ def test_replay_respects_live_claims_and_steals_them_when_told(tmp_path: Path, c
     assert code == 0 and orjson.loads(out)["delivered_files"] == 1
     assert sorted(r["id"] for _, r in records_of(file_objects(tmp_path / "out"))) == sorted(stale_ids + live_ids)
     assert list(d.iterdir()) == []
+
+
+def test_replay_stops_on_a_missing_bucket_moves_nothing_and_exits_1(tmp_path: Path, capsys: Any, moto: Any, s3: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    root, ids = make_root(tmp_path)
+    missing = f"later-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    for k, v in {"RAW_BUCKET": missing, "S3_ENDPOINT_URL": moto.endpoint, "AWS_REGION": "us-east-1",
+                 "SINKS": "s3", "S3_APP_RETRIES": "0"}.items():
+        monkeypatch.setenv(k, v)
+    before = {g: data_files(root / g) for g in ("s3", "file")}
+    code, out, _ = run(capsys, "dlq", "replay", str(root), "--sink", "s3", "--concurrency", "1", "--json")
+    doc = orjson.loads(out)
+    assert code == 1 and doc["outage"] == "s3: no_bucket" and doc["rejected"] == [] and doc["delivered_files"] == 0
+    assert doc["not_attempted"] == 5  # one file told us; the other five were left alone
+    assert {g: data_files(root / g) for g in ("s3", "file")} == before and data_files(root) != []
+    assert not (root / "s3" / "rejected").exists() and not list(root.rglob("*.claim-*"))
+    code, out, _ = run(capsys, "dlq", "replay", str(root), "--sink", "s3")
+    assert code == 1 and "OUTAGE    s3: no_bucket" in out
+    s3.create_bucket(Bucket=missing)
+    code, out, err = run(capsys, "dlq", "replay", str(root), "--sink", "s3", "--json")
+    assert code == 0, (out, err)
+    got = sorted(r["id"] for _, r in records_of(s3_objects(s3, missing)))
+    assert got == sorted(ids["s3"] + ids["file"] + ids["v1"])

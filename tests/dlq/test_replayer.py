@@ -107,7 +107,7 @@ async def test_auth_rejection_is_an_outage_not_a_reason_to_move_files_aside(tmp_
     d = tmp_path / "dlq" / "memory"
     ids = write_entries(d, range(1, 6), 2)
     sink = MemorySink()
-    sink.script.extend([Result(Outcome.REJECT, "auth")] * 3)  # e.g. expired credentials, then fixed
+    sink.script.extend([Result(Outcome.REJECT, "auth", outage=True)] * 3)  # e.g. expired credentials, then fixed
     _, metrics = await run_until_empty(tmp_path, sink, dlq_max_age_s=0)
     assert sorted(ids_in((x.name, x.data) for x in sink.delivered)) == sorted(ids)
     assert data_files(d / "rejected") == []

@@ -131,10 +131,13 @@ def test_timed_out_put_is_retried_under_the_same_key(tmp_path: Path) -> None:
     assert not dlq_files(tmp_path / "dlq")
 
 
-@pytest.mark.parametrize(("status", "code", "attempts"), [(403, "AccessDenied", 1), (404, "NoSuchBucket", 1),
-                                                          (503, "SlowDown", 3)])
+@pytest.mark.parametrize(("status", "code", "attempts", "reason"), [
+    (403, "AccessDenied", 1, "outage"), (404, "NoSuchBucket", 1, "outage"), (400, "InvalidArgument", 1, "rejected"),
+    (503, "SlowDown", 3, "failed")])
 def test_classification_4xx_rejects_at_once_throttling_retries(tmp_path: Path, status: int, code: str,
-                                                               attempts: int) -> None:
+                                                               attempts: int, reason: str) -> None:
+    """A 4xx stops the attempts at once: about the whole bucket (auth, missing bucket) it is an
+    outage, about this request a rejection; throttling retries."""
     async def main() -> None:
         fake = await FakeS3(default=Step(status, code)).start()
         try:
@@ -148,7 +151,7 @@ def test_classification_4xx_rejects_at_once_throttling_retries(tmp_path: Path, s
             assert len(fake.puts) == attempts
             [f] = dlq_files(tmp_path / "dlq")
             meta = orjson.loads((f.parent / (f.name + META_SUFFIX)).read_bytes())
-            assert meta["reason"] == ("rejected" if attempts == 1 else "failed")
+            assert meta["reason"] == reason
         finally:
             await fake.stop()
 

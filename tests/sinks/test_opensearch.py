@@ -296,7 +296,7 @@ def test_slow_response_times_out_and_the_retry_never_duplicates(tmp_path: Path, 
     assert len(fake.all_docs()) == 30 and all(n == 1 for n in fake.indexed.values())
 
 
-def test_basic_auth_sent_and_401_rejects_to_the_dlq_without_retry(tmp_path: Path, fake: FakeOpenSearch) -> None:
+def test_basic_auth_sent_and_401_is_an_outage_to_the_dlq_without_retry(tmp_path: Path, fake: FakeOpenSearch) -> None:
     fake.basic_auth = ("ingest", "s3cret")
     s = settings(tmp_path / "bad", (fake.url,), opensearch_username="ingest", opensearch_password="wrong")
     m = Metrics()
@@ -306,7 +306,7 @@ def test_basic_auth_sent_and_401_rejects_to_the_dlq_without_retry(tmp_path: Path
     statuses = [r.status for r in fake.bulk_requests()]
     assert statuses[0] == 401 and set(statuses) == {401} and len(statuses) <= 2  # fresh: one attempt, no retry
     [(_, meta, recs)] = dlq_entries(tmp_path / "bad" / "dlq")
-    assert meta["reason"] == "rejected" and len(recs) == 5
+    assert meta["reason"] == "outage" and len(recs) == 5  # refused credentials say nothing about the batch
     assert sample(m, "upload_attempts_total", sink="opensearch", outcome="reject", reason="auth") >= 1
 
     s = settings(tmp_path / "good", (fake.url,), opensearch_username="ingest", opensearch_password="s3cret")
@@ -566,7 +566,7 @@ def test_sigv4_without_any_credentials_starts_and_sends_batches_to_the_dlq(
                         until=lambda: bool(top_files(dlq) or top_files(dlq / "rejected"))))
     assert fake.requests == []  # nothing unsigned ever left
     [(_, meta, recs)] = dlq_entries(tmp_path / "dlq")
-    assert meta["reason"] == "rejected" and len(recs) == 4
+    assert meta["reason"] == "outage" and len(recs) == 4
     assert sample(m, "upload_attempts_total", sink="opensearch", outcome="reject", reason="auth") >= 1
     assert any(r.getMessage() == "opensearch: no AWS credentials for SigV4" for r in caplog.records)
 

@@ -4,6 +4,12 @@ The HTTP status of the whole request decides first (`classify_status`); with a 2
 read (`read_items`): 2xx and 409 (`create` of an `_id` that is already there) are done, 429/5xx
 and items without an answer are worth retrying alone, any other 4xx (mapping errors) is rejected
 for good with its error. Vector's Elasticsearch retry logic makes the same four-way split.
+
+Errors about the destination rather than the documents are outages (`Result.outage`): 401/403,
+and, for the whole request or any item, a closed index (`index_closed_exception`), a cluster or
+index block (`cluster_block_exception`: read-only, flood-stage disk) or a missing index that may
+not be auto-created (`index_not_found_exception`). Such items are kept for a later attempt, never
+rejected for good.
 """
 
 from __future__ import annotations
@@ -14,22 +20,46 @@ from typing import Any
 
 import orjson
 
-from estat_ingest.sinks.base import Outcome, Result
+from estat_ingest.sinks.base import Outcome, Result, outage
 from estat_ingest.sinks.opensearch.documents import Doc
 
 MAX_REASON = 500  # characters of an item error reason kept in the DLQ meta
 
+# error types about the index or the cluster, not the document, with the reason they count under
+OUTAGE_TYPES = {
+    "index_closed_exception": "index_closed",
+    "cluster_block_exception": "cluster_block",
+    "index_not_found_exception": "index_missing",
+}
 
-def classify_status(status: int) -> Result | None:
+
+def error_type(content: bytes) -> str:
+    """`error.type` of an OpenSearch error answer ("" when there is none)."""
+    try:
+        body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return ""
+    err = body.get("error") if isinstance(body, dict) else None
+    t = err.get("type") if isinstance(err, dict) else None
+    return t if isinstance(t, str) else ""
+
+
+def classify_status(status: int, content: bytes = b"") -> Result | None:
     """None for a 200 (read the items); otherwise the whole request's outcome."""
     if status == 200:
         return None
+    if status != 429 and status < 500 and status >= 400:
+        kind = error_type(content)
+        if kind in OUTAGE_TYPES:
+            return outage(OUTAGE_TYPES[kind], error=kind)
+    elif status == 429 and error_type(content) == "cluster_block_exception":  # flood-stage disk
+        return outage("cluster_block", Outcome.RETRY, error="cluster_block_exception")
     if status == 429:
         return Result(Outcome.RETRY, "throttled")
     if status >= 500:
         return Result(Outcome.RETRY, "server_error")
     if status in (401, 403):
-        return Result(Outcome.REJECT, "auth")
+        return outage("auth", error=f"status {status}")
     if status == 413:
         return Result(Outcome.REJECT, "too_large")
     if 200 < status < 300:
@@ -46,6 +76,7 @@ class Items:
     retry: list[Doc] = field(default_factory=list)
     reasons: dict[str, int] = field(default_factory=dict)  # why the retried ones are retried
     rejected: list[tuple[bytes, dict[str, object]]] = field(default_factory=list)  # (record, its error)
+    outage: str = ""  # an item said the index or cluster refuses everything (its reason)
 
     def retry_doc(self, doc: Doc, reason: str) -> None:
         self.retry.append(doc)
@@ -79,12 +110,18 @@ def read_items(content: bytes, docs: Sequence[Doc]) -> Items | Result:
             out.created += 1
         elif st == 409:
             out.duplicate += 1
-        elif st == 429 or st >= 500:
-            out.retry_doc(doc, "throttled" if st == 429 else "server_error")
         else:
             error = info.get("error")
             if not isinstance(error, dict):
                 error = {"type": "unknown", "reason": str(error)}
+            kind = OUTAGE_TYPES.get(str(error.get("type", "")))
+            if kind is not None:  # the index or cluster refuses everything: keep the document
+                out.retry_doc(doc, kind)
+                out.outage = out.outage or kind
+                continue
+            if st == 429 or st >= 500:
+                out.retry_doc(doc, "throttled" if st == 429 else "server_error")
+                continue
             out.rejected.append((doc.line, {
                 "_id": doc.id, "index": info.get("_index", doc.index), "status": st,
                 "type": error.get("type", "unknown"), "reason": str(error.get("reason", ""))[:MAX_REASON]}))
@@ -100,6 +137,7 @@ class Tally:
     retry: list[Doc] = field(default_factory=list)
     retry_reasons: dict[str, int] = field(default_factory=dict)
     rejected: list[tuple[bytes, dict[str, object]]] = field(default_factory=list)  # (record, its error)
+    outage: str = ""  # the reason, when a request or an item said the destination refuses everything
 
     @property
     def done(self) -> int:
@@ -116,3 +154,4 @@ class Tally:
         for key, n in items.reasons.items():
             self.retry_reasons[key] = self.retry_reasons.get(key, 0) + n
         self.rejected.extend(items.rejected)
+        self.outage = self.outage or items.outage

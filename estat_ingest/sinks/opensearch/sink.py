@@ -5,7 +5,8 @@ Invariants
   (after a timeout, a dropped connection or an item-level 429) can never index it twice: a 409
   `version_conflict_engine_exception` on create means "already there" and counts as delivered.
 - The HTTP status of the whole request decides first: transport errors, timeouts, 429 and 5xx
-  retry; 401/403 and other 4xx reject (the engine writes the batch to the DLQ). With a 200, every
+  retry; 401/403, a closed or blocked index are outages (items.py: kept, retried later); other
+  4xx reject (the engine writes the batch to the DLQ). With a 200, every
   item is read: 2xx and 409 are done, 429/5xx items are retried alone (`Result.remainder` holds
   only their records), other 4xx items (mapping errors) go to the DLQ as their original records
   with the index, status and error of each one in the DLQ meta (`Result.rejected`).
@@ -41,7 +42,7 @@ import orjson
 from estat_ingest.config import Settings
 from estat_ingest.formats.codec import compress, decompress
 from estat_ingest.metrics import Metrics
-from estat_ingest.sinks.base import Batching, Outcome, Payload, Result, Sink, SinkSpec
+from estat_ingest.sinks.base import Batching, Outcome, Payload, Result, Sink, SinkSpec, outage
 from estat_ingest.sinks.opensearch.documents import Bulk, Doc, DocumentBuilder, rejected_name, split_lines
 from estat_ingest.sinks.opensearch.items import Tally, classify_status, read_items
 from estat_ingest.sinks.opensearch.nodes import Nodes
@@ -225,6 +226,8 @@ class OpenSearchSink(Sink):
             if not tally.done and not tally.retry and not tally.rejected:
                 return whole  # nothing happened to any document: the payload stays as it is
             tally.retry_later([d for c in chunks[k:] for d in c], whole.reason)
+            if whole.outage:
+                tally.outage = tally.outage or whole.reason
             if whole.outcome is Outcome.REJECT:
                 return await self._outcome(payload, attempt, tally, Outcome.REJECT, whole.reason)
             break
@@ -241,7 +244,7 @@ class OpenSearchSink(Sink):
             node, status, content = await self._request(
                 "POST", "/_bulk", body, {"Content-Type": "application/x-ndjson"}, timeout_s=left)
         except NoCredentials:
-            return Result(Outcome.REJECT, "auth")
+            return outage("auth", error="no AWS credentials for SigV4")
         except TimeoutError:
             return Result(Outcome.RETRY, "timeout")
         except aiohttp.ClientSSLError:  # certificate not trusted, name mismatch, handshake failure
@@ -253,7 +256,7 @@ class OpenSearchSink(Sink):
                 "sink": self.name, "batch": payload.name, "error": f"{type(err).__name__}: {err}"[:300]})
             return Result(Outcome.RETRY, "credentials")
 
-        whole = classify_status(status)
+        whole = classify_status(status, content)
         if whole is not None:
             suppressed = self._logs.allow(f"status:{status}")
             if suppressed is not None:
@@ -301,9 +304,12 @@ class OpenSearchSink(Sink):
             rej_payload = await subset(rejected_name(payload.name, attempt), [ln for ln, _ in tally.rejected], meta)
         done = tally.done
         if tally.retry:
+            if tally.outage:  # the index or cluster refuses everything: what is left waits, never set aside
+                reason = tally.outage
             rem = await subset(payload.name, [d.line for d in tally.retry],
                                {"retried_items": len(tally.retry), "retry_reason": reason})
-            return Result(failed, reason or "item_retry", remainder=rem, rejected=rej_payload, delivered=done)
+            return Result(failed, reason or "item_retry", remainder=rem, rejected=rej_payload, delivered=done,
+                          outage=bool(tally.outage))
         ok_reason = ("rejected_items" if not done else "partial") if rej_payload else ""
         return Result(Outcome.OK, ok_reason, rejected=rej_payload, delivered=done)
 
