@@ -400,6 +400,7 @@ VARIABLES: tuple[Var, ...] = (
     Var("DLQ_MAX_AGE", "dlq_max_age_s", parse_duration, _nonneg, "0 (never expire) or more"),
     Var("DLQ_MAX_SIZE_BYTES", "dlq_max_size_bytes", parse_size, _nonneg, "0 (no cap) or more bytes"),
     Var("DLQ_MIN_FREE_BYTES", "dlq_min_free_bytes", parse_size, _nonneg, "0 or more bytes"),
+    Var("DLQ_WHEN_FULL", "dlq_when_full", _choice("reject", "drop_oldest")),
     Var("DLQ_SCAN_LIMIT", "dlq_scan_limit", parse_int, _range(10, 1_000_000), "10 to 1000000 entries"),
     Var("DLQ_MAX_ATTEMPTS", "dlq_max_attempts", parse_int, _range(1, 100_000), "1 to 100000"),
     Var("DLQ_REPLAY_CONCURRENCY", "dlq_replay_concurrency", parse_int, _range(1, 64), "1 to 64"),
@@ -518,7 +519,10 @@ class Settings:
     dlq_dir: str = "/tmp/dlq"
     dlq_max_age_s: float = 24 * 3600.0
     dlq_max_size_bytes: int = 18 * 1000**3
+    # free-space margin: DLQ_MIN_FREE_BYTES as given; unset, at most 5% of the DLQ's volume and at most
+    # this many bytes (`dlq_min_free_auto`), so a small volume is never emptied by the default margin
     dlq_min_free_bytes: int = 512 * 1024 * 1024
+    dlq_when_full: str = "reject"  # or drop_oldest (v1: evict the oldest files to make room)
     dlq_scan_limit: int = 1000
     dlq_max_attempts: int = 20
     dlq_replay_concurrency: int = 1
@@ -554,6 +558,11 @@ class Settings:
     env_names: frozenset[str] = field(default=frozenset(), compare=False)  # variables set in the environment
     override_attrs: frozenset[str] = field(default=frozenset(), compare=False)  # fields set by the CLI
     redact_extra: tuple[str, ...] = field(default=(), compare=False)  # AWS secrets of the environment
+
+    @property
+    def dlq_min_free_auto(self) -> bool:
+        """DLQ_MIN_FREE_BYTES was not given: `dlq_min_free_bytes` is only the margin's upper bound."""
+        return "DLQ_MIN_FREE_BYTES" not in self.env_names and "dlq_min_free_bytes" not in self.override_attrs
 
     @property
     def ext(self) -> str:

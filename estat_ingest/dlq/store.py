@@ -7,8 +7,14 @@ Invariants
 - Files are written to a hidden temp name, fsynced, renamed (data first, then meta), and the
   directory is fsynced: after a crash an entry is complete or absent (a data file whose meta rename
   did not happen is complete: it replays like a v1 file). Temp files left by a crash are removed.
-- Nothing is deleted without delivery except by a counted, logged policy: ttl, capacity, corrupt
-  (quarantined), write_error — each adds the file's events to dlq_events_dropped_total{reason}.
+- Nothing is deleted without delivery except by a counted, logged policy: ttl, capacity (only with
+  DLQ_WHEN_FULL=drop_oldest), corrupt (quarantined) — each adds the file's events to
+  dlq_events_dropped_total{reason}.
+- The DLQ fails closed: `put` either writes a batch durably or says why it could not (full, too
+  large, no space, read-only, no permission, I/O error) and drops nothing; the caller keeps the
+  batch (the engine holds it in memory and /collect answers 503 once that fills the budget).
+  With DLQ_WHEN_FULL=reject (the default) a full DLQ refuses new batches; with drop_oldest it
+  evicts the oldest files to make room, counted as `capacity`.
 - The index (scan.Index) knows every file this process wrote plus what the start-up scan and the
   rotating partial scans found; the gauges are computed from it, so they are exact after restarts.
 - Before a file is read for delivery or deleted by policy it is claimed (files.claim), so several
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -56,6 +63,23 @@ class DirTotals:
     bytes: int = 0
 
 
+MIN_FREE_SHARE = 0.05  # the default free-space margin is at most this share of the DLQ's volume
+LOG_EVERY_S = 10.0  # one refusal line per reason per this many seconds
+
+# why `put` did not write a batch (a bounded label; nothing is dropped for any of them)
+FULL, TOO_LARGE = "full", "too_large"
+
+
+def refusal_of(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no_space"
+    if err.errno == errno.EROFS:
+        return "read_only"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission"
+    return "io_error"
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_age_s: float = 24 * 3600.0  # 0 = never expire
@@ -66,11 +90,14 @@ class Limits:
     # how long start() may scan before it returns and the replayer finishes the scan in the
     # background (a big backlog on slow storage such as EFS must not delay /ready); None = all
     start_scan_budget_s: float | None = None
+    min_free_auto: bool = False  # min_free_bytes is only an upper bound: at most MIN_FREE_SHARE of the volume
+    when_full: str = "reject"  # reject (refuse new batches) or drop_oldest (evict the oldest files)
 
     @classmethod
     def of(cls, s: Settings) -> Limits:
         return cls(s.dlq_max_age_s, s.dlq_max_size_bytes, s.dlq_min_free_bytes, s.dlq_scan_limit,
-                   s.dlq_claim_timeout_s, start_scan_budget_s=1.0)
+                   s.dlq_claim_timeout_s, start_scan_budget_s=1.0, min_free_auto=s.dlq_min_free_auto,
+                   when_full=s.dlq_when_full)
 
 
 @dataclass(slots=True)
@@ -94,6 +121,12 @@ def sibling_dirs(top: str, sink: str, own: str) -> list[str]:
 def free_bytes(path: str) -> int:
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def volume_bytes(path: str) -> tuple[int, int]:
+    """(size, free) of the file system that holds `path`, in bytes (as an unprivileged writer sees it)."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 class DlqStore:
@@ -125,6 +158,10 @@ class DlqStore:
         self._lock = asyncio.Lock()
         self._sweeps: list[_Sweep] = []  # start-up sweeps not finished yet
         self.indexed = asyncio.Event()  # set once every source directory has been read in full
+        self.min_free_bytes = self.limits.min_free_bytes  # the effective margin (auto: set by start())
+        self.dropped_events = 0  # events this process deleted by policy (ttl, capacity, corrupt)
+        self._refusal_logged: dict[str, float] = {}
+        self._refusals_suppressed = 0
 
     # ---------------------------------------------------------------- start-up
 
@@ -145,6 +182,29 @@ class DlqStore:
         if not self.indexed.is_set():
             log.info("dlq start-up scan continues in the background", extra={
                 "sink": self.sink, "files_so_far": self.totals.files})
+        await self._log_capacity()
+
+    async def _log_capacity(self) -> None:
+        """The effective free-space margin, and one line saying how much this DLQ may hold."""
+        lim = self.limits
+        try:
+            size, free = await asyncio.to_thread(volume_bytes, self.dir)
+        except OSError as err:
+            log.warning("dlq volume cannot be measured", extra={"sink": self.sink, "dir": self.dir,
+                                                                 "error": str(err)})
+            return
+        if lim.min_free_auto:
+            self.min_free_bytes = min(lim.min_free_bytes, int(size * MIN_FREE_SHARE))
+        may_hold = max(0, free - self.min_free_bytes)
+        if lim.max_size_bytes > 0:
+            may_hold = min(may_hold, max(0, lim.max_size_bytes - self.totals.bytes))
+        extra = {"sink": self.sink, "dir": self.dir, "volume_bytes": size, "free_bytes": free,
+                 "min_free_bytes": self.min_free_bytes, "max_size_bytes": lim.max_size_bytes,
+                 "holds_bytes": self.totals.bytes, "may_hold_bytes": may_hold, "when_full": lim.when_full}
+        if self.min_free_bytes >= size > 0:
+            log.warning("dlq can hold nothing: DLQ_MIN_FREE_BYTES is not below the size of its volume", extra=extra)
+        else:
+            log.info("dlq capacity", extra=extra)
 
     async def finish_start(self, deadline: float | None = None) -> bool:
         """Read the source directories in full (chunks in a thread), until done or `deadline`
@@ -217,46 +277,71 @@ class DlqStore:
         return meta
 
     def write_sync(self, payload: Payload, reason: str, directory: str | None = None) -> None:
+        """Write one entry durably, or raise and leave nothing of it behind (no temp, no half pair)."""
         d = directory or self.dir
         os.makedirs(d, exist_ok=True)
         path = os.path.join(d, payload.name)
         meta = orjson.dumps(self.meta_of(payload, reason))
         if payload.file is not None and files.take(payload.file, path, meta):
             return  # a spool file, renamed in: its bytes are written once
-        tmp_data = write_tmp(path, payload.data)
-        tmp_meta = write_tmp(path + META_SUFFIX, meta)
+        temps: list[str] = []
         try:
-            os.replace(tmp_data, path)
-            os.replace(tmp_meta, path + META_SUFFIX)
+            temps.append(write_tmp(path, payload.data))
+            temps.append(write_tmp(path + META_SUFFIX, meta))
+            os.replace(temps[0], path)
+            try:
+                os.replace(temps[1], path + META_SUFFIX)
+            except BaseException:
+                os.unlink(path)  # the caller keeps the batch: no half entry stays behind
+                raise
         except BaseException:
-            for t in (tmp_data, tmp_meta):
+            for t in temps:
                 with contextlib.suppress(OSError):
                     os.unlink(t)
             raise
+        # a failed directory fsync leaves a complete entry that may not survive a power cut: the caller
+        # keeps the batch too, and a second copy under the same name and key is harmless
         fsync_dir(d)
 
-    async def write(self, payload: Payload, reason: str) -> bool:
-        """Persist an undeliverable payload. False (counted, logged) if the disk refused it."""
+    async def put(self, payload: Payload, reason: str) -> str | None:
+        """Persist an undeliverable payload. None once it is on disk; otherwise why the DLQ refused
+        it (`full`, `too_large`, `no_space`, `read_only`, `permission`, `io_error`): nothing is
+        dropped, the caller keeps the batch and offers it again later."""
         size = len(payload.data)
-        if not await self.make_room(size):
-            self._count_drop(payload.name, payload.num_events, "capacity")
-            return False
-        try:
-            await asyncio.to_thread(self.write_sync, payload, reason)
-        except OSError as err:
-            self.metrics.dlq_write_errors.labels(self.sink).inc()
-            self.metrics.dlq_dropped.labels(self.sink, "write_error").inc(payload.num_events)
-            log.error("dlq write failed: events lost", extra={
-                "sink": self.sink, "file": payload.name, "events": payload.num_events,
-                "reason": "write_error", "error": str(err)})
-            return False
+        refusal = await self.make_room(size)
+        error = ""
+        if refusal is None:
+            try:
+                await asyncio.to_thread(self.write_sync, payload, reason)
+            except OSError as err:
+                self.metrics.dlq_write_errors.labels(self.sink).inc()
+                refusal, error = refusal_of(err), str(err)
+        if refusal is not None:
+            self._refused(payload, refusal, error)
+            return refusal
         self.added(Entry(unix_of_name(payload.name) or int(payload.first_ts), payload.name, self.dir, size))
         self.metrics.dlq_enqueued.labels(self.sink).inc(payload.num_events)
         self.metrics.dlq_writes.labels(self.sink, reason).inc()
         log.warning("batch written to dlq", extra={
             "sink": self.sink, "file": payload.name, "events": payload.num_events,
             "bytes": size, "reason": reason})
-        return True
+        return None
+
+    def _refused(self, payload: Payload, refusal: str, error: str) -> None:
+        now = time.monotonic()
+        last = self._refusal_logged.get(refusal)
+        if last is not None and now - last < LOG_EVERY_S:
+            self._refusals_suppressed += 1
+            return
+        self._refusal_logged[refusal] = now
+        extra: dict[str, object] = {
+            "sink": self.sink, "file": payload.name, "events": payload.num_events, "bytes": len(payload.data),
+            "reason": refusal, "when_full": self.limits.when_full, "dlq_bytes": self.totals.bytes,
+            "suppressed": self._refusals_suppressed}
+        if error:
+            extra["error"] = error
+        self._refusals_suppressed = 0
+        log.error("dlq refused a batch: it is kept in memory, not dropped", extra=extra)
 
     def added(self, entry: Entry) -> None:
         if self.index.add(entry):
@@ -321,31 +406,41 @@ class DlqStore:
         await self.make_room(0, check_free=False)
         return dropped
 
-    async def make_room(self, size: int, check_free: bool = True) -> bool:
-        """Evict oldest first until `size` more bytes fit under DLQ_MAX_SIZE_BYTES and above
-        DLQ_MIN_FREE_BYTES. False if they cannot fit under the size cap even with nothing left."""
+    async def make_room(self, size: int, check_free: bool = True) -> str | None:
+        """None when `size` more bytes fit under DLQ_MAX_SIZE_BYTES and above the free-space margin,
+        else `full` (or `too_large`: more than the cap on its own). With DLQ_WHEN_FULL=drop_oldest
+        the oldest files are evicted first (counted as `capacity`) until they fit."""
         lim = self.limits
         if lim.max_size_bytes > 0 and size > lim.max_size_bytes:
-            return False  # can never fit: evicting older files would lose them for nothing
+            return TOO_LARGE  # can never fit: evicting older files would lose them for nothing
+        evict = lim.when_full == "drop_oldest"
         async with self._lock:
             while True:
                 over_cap = lim.max_size_bytes > 0 and self.totals.bytes + size > lim.max_size_bytes
                 low_disk = False
-                if not over_cap and check_free and lim.min_free_bytes > 0:
+                if not over_cap and check_free and self.min_free_bytes > 0:
                     try:
-                        low_disk = await asyncio.to_thread(free_bytes, self.dir) - size < lim.min_free_bytes
+                        low_disk = await asyncio.to_thread(free_bytes, self.dir) - size < self.min_free_bytes
                     except OSError:
                         low_disk = False
                 if not (over_cap or low_disk):
-                    return True
+                    return None
+                if not evict:
+                    return FULL
                 e = self.index.pop()
                 if e is None:
-                    return not over_cap  # low disk with nothing to evict: try the write anyway
+                    return FULL if over_cap else None  # low disk with nothing to evict: try the write
                 await self.drop(e, "capacity")
 
     async def drop(self, entry: Entry, reason: str) -> int:
         """Delete a file by policy (claimed first), counting its events. Returns 1 if deleted."""
-        cpath = await asyncio.to_thread(files.claim, entry.directory, entry.name, self.owner)
+        try:
+            cpath = await asyncio.to_thread(files.claim, entry.directory, entry.name, self.owner)
+        except OSError as err:  # read-only, no permission: it stays, and is tried again next pass
+            log.error("dlq file could not be claimed for deletion", extra={
+                "sink": self.sink, "file": entry.name, "reason": reason, "error": str(err)})
+            self.index.push_back(entry)
+            return 0
         if cpath is None:  # another process has it: not ours to count
             self.gone(entry)
             return 0
@@ -370,6 +465,7 @@ class DlqStore:
         return n, files.remove(cpath, entry.directory, entry.name)
 
     def _count_drop(self, name: str, events: int, reason: str) -> None:
+        self.dropped_events += events
         self.metrics.dlq_dropped.labels(self.sink, reason).inc(events)
         log.error("dlq events dropped", extra={"sink": self.sink, "file": name, "events": events,
                                                "reason": reason})
@@ -384,6 +480,7 @@ class DlqStore:
 
         n = await asyncio.to_thread(move)
         self.gone(entry)
+        self.dropped_events += n
         self.metrics.dlq_dropped.labels(self.sink, "corrupt").inc(n)
         log.error("corrupt dlq file quarantined", extra={
             "sink": self.sink, "file": entry.name, "events": n, "reason": "corrupt", "error": error,

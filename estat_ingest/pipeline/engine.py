@@ -50,6 +50,7 @@ TAKE_MAX = 1024
 # the healthy sinks; at most this many per lane, then the dispatcher waits (memory stays bounded).
 MAX_PENDING_SPILLS = 2
 # why a batch that was not delivered went to the DLQ, by where its delivery run ended
+_DROP_REASON = {"full": "capacity", "too_large": "capacity"}  # a DLQ refusal → dlq_events_dropped_total{reason}
 _SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejected", Next.OUTAGE: "outage"}
 
 
@@ -435,10 +436,13 @@ class Pipeline:
         self.report.delivered_events += n
 
     async def _spill(self, lane: Lane, payload: Payload, reason: str) -> bool:
-        if await lane.store.write(payload, reason):
+        refused = await lane.store.put(payload, reason)
+        if refused is None:
             self.report.spilled_events += payload.num_events
             return True
         # (durable mode: the spool file stays where it is; a restart recovers it)
+        lane.store.metrics.dlq_dropped.labels(lane.sink.name, _DROP_REASON.get(refused, "write_error")).inc(
+            payload.num_events)
         self.report.lost_events += payload.num_events
         return False
 

@@ -69,7 +69,7 @@ async def test_no_replay_while_the_upload_queue_is_full(tmp_path: Path) -> None:
 
 
 @run_async
-async def test_a_dlq_write_the_disk_refuses_is_counted_as_write_error(tmp_path: Path) -> None:
+async def test_a_dlq_write_the_disk_refuses_is_a_refusal_not_a_drop(tmp_path: Path) -> None:
     root = tmp_path / "dlq"
     metrics = Metrics()
     store = DlqStore(str(root), "memory", metrics)
@@ -77,7 +77,7 @@ async def test_a_dlq_write_the_disk_refuses_is_counted_as_write_error(tmp_path: 
     (root / "memory").rmdir()
     (root / "memory").write_text("a file where the directory should be")  # every write now fails (ENOTDIR)
     p = Payload("1790000000_t-x_000001.jsonl.gz", "dt=2026-09-22/hr=01", 17, b"data", "gzip", 1_790_000_000)
-    assert not await store.write(p, "failed")
-    assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="write_error") == 17
+    assert await store.put(p, "failed") == "io_error"  # the caller keeps the batch
+    assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="write_error") == 0
     assert counter_value(metrics, "dlq_write_errors_total", sink="memory") == 1
     assert counter_value(metrics, "dlq_events_enqueued_total", sink="memory") == 0

@@ -42,14 +42,15 @@ async def test_ttl_drops_exactly_the_expired_events(tmp_path: Path, caplog: pyte
 
 
 @run_async
-async def test_capacity_evicts_oldest_first_and_counts_every_event(tmp_path: Path) -> None:
+async def test_drop_oldest_evicts_oldest_first_and_counts_every_event(tmp_path: Path) -> None:
     d = tmp_path / "dlq" / "memory"
     now = int(time.time())
     names = [write_entry(d, now - 1000 + i, i + 1, 10 + i)[0] for i in range(6)]
     sizes = {n: (d / n).stat().st_size for n in names}
     metrics = Metrics()
     cap = sum(sizes.values()) + 10
-    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics, limits=Limits(max_age_s=0, max_size_bytes=cap))
+    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics,
+                     limits=Limits(max_age_s=0, max_size_bytes=cap, when_full="drop_oldest"))
     await store.start()
     assert counter_value(metrics, "dlq_size_bytes", sink="memory") == sum(sizes.values())
     # a new batch that needs room for about two old files
@@ -59,7 +60,7 @@ async def test_capacity_evicts_oldest_first_and_counts_every_event(tmp_path: Pat
         raw += lines_for("pad", 50, now)
         data = compress(raw, "gzip", 1)
     p = Payload(f"{now:010d}_test-x_000099.jsonl.gz", partition(now, "UTC"), raw.count(b"\n"), data, "gzip", now)
-    assert await store.write(p, "failed")
+    assert await store.put(p, "failed") is None
     on_disk = data_files(d)
     evicted = [n for n in names if n not in on_disk]
     assert evicted == names[: len(evicted)] and len(evicted) >= 2  # oldest first
@@ -68,10 +69,11 @@ async def test_capacity_evicts_oldest_first_and_counts_every_event(tmp_path: Pat
     total = sum((d / n).stat().st_size for n in on_disk)
     assert total <= cap and counter_value(metrics, "dlq_size_bytes", sink="memory") == total
     assert counter_value(metrics, "dlq_events_enqueued_total", sink="memory") == p.num_events
-    # a batch larger than the cap on its own is dropped, counted, and nothing else is lost for it
+    # a batch larger than the cap on its own is refused (the caller keeps it); nothing is lost for it
     big = Payload(f"{now:010d}_test-x_000100.jsonl.gz", "dt=x/hr=y", 7, b"x" * (cap + 1), "gzip", now)
-    assert not await store.write(big, "failed")
-    assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="capacity") == want + 7
+    assert await store.put(big, "failed") == "too_large"
+    assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="capacity") == want
+    assert data_files(d) == on_disk
 
 
 @run_async
@@ -103,19 +105,20 @@ async def test_restart_rebuilds_exact_gauges_and_cleans_crash_leftovers(tmp_path
 
 
 @run_async
-async def test_free_disk_margin_evicts_oldest_for_a_new_write_and_still_writes_it(tmp_path: Path) -> None:
+async def test_drop_oldest_free_disk_margin_evicts_oldest_for_a_new_write_and_still_writes_it(tmp_path: Path) -> None:
     d = tmp_path / "dlq" / "memory"
     now = int(time.time())
     names = [write_entry(d, now - 100 + i, i + 1, 4)[0] for i in range(3)]
     metrics = Metrics()
     # a margin no disk can meet: every old file goes, oldest first, and the new batch is still written
-    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics, limits=Limits(max_age_s=0, min_free_bytes=10**18))
+    store = DlqStore(str(tmp_path / "dlq"), "memory", metrics,
+                     limits=Limits(max_age_s=0, min_free_bytes=10**18, when_full="drop_oldest"))
     await store.start()
     await store.enforce()  # a pass alone does not evict for the disk margin
     assert data_files(d) == names
     raw = lines_for("new", 5, now)
     p = Payload(f"{now:010d}_test-x_000050.jsonl.gz", partition(now, "UTC"), 5, compress(raw, "gzip", 1), "gzip", now)
-    assert await store.write(p, "failed")
+    assert await store.put(p, "failed") is None
     assert data_files(d) == [p.name]
     assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="capacity") == 12
     assert counter_value(metrics, "dlq_files_current", sink="memory") == 1
