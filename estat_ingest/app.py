@@ -128,10 +128,13 @@ def _pipeline(settings: Settings, metrics: Metrics, sinks: Sequence[Sink] | None
 async def _drain(pipeline: Pipeline, lifecycle: Lifecycle) -> None:
     t0 = time.monotonic()
     report = await pipeline.drain(lifecycle.delivery_budget())
+    d = report.drain  # what this drain did; the lifetime_* fields count since start
     log.info("shutdown complete", extra={
-        "delivered_events": report.delivered_events, "spilled_events": report.spilled_events,
-        "lost_events": report.lost_events, "aborted": report.aborted,
-        "drain_seconds": round(time.monotonic() - t0, 3)})
+        "delivered_events": d.delivered_events, "spilled_events": d.spilled_events,
+        "lost_events": d.lost_events, "dropped_events": d.dropped_events, "aborted": report.aborted,
+        "drain_seconds": round(time.monotonic() - t0, 3),
+        "lifetime_delivered_events": report.delivered_events, "lifetime_spilled_events": report.spilled_events,
+        "lifetime_lost_events": report.lost_events, "lifetime_dropped_events": report.dropped_events})
 
 
 def set_ready(app: web.Application, ready: bool) -> None:

@@ -185,6 +185,13 @@ class Metrics:
             "dlq_write_errors_total", "DLQ writes that failed (disk full, EIO)", ["sink"], registry=r)
         self.dlq_oldest_age = Gauge(
             "dlq_oldest_file_age_seconds", "Age of the oldest DLQ file", ["sink"], registry=r)
+        self.dlq_unavailable = Gauge(
+            "dlq_unavailable", "1 while the sink's DLQ refuses batches the sink did not take (no space, read-only, "
+            "no permission, full with DLQ_WHEN_FULL=reject): they are held in memory, and /collect answers 503 "
+            "dlq_unavailable once they fill BUFFER_MAX_BYTES", ["sink"], registry=r)
+        self.held_events = Gauge(
+            "ingest_held_events", "Events of batches neither the sink nor the DLQ took, held in memory and offered "
+            "again", ["sink"], registry=r)
         self.dlq_rejected = Counter(
             "dlq_events_rejected_total", "DLQ events the sink rejected for good, moved to DLQ_PREFIX or rejected/",
             ["sink"], registry=r)

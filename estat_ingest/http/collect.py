@@ -5,8 +5,9 @@ enqueues them and picks the status. The HTTP front only reads the body under the
 turns a `Reply` into a response, so it can be replaced by a leaner one without touching this.
 
 Status codes (DESIGN.md §3): 200 accepted; 400 not UTF-8 JSON; 405 with Allow; 413 over
-MAX_BODY_SIZE (exactly MAX is allowed); 503 with Retry-After when the queue is full or the server
-is draining. NDJSON is all-or-nothing. Every non-2xx moves `http_requests_rejected_total{reason}`.
+MAX_BODY_SIZE (exactly MAX is allowed); 503 with Retry-After when the queue is full, the server
+is draining, or (`dlq_unavailable`) neither a sink nor its DLQ can take batches (DESIGN.md §2.8).
+NDJSON is all-or-nothing. Every non-2xx moves `http_requests_rejected_total{reason}`.
 
 Edge rules (issue 5, docs/security.md): 401 with WWW-Authenticate when API_KEYS is set and the
 request presents no key or a wrong one; `Content-Encoding` gzip/deflate/zstd decoded under the
@@ -49,6 +50,12 @@ log = logging.getLogger("estat_ingest.http")
 
 def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+_UNAVAILABLE = {
+    "queue_full": "queue full, retry later",
+    "dlq_unavailable": "the sink and the DLQ cannot take events now, retry later",
+}
 
 
 class RejectLog:
@@ -165,8 +172,13 @@ class Collector:
         return self.reject(413, "too_large", f"body larger than MAX_BODY_SIZE={self.settings.max_body_bytes} bytes")
 
     def unavailable(self, reason: str) -> Reply:
-        msg = "queue full, retry later" if reason == "queue_full" else "server is draining, retry later"
-        return self.reject(503, reason, msg, {"Retry-After": "1"})
+        msg = _UNAVAILABLE.get(reason, "server is draining, retry later")
+        return self.reject(503, reason, msg, {"Retry-After": "5" if reason == "dlq_unavailable" else "1"})
+
+    def full(self) -> str:
+        """Why the queue cannot take more: `dlq_unavailable` while the pipeline holds batches that
+        neither a sink nor the DLQ took (fail closed), else `queue_full`."""
+        return self.queue.held_reason or "queue_full"
 
     # ------------------------------------------------------------------ the function
 
@@ -226,7 +238,7 @@ class Collector:
             # full: answer before decoding, validating and encoding anything (an overloaded server
             # should not spend its CPU on events it will refuse)
             self.metrics.http_requests.inc()
-            return self.unavailable("queue_full")
+            return self.unavailable(self.full())
 
         if method == "POST":
             encoding = headers.get("Content-Encoding")
@@ -246,7 +258,7 @@ class Collector:
             if len(lines) > self.queue.room():
                 # cannot take all of them: refuse before validating and encoding (all-or-nothing)
                 self.metrics.http_requests.inc()
-                return self.unavailable("queue_full")
+                return self.unavailable(self.full())
             if settings.validate_json:
                 refused = self._check_lines(payload, lines)
                 if refused is not None:
@@ -282,7 +294,7 @@ class Collector:
         m.http_requests.inc()
         ok = self.queue.offer(records[0]) if len(records) == 1 else self.queue.offer_many(records)
         if not ok:
-            return self.unavailable("queue_full" if not self.queue.closed else "draining")
+            return self.unavailable(self.full() if not self.queue.closed else "draining")
         m.http_accepted.inc()
         m.events_accepted.inc(len(records))
         if key_name:

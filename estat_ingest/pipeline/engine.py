@@ -1,8 +1,13 @@
 """The engine: the loops that move records from the queue to the sinks or the DLQ.
 
 Invariants
-- Every record that entered the queue ends in exactly one of: a sink, or a DLQ file (or, if the
-  disk refuses the DLQ write, in `dlq_events_dropped_total{reason="write_error"}` and a log line).
+- Every record that entered the queue ends in exactly one of: a sink, or a DLQ file. A batch that
+  neither the sink nor the DLQ takes (no space, read-only, no permission, DLQ full with
+  DLQ_WHEN_FULL=reject) is held in memory (`Lane.held`) with its bytes still charged to
+  BUFFER_MAX_BYTES, and offered to the sink and the DLQ again with backoff until one takes it: the
+  budget fills and /collect answers 503 `dlq_unavailable` instead of a 2xx for an event the server
+  could not keep (fail closed, DESIGN.md §2.8). Only the drain's deadline ends that; what is still
+  held then is counted lost (`lost_events`, dlq_events_dropped_total) and logged.
 - One dispatcher task owns every batcher (no locks); each sink ("lane") has its own batcher, upload
   queue, uploaders, retry state and DLQ directory.
 - Backpressure: with one sink, a full upload queue blocks the dispatcher, the event queue fills and
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +57,9 @@ TAKE_MAX = 1024
 MAX_PENDING_SPILLS = 2
 # why a batch that was not delivered went to the DLQ, by where its delivery run ended
 _DROP_REASON = {"full": "capacity", "too_large": "capacity"}  # a DLQ refusal → dlq_events_dropped_total{reason}
+# between offers of the oldest held batch to the sink and the DLQ, while both refuse it
+HELD_BACKOFF = Backoff(base_s=0.5, cap_s=5.0)
+DLQ_UNAVAILABLE = "dlq_unavailable"  # the reason of the 503s while batches are held
 _SPILL_REASON = {None: "shutdown", Next.RETRY: "failed", Next.REJECTED: "rejected", Next.OUTAGE: "outage"}
 
 
@@ -91,6 +100,16 @@ class UploadQueue:
 
 
 @dataclass(slots=True)
+class Held:
+    """A batch neither the sink nor the DLQ took: kept in memory, its bytes charged to the budget."""
+
+    payload: Payload
+    reason: str  # why it is not delivered: the DLQ reason it will be written with (failed, outage …)
+    cost: int  # bytes charged to BUFFER_MAX_BYTES while it is held (what it holds in memory)
+    refusal: str  # why the DLQ refused it the last time
+
+
+@dataclass(slots=True)
 class Lane:
     sink: Sink
     batcher: Batcher
@@ -100,14 +119,25 @@ class Lane:
     concurrency: int
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     spills: set[asyncio.Task[None]] = field(default_factory=set)  # overflow spills under way
+    held: deque[Held] = field(default_factory=deque)  # oldest first
+    held_task: asyncio.Task[None] | None = None  # offers the held batches again (one per lane)
 
 
 @dataclass(slots=True)
-class DrainReport:
+class Counts:
     delivered_events: int = 0
-    spilled_events: int = 0
-    lost_events: int = 0
+    spilled_events: int = 0  # written to the DLQ
+    lost_events: int = 0  # still held (neither the sink nor the DLQ took them) when the drain ended
+    dropped_events: int = 0  # deleted from the DLQ by policy: ttl, capacity (drop_oldest), corrupt
+
+
+@dataclass(slots=True)
+class DrainReport(Counts):
+    """Totals since start (the fields) and this drain's share (`drain`: the `shutdown complete`
+    line's delivered/spilled/lost/dropped; the totals are its lifetime_* fields)."""
+
     aborted: bool = False
+    drain: Counts = field(default_factory=Counts)
 
 
 class Pipeline:
@@ -226,6 +256,9 @@ class Pipeline:
         """Close the queue and deliver what is left within `timeout_s`, then spill to the DLQ."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        self._count_dropped()
+        before = Counts(self.report.delivered_events, self.report.spilled_events, self.report.lost_events,
+                        self.report.dropped_events)
         for replayer in self.replayers:  # replay yields to the drain: claims are given back
             await replayer.stop()
         self.queue.close()
@@ -242,6 +275,11 @@ class Pipeline:
         for t in tasks:
             if not t.cancelled() and t.exception() is not None:
                 log.error("pipeline task failed", exc_info=t.exception())
+        await self._drain_held(deadline)
+        self._count_dropped()
+        r = self.report
+        r.drain = Counts(r.delivered_events - before.delivered_events, r.spilled_events - before.spilled_events,
+                         r.lost_events - before.lost_events, r.dropped_events - before.dropped_events)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -435,20 +473,136 @@ class Pipeline:
         self.metrics.events_delivered.labels(lane.sink.name).inc(n)
         self.report.delivered_events += n
 
+    def _count_dropped(self) -> None:
+        self.report.dropped_events = sum(lane.store.dropped_events for lane in self.lanes)
+
     async def _spill(self, lane: Lane, payload: Payload, reason: str) -> bool:
+        """Write `payload` to the lane's DLQ. False when the DLQ refused it: it is held in memory
+        then (`_hold`), and its spool file (durable mode) stays until it is taken."""
         refused = await lane.store.put(payload, reason)
         if refused is None:
             self.report.spilled_events += payload.num_events
             return True
-        # (durable mode: the spool file stays where it is; a restart recovers it)
-        lane.store.metrics.dlq_dropped.labels(lane.sink.name, _DROP_REASON.get(refused, "write_error")).inc(
-            payload.num_events)
-        self.report.lost_events += payload.num_events
+        self._hold(lane, Held(payload, reason, _held_cost(payload), refused))
         return False
+
+    # ------------------------------------------------------------------ held batches (fail closed)
+
+    def _hold(self, lane: Lane, held: Held) -> None:
+        """Keep a batch the DLQ refused, its bytes charged to the budget, and offer it again."""
+        self.queue.charge(held.cost)
+        self.queue.held_reason = DLQ_UNAVAILABLE  # /collect's 503s say why
+        lane.held.append(held)
+        self._publish_held(lane)
+        if len(lane.held) == 1:
+            log.error("dlq cannot take a batch the sink did not take: holding it in memory; /collect answers "
+                      "503 dlq_unavailable once held batches fill BUFFER_MAX_BYTES", extra={
+                          "sink": lane.sink.name, "batch": held.payload.name, "events": held.payload.num_events,
+                          "reason": held.refusal, "spill_reason": held.reason, "held_bytes": held.cost,
+                          "buffer_bytes": self.queue.held_bytes, "buffer_max_bytes": self.queue.max_bytes})
+        if lane.held_task is None or lane.held_task.done():
+            lane.held_task = asyncio.create_task(self._offer_held(lane), name=f"held-{lane.sink.name}")
+
+    async def _offer_held(self, lane: Lane) -> None:
+        """Offer the oldest held batch to the sink (one attempt), then to the DLQ; the next one at
+        once when either took it, else after a capped backoff. Until the queue is empty or an abort."""
+        failures = 0
+        while lane.held and not self._abort.is_set():
+            h = lane.held[0]
+            try:
+                taken = await self._place(lane, h)
+            except Exception:  # never let the loop die with batches in it
+                log.exception("held batch could not be offered", extra={"sink": lane.sink.name})
+                taken = False
+            if taken:
+                failures = 0
+                continue
+            failures += 1
+            if await self._abort.sleep(HELD_BACKOFF.delay(failures)):
+                return
+
+    async def _place(self, lane: Lane, h: Held) -> bool:
+        """One offer of held batch `h`: True when the sink or the DLQ took it (it is released)."""
+        if h.reason != "rejected":  # items the sink rejected for good are only for the DLQ
+            final = await lane.delivery.run(h.payload, attempts=1)
+            if final.next is None:
+                return False  # aborted by shutdown
+            for items in final.set_aside:
+                await self._spill(lane, items, "rejected")
+            if final.delivered:
+                self._delivered(lane, final.delivered)
+            if final.next is Next.DELIVERED:
+                log.info("held batch delivered", extra={
+                    "sink": lane.sink.name, "batch": h.payload.name, "events": final.delivered, "outcome": "ok",
+                    "attempts": final.payload.attempts})
+                await self._release(lane, h, drop_file=True)
+                return True
+            if final.changed:  # partly delivered: what is left stays held
+                self.queue.release(h.cost)
+                h.payload, h.cost = final.payload, _held_cost(final.payload)
+                self.queue.charge(h.cost)
+            else:
+                h.payload = final.payload  # its attempt count
+            h.reason = _SPILL_REASON[final.next]
+        refused = await lane.store.put(h.payload, h.reason)
+        if refused is not None:
+            h.refusal = refused
+            return False
+        self.report.spilled_events += h.payload.num_events
+        await self._release(lane, h, drop_file=True)
+        return True
+
+    async def _release(self, lane: Lane, h: Held, drop_file: bool) -> None:
+        lane.held.remove(h)
+        self.queue.release(h.cost)
+        self._publish_held(lane)
+        if not any(ln.held for ln in self.lanes):
+            self.queue.held_reason = ""
+        if not lane.held:
+            log.info("no batch held any more: the sink or the dlq takes them again", extra={"sink": lane.sink.name})
+        if drop_file:
+            await self._drop_file(h.payload)
+
+    def _publish_held(self, lane: Lane) -> None:
+        m = self.metrics
+        m.dlq_unavailable.labels(lane.sink.name).set(1 if lane.held else 0)
+        m.held_events.labels(lane.sink.name).set(sum(h.payload.num_events for h in lane.held))
+
+    async def _drain_held(self, deadline: float) -> None:
+        """Shutdown: held batches are offered until the deadline; then each gets one last DLQ write,
+        and what is still refused is lost — counted and logged, never silent."""
+        loop = asyncio.get_running_loop()
+        running = {lane.held_task for lane in self.lanes if lane.held_task is not None and not lane.held_task.done()}
+        if running:
+            _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
+            if pending:
+                self.abort()
+                await asyncio.wait(pending)
+        for lane in self.lanes:
+            while lane.held:
+                h = lane.held[0]
+                refused = await lane.store.put(h.payload, h.reason)
+                if refused is None:
+                    self.report.spilled_events += h.payload.num_events
+                    await self._release(lane, h, drop_file=True)
+                    continue
+                n = h.payload.num_events
+                self.report.lost_events += n
+                self.metrics.dlq_dropped.labels(lane.sink.name, _DROP_REASON.get(refused, "write_error")).inc(n)
+                kept = h.payload.file is not None  # durable mode: the spool file stays; a restart recovers it
+                log.error("held batch lost at shutdown: neither the sink nor the dlq took it", extra={
+                    "sink": lane.sink.name, "batch": h.payload.name, "events": n, "reason": refused,
+                    "spool_file_kept": kept})
+                await self._release(lane, h, drop_file=False)
 
 
 def _line_size(item: Item) -> int:
     return len(item[1])
+
+
+def _held_cost(payload: Payload) -> int:
+    """The memory a held payload keeps: its compressed data, and its lines when the sink keeps them."""
+    return len(payload.data) + (sum(map(len, payload.lines)) if payload.lines else 0)
 
 
 def _unlink(path: str) -> None:

@@ -27,7 +27,8 @@ class EventQueue(Generic[T]):
                  size: Callable[[T], int] | None = None, weight: int = 1) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes if max_bytes is not None and size is not None else 1 << 62
-        self.held_bytes = 0  # charged by offers, given back by `release`
+        self.held_bytes = 0  # charged by offers (and `charge`), given back by `release`
+        self.held_reason = ""  # why bytes are held that cannot drain now (the engine's): a 503's reason
         self._size = size
         self._weight = weight
         self._items: deque[T] = deque()
@@ -94,6 +95,11 @@ class EventQueue(Generic[T]):
     def release(self, nbytes: int) -> None:
         """Give back bytes charged by offers (a batch delivered or spilled)."""
         self.held_bytes -= nbytes
+
+    def charge(self, nbytes: int) -> None:
+        """Charge bytes held outside the queue to the budget: batches neither a sink nor the DLQ took
+        (kept in memory by the engine), so the budget fills and offers fail while they are held."""
+        self.held_bytes += nbytes
 
     def close(self) -> None:
         self._closed = True

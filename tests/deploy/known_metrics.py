@@ -52,6 +52,8 @@ GAUGES: dict[str, frozenset[str]] = {
     "ingest_buffer_capacity_bytes": frozenset(),
     "upload_queue_depth_batches": frozenset({"sink"}),
     "dlq_oldest_file_age_seconds": frozenset({"sink"}),
+    "dlq_unavailable": frozenset({"sink"}),
+    "ingest_held_events": frozenset({"sink"}),
     "spool_files": frozenset(),
     "spool_bytes": frozenset(),
     # prometheus_client's process and platform collectors
