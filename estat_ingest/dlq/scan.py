@@ -31,6 +31,10 @@ class Entry:
     name: str
     directory: str
     size: int = field(compare=False, default=0)
+    mtime: float = field(compare=False, default=0.0)  # wall clock, as the scan found it (0: unknown)
+    # when the file came to this disk, on this process's monotonic clock (an estimate for files found
+    # by a scan: now minus their mtime's age when first seen). None until the store stamps it
+    born: float | None = field(compare=False, default=None)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -55,6 +59,9 @@ class Index:
 
     def knows(self, directory: str, name: str) -> bool:
         return (directory, name) in self._known
+
+    def get(self, key: tuple[str, str]) -> Entry | None:
+        return self._known.get(key)
 
     def add(self, entry: Entry) -> bool:
         """A file appeared on disk. False if it was already known."""
@@ -182,7 +189,7 @@ def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], n
                 res.present.add(name)
                 if not known(d, name):
                     st = entry.stat(follow_symlinks=False)
-                    res.new.append(Entry(unix_of_name(name) or 0, name, d, st.st_size))
+                    res.new.append(Entry(unix_of_name(name) or 0, name, d, st.st_size, st.st_mtime))
             elif kind == "claim":
                 m = files.CLAIM_RE.match(name)
                 if m is not None:
@@ -194,8 +201,8 @@ def scan_pass(scanner: Scanner, limit: int, known: Callable[[str, str], bool], n
                     res.recovered.append(data_name)
                     if not known(d, data_name):
                         with contextlib.suppress(FileNotFoundError):
-                            size = os.stat(os.path.join(d, data_name)).st_size
-                            res.new.append(Entry(unix_of_name(data_name) or 0, data_name, d, size))
+                            st = os.stat(os.path.join(d, data_name))
+                            res.new.append(Entry(unix_of_name(data_name) or 0, data_name, d, st.st_size, st.st_mtime))
             elif kind == "temp":
                 age = now - entry.stat(follow_symlinks=False).st_mtime
                 if files.temp_is_stale(name, age, starting, claim_timeout_s):

@@ -17,6 +17,12 @@ Invariants
   evicts the oldest files to make room, counted as `capacity`.
 - The index (scan.Index) knows every file this process wrote plus what the start-up scan and the
   rotating partial scans found; the gauges are computed from it, so they are exact after restarts.
+- TTL trusts no single clock: a file expires only when both its name's time (its first event) and
+  the time it has spent on this disk exceed DLQ_MAX_AGE. The disk time is measured on the monotonic
+  clock from when this process first saw the file (plus, for a file found by a scan, its mtime's age
+  at that moment), so a wall-clock jump while running expires nothing. A start-up that would expire
+  more than a small share of the backlog at once (a jump before the start) expires nothing for one
+  DLQ_MAX_AGE of monotonic time, with a warning.
 - Before a file is read for delivery or deleted by policy it is claimed (files.claim), so several
   processes can share one directory.
 - All file work is blocking and runs in a thread, never on the event loop.
@@ -64,6 +70,9 @@ class DirTotals:
 
 
 MIN_FREE_SHARE = 0.05  # the default free-space margin is at most this share of the DLQ's volume
+# a start-up scan that finds more than this share of the backlog past DLQ_MAX_AGE holds the TTL for
+# one DLQ_MAX_AGE of monotonic time: more likely a clock that jumped than a backlog that aged
+START_EXPIRE_SHARE = 0.1
 LOG_EVERY_S = 10.0  # one refusal line per reason per this many seconds
 
 # why `put` did not write a batch (a bounded label; nothing is dropped for any of them)
@@ -131,8 +140,11 @@ def volume_bytes(path: str) -> tuple[int, int]:
 
 class DlqStore:
     def __init__(self, root: str, sink: str, metrics: Metrics, *, settings: Settings | None = None,
-                 limits: Limits | None = None, reads_v1: bool = False, owner: str | None = None) -> None:
+                 limits: Limits | None = None, reads_v1: bool = False, owner: str | None = None,
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] = time.monotonic) -> None:
         self.root = root
+        self.wall = wall  # the clocks (injectable: tests jump them)
+        self.mono = mono
         self.sink = sink
         self.dir = os.path.join(root, sink)
         self.metrics = metrics
@@ -162,6 +174,8 @@ class DlqStore:
         self.dropped_events = 0  # events this process deleted by policy (ttl, capacity, corrupt)
         self._refusal_logged: dict[str, float] = {}
         self._refusals_suppressed = 0
+        self._start_expired = 0  # files of the start-up scan already past DLQ_MAX_AGE by both clocks
+        self.ttl_hold_until: float | None = None  # monotonic: no TTL expiry before this (see START_EXPIRE_SHARE)
 
     # ---------------------------------------------------------------- start-up
 
@@ -218,7 +232,7 @@ class DlqStore:
                 if deadline is not None and loop.time() > deadline:
                     self.publish()
                     return False
-                res = await asyncio.to_thread(scan_pass, sw.scanner, chunk, self.index.knows, time.time(),
+                res = await asyncio.to_thread(scan_pass, sw.scanner, chunk, self.index.knows, self.wall(),
                                               lim.claim_timeout_s, True, self.owner_dead)
                 self._absorb(res)
                 sw.metas.extend(res.metas)
@@ -227,7 +241,7 @@ class DlqStore:
                     break
             if sw.metas:
                 await asyncio.to_thread(remove_orphan_metas, sw.scanner.directory, sw.metas, sw.present,
-                                        time.time(), lim.claim_timeout_s)
+                                        self.wall(), lim.claim_timeout_s)
             self._sweeps.pop(0)
         self.publish()
         if not self.indexed.is_set():
@@ -235,11 +249,50 @@ class DlqStore:
             if self.totals.files:
                 log.info("dlq found at start", extra={"sink": self.sink, "files": self.totals.files,
                                                       "bytes": self.totals.bytes})
+            self._hold_ttl_after_start()
         return True
 
+    def _hold_ttl_after_start(self) -> None:
+        ttl = self.limits.max_age_s
+        if ttl <= 0 or self._start_expired <= max(1, self.totals.files * START_EXPIRE_SHARE):
+            return
+        self.ttl_hold_until = self.mono() + ttl
+        log.warning("dlq: most of the backlog found at start is past DLQ_MAX_AGE; the clock may have jumped, "
+                    "so nothing expires for one DLQ_MAX_AGE of monotonic time", extra={
+                        "sink": self.sink, "files": self.totals.files, "expired": self._start_expired,
+                        "max_age_s": ttl})
+
+    def _ttl_held(self, mono: float) -> bool:
+        if self.ttl_hold_until is None:
+            return False
+        if mono < self.ttl_hold_until:
+            return True
+        self.ttl_hold_until = None
+        log.warning("dlq: the start-up TTL hold is over; files past DLQ_MAX_AGE by both clocks expire now",
+                    extra={"sink": self.sink})
+        return False
+
+    def stamp(self, e: Entry) -> Entry:
+        """`e` with `born` set: when it came to this disk on the monotonic clock (from its mtime's age
+        now, or now when the mtime is unknown or in the future)."""
+        if e.born is not None:
+            return e
+        mono = self.mono()
+        age = max(0.0, self.wall() - e.mtime) if e.mtime else 0.0
+        return replace(e, born=mono - age)
+
+    def expired(self, e: Entry, wall: float, mono: float) -> bool:
+        """Past DLQ_MAX_AGE by the time in its name AND by its time on this disk."""
+        ttl = self.limits.max_age_s
+        return ttl > 0 and wall - e.unix > ttl and mono - (mono if e.born is None else e.born) > ttl
+
     def _absorb(self, res: ScanResult) -> None:
+        starting = not self.indexed.is_set()
+        wall, mono = self.wall(), self.mono()
         for e in res.new:
+            e = self.stamp(e)
             if self.index.add(e):
+                self._start_expired += starting and self.expired(e, wall, mono)
                 self.totals.files += 1
                 self.totals.bytes += e.size
         for name in res.foreign:
@@ -256,7 +309,7 @@ class DlqStore:
         self.metrics.dlq_files.labels(self.sink).set(self.totals.files)
         self.metrics.dlq_bytes.labels(self.sink).set(self.totals.bytes)
         oldest = self.index.oldest_unix()
-        self.metrics.dlq_oldest_age.labels(self.sink).set(0 if oldest is None else max(0.0, time.time() - oldest))
+        self.metrics.dlq_oldest_age.labels(self.sink).set(0 if oldest is None else max(0.0, self.wall() - oldest))
 
     # ---------------------------------------------------------------- write side
 
@@ -267,7 +320,7 @@ class DlqStore:
             "key": f"{payload.partition}/{payload.name}",
             "partition": payload.partition,
             "first_ts": payload.first_ts,
-            "created_at": time.time(),
+            "created_at": self.wall(),
             "compression": payload.compression,
             "checksum": checksum(payload.data),
             "attempts": payload.attempts,
@@ -319,7 +372,8 @@ class DlqStore:
         if refusal is not None:
             self._refused(payload, refusal, error)
             return refusal
-        self.added(Entry(unix_of_name(payload.name) or int(payload.first_ts), payload.name, self.dir, size))
+        self.added(Entry(unix_of_name(payload.name) or int(payload.first_ts), payload.name, self.dir, size,
+                         self.wall(), self.mono()))
         self.metrics.dlq_enqueued.labels(self.sink).inc(payload.num_events)
         self.metrics.dlq_writes.labels(self.sink, reason).inc()
         log.warning("batch written to dlq", extra={
@@ -344,7 +398,8 @@ class DlqStore:
         log.error("dlq refused a batch: it is kept in memory, not dropped", extra=extra)
 
     def added(self, entry: Entry) -> None:
-        if self.index.add(entry):
+        """A file this process put on disk (its time on this disk starts now unless `entry` says)."""
+        if self.index.add(self.stamp(entry)):
             self.totals.files += 1
             self.totals.bytes += entry.size
             self.publish()
@@ -376,8 +431,9 @@ class DlqStore:
                 os.unlink(cpath)
 
         await asyncio.to_thread(write)
+        known = self.index.get(entry.key) or entry  # the same file for the TTL: its time here goes on
         self.gone(entry)
-        self.added(Entry(entry.unix, entry.name, entry.directory, len(remainder.data)))
+        self.added(Entry(entry.unix, entry.name, entry.directory, len(remainder.data), known.mtime, known.born))
 
     # ---------------------------------------------------------------- scan and policy
 
@@ -386,24 +442,39 @@ class DlqStore:
         n = 0
         for scanner in self._scanners:
             res = await asyncio.to_thread(scan_pass, scanner, self.limits.scan_limit, self.index.knows,
-                                          time.time(), self.limits.claim_timeout_s, False, self.owner_dead)
+                                          self.wall(), self.limits.claim_timeout_s, False, self.owner_dead)
             self._absorb(res)
             n += len(res.new)
         self.publish()
         return n
 
     async def enforce(self, now: float | None = None) -> int:
-        """TTL on the oldest files, then capacity (size cap, free disk). Returns files dropped."""
-        now = time.time() if now is None else now
+        """TTL on the oldest files, then (drop_oldest) the size cap. Returns files dropped.
+
+        TTL looks at the files whose name is past DLQ_MAX_AGE, oldest first, at most DLQ_SCAN_LIMIT
+        per pass, and drops those whose time on this disk is past it too (`expired`)."""
+        now = self.wall() if now is None else now
+        mono = self.mono()
+        ttl = self.limits.max_age_s
         dropped = 0
-        if self.limits.max_age_s > 0:
-            while (top := self.index.peek()) is not None and now - top.unix > self.limits.max_age_s:
-                e = self.index.pop()
-                assert e is not None
-                dropped += await self.drop(e, "ttl")
-        # the size cap every pass; the free-disk margin only when we are about to write (the disk may
-        # be filled by something else: evicting the whole DLQ for it without a write gains nothing)
-        await self.make_room(0, check_free=False)
+        if ttl > 0 and not self._ttl_held(mono):
+            young: list[Entry] = []  # old by name, not by their time here: they stay
+            try:
+                while (len(young) < self.limits.scan_limit and (top := self.index.peek()) is not None
+                       and now - top.unix > ttl):
+                    e = self.index.pop()
+                    assert e is not None
+                    if self.expired(e, now, mono):
+                        dropped += await self.drop(e, "ttl")
+                    else:
+                        young.append(e)
+            finally:
+                for e in young:
+                    self.index.push_back(e)
+        # drop_oldest: the size cap every pass; the free-disk margin only when we are about to write (the
+        # disk may be filled by something else: evicting the whole DLQ for it without a write gains nothing)
+        if self.limits.when_full == "drop_oldest":
+            await self.make_room(0, check_free=False)
         return dropped
 
     async def make_room(self, size: int, check_free: bool = True) -> str | None:

@@ -4,6 +4,7 @@ exactly that many, and is logged; the gauges are rebuilt exactly from disk at st
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,19 +23,22 @@ async def test_ttl_drops_exactly_the_expired_events(tmp_path: Path, caplog: pyte
     d = tmp_path / "dlq" / "memory"
     now = int(time.time())
     expired = [write_entry(d, now - 7200 - i, i + 1, 3 + i)[0] for i in range(4)]  # 3+4+5+6 = 18 events
-    kept = [write_entry(d, now - 60 + i, 10 + i, 7)[0] for i in range(3)]
+    for i, n in enumerate(expired):  # written when their batch closed: old by name and by time on disk
+        os.utime(d / n, (now - 7200 - i, now - 7200 - i))
+    # (a small share of the backlog: more would hold the TTL for a while at start, test_ttl_clocks.py)
+    kept = [write_entry(d, now - 60 + i, 10 + i, 7)[0] for i in range(40)]
     (d / "notes.txt").write_text("foreign")
     metrics = Metrics()
     store = DlqStore(str(tmp_path / "dlq"), "memory", metrics, limits=Limits(max_age_s=3600, scan_limit=10))
     await store.start()
-    assert counter_value(metrics, "dlq_files_current", sink="memory") == 7  # foreign file not counted
+    assert counter_value(metrics, "dlq_files_current", sink="memory") == 44  # foreign file not counted
     with caplog.at_level(logging.ERROR, "estat_ingest.dlq"):
         assert await store.enforce() == 4
     assert counter_value(metrics, "dlq_events_dropped_total", sink="memory", reason="ttl") == 18
     assert counter_value(metrics, "dlq_files_expired_total", sink="memory") == 4
     assert data_files(d) == sorted([*kept, "notes.txt"])
     assert not any((d / (n + ".meta.json")).exists() for n in expired)
-    assert counter_value(metrics, "dlq_files_current", sink="memory") == 3
+    assert counter_value(metrics, "dlq_files_current", sink="memory") == 40
     assert counter_value(metrics, "dlq_size_bytes", sink="memory") == sum((d / n).stat().st_size for n in kept)
     drops = [r for r in caplog.records if r.getMessage() == "dlq events dropped"]
     assert sorted((r.file, r.events, r.reason) for r in drops) == sorted(  # type: ignore[attr-defined]
