@@ -185,6 +185,10 @@ class Metrics:
             "dlq_write_errors_total", "DLQ writes that failed (disk full, EIO)", ["sink"], registry=r)
         self.dlq_oldest_age = Gauge(
             "dlq_oldest_file_age_seconds", "Age of the oldest DLQ file", ["sink"], registry=r)
+        self.dlq_lost = Counter(
+            "dlq_files_lost_total", "DLQ files this process knew that left the disk without it: directory_gone (the "
+            "directory disappeared), vanished (deleted by hand, or taken by another process sharing it)",
+            ["sink", "reason"], registry=r)
         self.dlq_unavailable = Gauge(
             "dlq_unavailable", "1 while the sink's DLQ refuses batches the sink did not take (no space, read-only, "
             "no permission, full with DLQ_WHEN_FULL=reject): they are held in memory, and /collect answers 503 "

@@ -69,6 +69,8 @@ class Replayer:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._errors: dict[tuple[str, str], int] = {}  # unexpected errors per file (I/O)
+        self._claim_error_logged = -1e9  # monotonic time of the last "could not be claimed" line
+        self._claim_errors_suppressed = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -175,7 +177,11 @@ class Replayer:
 
     async def _replay_one(self, entry: Entry) -> None:
         store, d, name = self.store, entry.directory, entry.name
-        cpath = await asyncio.to_thread(files.claim, d, name, store.owner)
+        try:
+            cpath = await asyncio.to_thread(files.claim, d, name, store.owner)
+        except OSError as err:  # read-only, no permission: the file stays where it is and is tried again
+            self._claim_failed(entry, err)
+            return
         if cpath is None:  # another replayer has it, or it is gone
             store.gone(entry)
             return
@@ -189,10 +195,16 @@ class Replayer:
         finally:
             if not done:  # give the file back (also on cancellation at shutdown)
                 task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    released = files.release(cpath, d, name)  # one rename; awaiting is not possible now
-                else:
-                    released = await asyncio.to_thread(files.release, cpath, d, name)
+                try:
+                    if task is not None and task.cancelling():
+                        released = files.release(cpath, d, name)  # one rename; awaiting is not possible now
+                    else:
+                        released = await asyncio.to_thread(files.release, cpath, d, name)
+                except OSError as err:  # e.g. remounted read-only meanwhile: its claim goes stale and is
+                    # recovered by a scan (DLQ_CLAIM_TIMEOUT) once the directory is writable again
+                    log.error("dlq claim could not be given back", extra={
+                        "sink": self.sink.name, "file": name, "error": str(err)})
+                    released = False
                 if released:
                     store.index.push_back(entry)
                 else:
@@ -227,6 +239,23 @@ class Replayer:
                 self._healthy()  # the sink answered: it is up
             return True
         return await self._failed(entry, cpath, final, meta or {"num_events": events})
+
+    def _claim_failed(self, entry: Entry, err: OSError) -> None:
+        """The directory refuses the claim (EACCES, EROFS): the file stays in the index and is tried
+        again after a backoff; while claims fail the replayer probes one file at a time."""
+        self.failing += 1
+        self._not_before[entry.key] = time.time() + self.sink_backoff.delay(self.failing)
+        self._outage_deferred.add(entry.key)  # eligible again at once after the next success
+        self.store.index.push_back(entry)
+        now = time.monotonic()
+        if now - self._claim_error_logged >= 10.0:
+            self._claim_error_logged = now
+            log.error("dlq file could not be claimed: retried with backoff", extra={
+                "sink": self.sink.name, "file": entry.name, "error": str(err),
+                "suppressed": self._claim_errors_suppressed})
+            self._claim_errors_suppressed = 0
+        else:
+            self._claim_errors_suppressed += 1
 
     def _forget(self, entry: Entry) -> None:
         self._not_before.pop(entry.key, None)

@@ -119,6 +119,13 @@ class Index:
     def waiting(self) -> int:
         return len(self._queued)
 
+    def in_flight(self, key: tuple[str, str]) -> bool:
+        return key in self._inflight
+
+    def entries_in(self, directory: str) -> list[Entry]:
+        """Every known file of `directory` (O(files): once per sweep of a directory, not per pass)."""
+        return [e for e in self._known.values() if e.directory == directory]
+
 
 class Scanner:
     """A directory cursor that survives between passes (blocking; use from one thread at a time)."""
@@ -127,6 +134,7 @@ class Scanner:
         self.directory = directory
         self._it: object | None = None  # os.scandir iterator
         self.wraps = 0  # completed sweeps of the whole directory
+        self.missing = False  # the directory was not there at the last read
 
     def read(self, limit: int) -> list[os.DirEntry[str]]:
         out: list[os.DirEntry[str]] = []
@@ -138,7 +146,9 @@ class Scanner:
                 try:
                     self._it = os.scandir(self.directory)
                 except FileNotFoundError:
+                    self.missing = True
                     break
+                self.missing = False
                 reopened = True
             entry = next(self._it, None)  # type: ignore[call-overload]
             if entry is None:

@@ -25,6 +25,10 @@ Invariants
   DLQ_MAX_AGE of monotonic time, with a warning.
 - Before a file is read for delivery or deleted by policy it is claimed (files.claim), so several
   processes can share one directory.
+- The gauges follow the disk: a file the index knows that a whole sweep of its directory did not
+  meet (and that is not there when checked) has left without this process — deleted by hand, or
+  taken by another process sharing the directory — and a source directory that disappeared lost
+  every file it held; both leave the index at once and are counted in dlq_files_lost_total{reason}.
 - All file work is blocking and runs in a thread, never on the event loop.
 """
 
@@ -110,6 +114,15 @@ class Limits:
 
 
 @dataclass(slots=True)
+class _Seen:
+    """What the rotating scan met during the current sweep of one directory."""
+
+    wraps: int  # the scanner's sweep count when this sweep began
+    started: float  # monotonic time it began: files this process added later are not judged by it
+    names: set[str] = field(default_factory=set)  # data names met (also under a claim)
+
+
+@dataclass(slots=True)
 class _Sweep:
     scanner: Scanner
     start_wraps: int
@@ -125,6 +138,10 @@ def sibling_dirs(top: str, sink: str, own: str) -> list[str]:
             if e.name.startswith("w") and e.name[1:].isdigit() and e.is_dir(follow_symlinks=False):
                 out.append(os.path.join(top, e.name, sink))
     return sorted(d for d in out if os.path.abspath(d) != os.path.abspath(own) and os.path.isdir(d))
+
+
+def _not_on_disk(entries: list[Entry]) -> list[Entry]:
+    return [e for e in entries if not os.path.exists(os.path.join(e.directory, e.name))]
 
 
 def free_bytes(path: str) -> int:
@@ -175,6 +192,8 @@ class DlqStore:
         self._refusal_logged: dict[str, float] = {}
         self._refusals_suppressed = 0
         self._start_expired = 0  # files of the start-up scan already past DLQ_MAX_AGE by both clocks
+        self._seen: dict[str, _Seen] = {}  # per source directory
+        self._scan_errors_logged: dict[str, float] = {}
         self.ttl_hold_until: float | None = None  # monotonic: no TTL expiry before this (see START_EXPIRE_SHARE)
 
     # ---------------------------------------------------------------- start-up
@@ -250,6 +269,8 @@ class DlqStore:
                 log.info("dlq found at start", extra={"sink": self.sink, "files": self.totals.files,
                                                       "bytes": self.totals.bytes})
             self._hold_ttl_after_start()
+            for sc in self._scanners:  # the first sweep after start already tells what left the disk
+                self._seen[sc.directory] = _Seen(sc.wraps, self.mono())
         return True
 
     def _hold_ttl_after_start(self) -> None:
@@ -438,15 +459,73 @@ class DlqStore:
     # ---------------------------------------------------------------- scan and policy
 
     async def rescan(self) -> int:
-        """One rotating partial scan: DLQ_SCAN_LIMIT entries of each source directory."""
+        """One rotating partial scan: DLQ_SCAN_LIMIT entries of each source directory; at the end of
+        a whole sweep (or when a directory is gone) the index gives up what is no longer on disk."""
         n = 0
         for scanner in self._scanners:
-            res = await asyncio.to_thread(scan_pass, scanner, self.limits.scan_limit, self.index.knows,
-                                          self.wall(), self.limits.claim_timeout_s, False, self.owner_dead)
+            try:
+                res = await asyncio.to_thread(scan_pass, scanner, self.limits.scan_limit, self.index.knows,
+                                              self.wall(), self.limits.claim_timeout_s, False, self.owner_dead)
+            except OSError as err:  # e.g. EACCES on the directory: the next pass tries again
+                self._scan_failed(scanner.directory, err)
+                continue
             self._absorb(res)
             n += len(res.new)
+            await self._follow_disk(scanner, res)
         self.publish()
         return n
+
+    async def _follow_disk(self, scanner: Scanner, res: ScanResult) -> None:
+        d, mono = scanner.directory, self.mono()
+        if scanner.missing:
+            self._seen.pop(d, None)
+            lost = self.index.entries_in(d)
+            if lost:
+                self._lost(lost, "directory_gone")
+                log.error("dlq directory disappeared: the files it held are lost", extra={
+                    "sink": self.sink, "dir": d, "files": len(lost), "bytes": sum(e.size for e in lost)})
+            if d == self.dir:  # new batches can be written again; the next pass reads it afresh
+                with contextlib.suppress(OSError):
+                    await asyncio.to_thread(os.makedirs, d, exist_ok=True)
+            return
+        seen = self._seen.get(d)
+        if seen is None:
+            self._seen[d] = _Seen(scanner.wraps, mono, set(res.present))
+            return
+        seen.names |= res.present
+        if scanner.wraps == seen.wraps:
+            return
+        # a whole sweep ended in this pass: what the index knew before it and the sweep never met is
+        # checked on disk once; the next sweep starts with this pass's names
+        self._seen[d] = _Seen(scanner.wraps, mono, set(res.present))
+        candidates = [e for e in self.index.entries_in(d) if e.name not in seen.names
+                      and not self.index.in_flight(e.key) and e.born is not None and e.born < seen.started]
+        if not candidates:
+            return
+        gone = await asyncio.to_thread(_not_on_disk, candidates)
+        gone = [e for e in gone if self.index.knows(e.directory, e.name) and not self.index.in_flight(e.key)]
+        if gone:
+            self._lost(gone, "vanished")
+            log.warning("dlq files left the directory without this process (deleted by hand, or taken by "
+                        "another process sharing it)", extra={
+                            "sink": self.sink, "dir": d, "files": len(gone), "bytes": sum(e.size for e in gone),
+                            "examples": [e.name for e in gone[:5]]})
+
+    def _lost(self, entries: list[Entry], reason: str) -> None:
+        for e in entries:
+            size = self.index.drop(e)
+            self.totals.files = max(0, self.totals.files - 1)
+            self.totals.bytes = max(0, self.totals.bytes - size)
+        self.metrics.dlq_lost.labels(self.sink, reason).inc(len(entries))
+        self.publish()
+
+    def _scan_failed(self, directory: str, err: OSError) -> None:
+        now = time.monotonic()
+        last = self._scan_errors_logged.get(directory)
+        if last is None or now - last >= LOG_EVERY_S:
+            self._scan_errors_logged[directory] = now
+            log.error("dlq directory cannot be read", extra={"sink": self.sink, "dir": directory,
+                                                             "error": str(err)})
 
     async def enforce(self, now: float | None = None) -> int:
         """TTL on the oldest files, then (drop_oldest) the size cap. Returns files dropped.

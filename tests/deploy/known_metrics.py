@@ -30,6 +30,7 @@ COUNTERS: dict[str, frozenset[str]] = {
     "dlq_batches_written_total": frozenset({"sink", "reason"}),
     "dlq_write_errors_total": frozenset({"sink"}),
     "dlq_events_rejected_total": frozenset({"sink"}),
+    "dlq_files_lost_total": frozenset({"sink", "reason"}),
     "http_requests_api_key_total": frozenset({"key_name"}),
     "opensearch_items_total": frozenset({"outcome"}),
     # durable spool (ACK_MODE=durable)
