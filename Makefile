@@ -7,8 +7,9 @@ RUNTIME := $(VENV)/.installed-runtime
 DEV     := $(VENV)/.installed-dev
 TOOLS   := $(VENV)/.test-tools
 HELM    := $(BIN)/helm
-# Debian packages some tests use: promtool (alert rules) and chromium (browser test); those tests
-# skip with a message when the package cannot be installed
+# Debian packages some tests use: promtool (alert rules), chromium (browser test) and libfaketime (a
+# wall clock that jumped, tests/e2e/test_dlq_fail_closed.py); those tests skip with a message when
+# the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
 
 .PHONY: run test lint bench bench-quick setup clean
@@ -31,6 +32,7 @@ $(DEV): pyproject.toml
 $(TOOLS): $(DEV)
 	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing test tools:$$missing"; \
