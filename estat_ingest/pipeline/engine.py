@@ -7,7 +7,8 @@ Invariants
   BUFFER_MAX_BYTES, and offered to the sink and the DLQ again with backoff until one takes it: the
   budget fills and /collect answers 503 `dlq_unavailable` instead of a 2xx for an event the server
   could not keep (fail closed, DESIGN.md §2.8). Only the drain's deadline ends that; what is still
-  held then is counted lost (`lost_events`, dlq_events_dropped_total) and logged.
+  held then is counted lost (`lost_events`, dlq_events_dropped_total) and logged — unless it has a
+  spool file (ACK_MODE=durable), which stays for the next start.
 - One dispatcher task owns every batcher (no locks); each sink ("lane") has its own batcher, upload
   queue, uploaders, retry state and DLQ directory.
 - Backpressure: with one sink, a full upload queue blocks the dispatcher, the event queue fills and
@@ -587,12 +588,15 @@ class Pipeline:
                     await self._release(lane, h, drop_file=True)
                     continue
                 n = h.payload.num_events
-                self.report.lost_events += n
-                self.metrics.dlq_dropped.labels(lane.sink.name, _DROP_REASON.get(refused, "write_error")).inc(n)
-                kept = h.payload.file is not None  # durable mode: the spool file stays; a restart recovers it
-                log.error("held batch lost at shutdown: neither the sink nor the dlq took it", extra={
-                    "sink": lane.sink.name, "batch": h.payload.name, "events": n, "reason": refused,
-                    "spool_file_kept": kept})
+                if h.payload.file is not None:  # durable mode: its spool file stays; the next start delivers it
+                    log.warning("held batch left in its spool file at shutdown: the next start delivers it", extra={
+                        "sink": lane.sink.name, "batch": h.payload.name, "events": n, "reason": refused,
+                        "file": h.payload.file})
+                else:
+                    self.report.lost_events += n
+                    self.metrics.dlq_dropped.labels(lane.sink.name, _DROP_REASON.get(refused, "write_error")).inc(n)
+                    log.error("held batch lost at shutdown: neither the sink nor the dlq took it", extra={
+                        "sink": lane.sink.name, "batch": h.payload.name, "events": n, "reason": refused})
                 await self._release(lane, h, drop_file=False)
 
 

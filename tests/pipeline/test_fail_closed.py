@@ -170,3 +170,43 @@ def test_drain_counts_what_is_still_held_at_its_deadline(tmp_path: Path, monkeyp
     assert sample(m, "dlq_events_dropped_total", sink="memory", reason="write_error") == 12
     lost = [r for r in caplog.records if r.getMessage().startswith("held batch lost at shutdown")]
     assert sum(r.events for r in lost) == 12  # type: ignore[attr-defined]
+
+
+def test_durable_mode_a_batch_held_at_shutdown_stays_in_its_spool_file(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACK_MODE=durable: a batch still held when the drain ends is not lost — its spool file stays,
+    and the next start (here: its owner found dead) delivers it."""
+    from estat_ingest.spool import lease
+
+    refusing = refuse_writes(monkeypatch, errno.EROFS)
+
+    async def main() -> None:
+        s = settings(tmp_path, ack_mode="durable", batch_max_events=4, dlq_max_age_s=0)
+        m = Metrics()
+        pipe = Pipeline(s, m, [Switch()], backoff=FAST)
+        await pipe.start()
+        lines = [orjson.dumps({"ts": 1_790_000_000, "body": "{}", "id": f"e{i:06d}"}) + b"\n" for i in range(8)]
+        for ln in lines:
+            assert pipe.queue.offer((1_790_000_000.0, ln))
+        await pipe.queue.ticket()  # acknowledged: fsynced in the spool
+        await pipe.flush_and_wait()
+        assert sum(h.payload.num_events for h in pipe.lanes[0].held) == 8
+        report = await pipe.drain(1.0)
+        assert report.lost_events == 0
+        assert sample(m, "dlq_events_dropped_total", sink="memory", reason="write_error") == 0
+        assert pipe.spool is not None
+        spool_dir = Path(pipe.spool.dir)
+        assert sorted(p.name for p in (spool_dir / "memory").iterdir())  # the files are still there
+        me = lease.Holder.me()  # the process that wrote them is gone (as after a restart)
+        lease.write_lease(str(spool_dir), lease.Holder(me.host, me.boot_id, 2**22 + 17, "1"))
+        refusing[0] = False
+        sink = MemorySink()
+        again = Pipeline(s, Metrics(), [sink], backoff=FAST)
+        await again.start()
+        try:
+            await wait_for(lambda: len(sink.lines()) >= 8, 30, "the spooled batches delivered by the next start")
+        finally:
+            await again.drain(5)
+        assert sorted(orjson.loads(x)["id"] for x in sink.lines()) == [f"e{i:06d}" for i in range(8)]
+
+    asyncio.run(main())
