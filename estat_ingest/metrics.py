@@ -53,11 +53,14 @@ REJECT_REASONS = (
     "auth_invalid", "empty", "invalid_json", "invalid_utf8", "too_deep", "bad_encoding", "bad_body",
     "unsupported_encoding", "read_timeout", "header_timeout", "bad_http", "header_too_large",
     "server_error",
+    "dlq_unavailable",  # pipeline/engine.py's held batches fill the budget (EventQueue.held_reason)
 )
 # dlq_events_dropped_total{reason}: dlq/store.py
 DLQ_DROP_REASONS = ("ttl", "capacity", "corrupt", "write_error")
 # dlq_batches_written_total{reason}: pipeline/engine.py
-DLQ_WRITE_REASONS = ("failed", "rejected", "shutdown", "overflow")
+DLQ_WRITE_REASONS = ("failed", "rejected", "outage", "shutdown", "overflow")
+# dlq_files_lost_total{reason}: dlq/store.py
+DLQ_LOST_REASONS = ("directory_gone", "vanished")
 UPLOAD_OUTCOMES = ("ok", "retry", "reject")
 # upload_attempts_total{outcome, reason}: the engine's own verdicts for every sink (pipeline/engine.py,
 # dlq/replayer.py), then what each sink's Result can say (sinks/<name>.py). Reasons made of data
@@ -65,11 +68,17 @@ UPLOAD_OUTCOMES = ("ok", "retry", "reject")
 ENGINE_ATTEMPTS = (("ok", "ok"), ("retry", "timeout"), ("retry", "error"))
 SINK_ATTEMPTS: dict[str, tuple[tuple[str, str], ...]] = {
     "s3": (("retry", "throttled"), ("retry", "server_error"), ("retry", "connection"), ("retry", "sdk_error"),
-           ("reject", "auth"), ("reject", "client_error")),
+           ("reject", "auth"), ("reject", "client_error"),
+           # outages (sinks/s3.py OUTAGE_CODES): whole-bucket errors, never a verdict about a batch
+           ("reject", "no_bucket"), ("reject", "wrong_region")),
     "opensearch": (("ok", "partial"), ("ok", "rejected_items"), ("retry", "throttled"), ("retry", "server_error"),
                    ("retry", "connection"), ("retry", "tls"), ("retry", "credentials"), ("retry", "bad_response"),
                    ("retry", "item_retry"), ("retry", "missing_item"), ("reject", "auth"), ("reject", "too_large"),
-                   ("reject", "client_error")),
+                   ("reject", "client_error"),
+                   # outages (sinks/opensearch/items.py OUTAGE_TYPES): for the whole request (reject;
+                   # a flood-stage block answers 429: retry) or for items (retry)
+                   ("reject", "index_closed"), ("reject", "cluster_block"), ("reject", "index_missing"),
+                   ("retry", "index_closed"), ("retry", "cluster_block"), ("retry", "index_missing")),
     "file": (("retry", "io_error"),),
 }
 # opensearch_items_total{outcome}: sinks/opensearch/
@@ -240,6 +249,10 @@ class Metrics:
                 self.dlq_dropped.labels(sink, reason)
             for reason in DLQ_WRITE_REASONS:
                 self.dlq_writes.labels(sink, reason)
+            for reason in DLQ_LOST_REASONS:
+                self.dlq_lost.labels(sink, reason)
+            self.dlq_unavailable.labels(sink).set(0)
+            self.held_events.labels(sink).set(0)
             for outcome in UPLOAD_OUTCOMES:
                 self.upload_duration.labels(sink, outcome)
             for outcome, reason in ENGINE_ATTEMPTS + SINK_ATTEMPTS.get(sink, ()):

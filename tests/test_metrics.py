@@ -182,7 +182,7 @@ def test_every_literal_label_value_in_the_code_is_declared() -> None:
     paths = [p for p in PKG.rglob("*.py") if p.name != "metrics.py"]
     literal = literal_label_values(paths)
     # the scan finds what it should (a broken scan must not pass vacuously)
-    assert (1, "write_error") in literal["dlq_dropped"] and (0, "header_timeout") in literal["rejected"]
+    assert (1, "corrupt") in literal["dlq_dropped"] and (0, "header_timeout") in literal["rejected"]
     have = children(declared())
     missing = []
     for attr, uses in sorted(literal.items()):

@@ -177,8 +177,9 @@ class Collector:
 
     def full(self) -> str:
         """Why the queue cannot take more: `dlq_unavailable` while the pipeline holds batches that
-        neither a sink nor the DLQ took (fail closed), else `queue_full`."""
-        return self.queue.held_reason or "queue_full"
+        neither a sink nor the DLQ took (fail closed, `EventQueue.held_reason`), else `queue_full`."""
+        reason = "dlq_unavailable" if self.queue.held_reason else "queue_full"
+        return reason
 
     # ------------------------------------------------------------------ the function
 
