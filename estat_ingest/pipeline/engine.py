@@ -559,9 +559,9 @@ class Pipeline:
         self._publish_held(lane)
         if not any(ln.held for ln in self.lanes):
             self.queue.held_reason = ""
-        if not lane.held:
-            log.info("no batch held any more: the sink or the dlq takes them again", extra={"sink": lane.sink.name})
-        if drop_file:
+        if drop_file:  # taken by the sink or the DLQ (else given up by the drain)
+            if not lane.held:
+                log.info("no batch held any more: the sink or the dlq takes them again", extra={"sink": lane.sink.name})
             await self._drop_file(h.payload)
 
     def _publish_held(self, lane: Lane) -> None:
@@ -577,6 +577,7 @@ class Pipeline:
         if running:
             _, pending = await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
             if pending:
+                self.report.aborted = True
                 self.abort()
                 await asyncio.wait(pending)
         for lane in self.lanes:

@@ -214,7 +214,9 @@ def test_missing_bucket_keeps_every_file_and_delivers_once_it_exists(tmp_path: P
         r = subprocess.run([sys.executable, "-m", "estat_ingest", "dlq", "replay", str(dlq), "--no-progress"],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
         assert r.returncode == 1 and "OUTAGE    s3: no_bucket" in r.stdout, (r.stdout, r.stderr)
-        time.sleep(1.0)  # a few replayer probes against the missing bucket, too
+        probes = metric(srv, "upload_attempts_total", reason="no_bucket")
+        wait(lambda: metric(srv, "upload_attempts_total", reason="no_bucket") >= probes + 2, 30,
+             "the replayer's probes against the missing bucket", srv)
         assert len(data_files(dlq / "s3")) + len(list((dlq / "s3").glob("*.claim-*"))) == files_before
         assert not (dlq / "s3" / "rejected").exists()
         assert metric(srv, "dlq_files_current") == files_before and metric(srv, "dlq_events_rejected_total") == 0
