@@ -293,7 +293,9 @@ class Replayer:
         else:  # the sink is down: rotate the probe to another file, forget this on recovery
             self._not_before[entry.key] = now + self.sink_backoff.delay(self.failing)
             self._outage_deferred.add(entry.key)
-        await asyncio.to_thread(files.write_meta, entry.directory, entry.name, meta)
+        # a full or read-only disk: the bookkeeping waits, the file itself is untouched
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(files.write_meta, entry.directory, entry.name, meta)
         return False
 
 
