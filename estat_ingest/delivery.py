@@ -6,8 +6,9 @@ does only what is its own: the engine spills what is left to the DLQ, the replay
 settle the DLQ file (dlq/settle.py).
 
 - `attempt()`: ONE attempt under the sink's timeout, measured (`upload_attempts_total`,
-  `upload_duration_seconds`), logged when it failed, reported to the sink (`Sink.observe`), and
-  cancelled by `Abort` at shutdown (None then).
+  `upload_duration_seconds`), logged when it failed (with the sink's error text; during an outage
+  one line per reason per `FAILURE_LOG_EVERY_S`, which counts the attempts it held back), reported
+  to the sink (`Sink.observe`), and cancelled by `Abort` at shutdown (None then).
 - `judge()` (pure): a Result becomes a `Verdict` — delivered / retry (the whole payload, or only
   the remainder) / rejected for good / outage (the destination refuses everything: expired
   credentials, a missing bucket; never a verdict about this batch) — with the events delivered and
@@ -25,6 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.base import Outcome, Payload, Result, Sink
 
@@ -144,15 +146,21 @@ class Abort:
         return True
 
 
+# A sink that is down fails every attempt of every batch, fresh and replayed: one line per reason
+# per interval says so as well as one per attempt, and the metrics count each attempt anyway.
+FAILURE_LOG_EVERY_S = 10.0
+
+
 class Delivery:
     """Attempts to one sink, with its spec's timeout and attempts, counted in `metrics`."""
 
     def __init__(self, sink: Sink, metrics: Metrics, *, backoff: Backoff | None = None,
-                 abort: Abort | None = None) -> None:
+                 abort: Abort | None = None, failure_log: RateLimitedLog | None = None) -> None:
         self.sink = sink
         self.metrics = metrics
         self.backoff = backoff or Backoff()
         self.abort = abort or Abort()
+        self.failure_log = failure_log or RateLimitedLog(FAILURE_LOG_EVERY_S)
         self._duration = metrics.upload_duration
         self._attempts = metrics.upload_attempts
 
@@ -174,7 +182,7 @@ class Delivery:
             async with asyncio.timeout(sink.spec.timeout_s):
                 result = await sink.send(payload)
         except TimeoutError:
-            result = Result(Outcome.RETRY, "timeout")
+            result = Result(Outcome.RETRY, "timeout", error=f"no answer within {sink.spec.timeout_s:g}s")
         except asyncio.CancelledError:
             if not abort.cancelled(task):
                 raise  # our caller was cancelled: the attempt goes with it
@@ -189,13 +197,20 @@ class Delivery:
         self._attempts.labels(sink.name, outcome, result.reason or outcome).inc()
         sink.observe(payload, result)
         if not result.ok:
-            extra: dict[str, object] = {
-                "sink": sink.name, "batch": payload.name, "events": payload.num_events,
-                "outcome": outcome, "reason": result.reason, "attempt": payload.attempts + 1}
-            if result.error:
-                extra["error"] = result.error
-            log.warning("delivery attempt failed", extra=extra)
+            self._log_failure(payload, result)
         return result
+
+    def _log_failure(self, payload: Payload, result: Result) -> None:
+        """One line for the first failure of a reason, then at most one per interval, saying how
+        many failed attempts of that reason it did not log (`suppressed`)."""
+        reason = result.reason or result.outcome.value
+        suppressed = self.failure_log.allow(f"{self.sink.name}:{reason}")
+        if suppressed is None:
+            return
+        log.warning("delivery attempt failed", extra={
+            "sink": self.sink.name, "batch": payload.name, "events": payload.num_events,
+            "outcome": result.outcome.value, "reason": reason, "attempt": payload.attempts + 1,
+            "error": result.error or reason, "suppressed": suppressed})
 
     async def run(self, payload: Payload, attempts: int | None = None) -> Final:
         """Attempts with backoff until delivered, rejected, an outage, `attempts` failures (default:

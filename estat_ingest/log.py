@@ -5,6 +5,9 @@ files, pipes). Every formatted line goes through a redaction step: the secret va
 loaded configuration (`Settings.secret_values()`: API keys, passwords, URL user-info, AWS
 secrets) and the user-info of any `scheme://user:pass@` URL become `***`, so no log line can
 carry a secret, whatever a message or a library puts in it (DESIGN.md §2, invariant 9).
+
+`RateLimitedLog` keeps a repeated error (a bad client, a sink that is down) from writing a line
+per occurrence: one line per key per interval, and that line says how many were held back.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
@@ -106,3 +109,29 @@ def setup(level: str, fmt: str, *, redact: Iterable[str] = (), **static: Any) ->
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn() lines go through the same handler (redacted)
+
+
+class RateLimitedLog:
+    """At most one log line per key per `interval_s`; the next line says how many were suppressed.
+
+    A client can repeat a bad request (or a failing sink an error) thousands of times a second:
+    one line per occurrence would fill the disk and hide everything else. Keys are bounded labels
+    (a rejection reason, a status), never client data, so the state stays small.
+    """
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        """None: do not log this one (it is counted). Otherwise log it, saying that this many
+        lines of `key` were suppressed since the last one."""
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)

@@ -30,5 +30,6 @@ class FileSink(Sink):
         try:
             await asyncio.to_thread(atomic_write, self.path_of(payload), payload.data)
         except OSError as err:
-            return Result(Outcome.RETRY, "io_error" if err.errno is None else f"errno_{err.errno}"[:20])
+            return Result(Outcome.RETRY, "io_error" if err.errno is None else f"errno_{err.errno}"[:20],
+                          error=str(err)[:300])
         return OK

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,7 @@ from botocore.exceptions import (
     CredentialRetrievalError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
     TokenRetrievalError,
 )
 from botocore.exceptions import (
@@ -63,6 +65,19 @@ OUTAGE_CODES = {
     "AuthorizationHeaderMalformed": "wrong_region",
     "IllegalLocationConstraintException": "wrong_region",
 }
+
+
+def error_text(err: BaseException) -> str:
+    """A short text for the log line: S3's error code and message (`NoSuchBucket: The specified
+    bucket does not exist`), else the exception's type and text."""
+    if isinstance(err, ClientError):
+        e = err.response.get("Error", {})
+        code, message = str(e.get("Code", "") or ""), str(e.get("Message", "") or "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        text = f"{code}: {message}" if code and message else code or message or f"HTTP {status}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return text[:300]
 
 
 def classify_client_error(err: ClientError) -> Result:
@@ -133,13 +148,15 @@ class S3Sink(Sink):
         try:
             await self._client.put_object(Bucket=self.bucket, Key=key, Body=payload.data)
         except ClientError as err:
-            return classify_client_error(err)
+            return replace(classify_client_error(err), error=error_text(err))
         except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, TokenRetrievalError) as err:
-            return outage("auth", error=type(err).__name__)
-        except (BotoConnectionError, aiohttp.ClientError, OSError):
-            return Result(Outcome.RETRY, "connection")
-        except BotoCoreError:
-            return Result(Outcome.RETRY, "sdk_error")
+            return outage("auth", error=error_text(err))
+        except (BotoConnectionError, aiohttp.ClientError, OSError) as err:
+            return Result(Outcome.RETRY, "connection", error=error_text(err))
+        except ReadTimeoutError as err:  # S3_TIMEOUT is also the SDK's read timeout
+            return Result(Outcome.RETRY, "timeout", error=error_text(err))
+        except BotoCoreError as err:
+            return Result(Outcome.RETRY, "sdk_error", error=error_text(err))
         return OK
 
     async def send(self, payload: Payload) -> Result:

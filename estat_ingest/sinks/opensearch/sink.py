@@ -79,6 +79,10 @@ def _prepare(body: bytes, gzip: bool, level: int, want_sha: bool) -> tuple[bytes
     return data, hashlib.sha256(data).hexdigest() if want_sha else ""
 
 
+def _error_text(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:300]
+
+
 def _split_lines(raw: bytes) -> tuple[bytes, ...]:
     return tuple(line + b"\n" for line in raw.split(b"\n") if line.strip())
 
@@ -246,11 +250,11 @@ class OpenSearchSink(Sink):
         except NoCredentials:
             return outage("auth", error="no AWS credentials for SigV4")
         except TimeoutError:
-            return Result(Outcome.RETRY, "timeout")
-        except aiohttp.ClientSSLError:  # certificate not trusted, name mismatch, handshake failure
-            return Result(Outcome.RETRY, "tls")
-        except (aiohttp.ClientError, OSError):
-            return Result(Outcome.RETRY, "connection")
+            return Result(Outcome.RETRY, "timeout", error=f"no answer within {left:.3g}s")
+        except aiohttp.ClientSSLError as err:  # certificate not trusted, name mismatch, handshake failure
+            return Result(Outcome.RETRY, "tls", error=_error_text(err))
+        except (aiohttp.ClientError, OSError) as err:
+            return Result(Outcome.RETRY, "connection", error=_error_text(err))
         except Exception as err:  # credential refresh and the like: transient until proven otherwise
             log.warning("opensearch request could not be made", extra={
                 "sink": self.name, "batch": payload.name, "error": f"{type(err).__name__}: {err}"[:300]})
@@ -258,6 +262,7 @@ class OpenSearchSink(Sink):
 
         whole = classify_status(status, content)
         if whole is not None:
+            whole = replace(whole, error=f"HTTP {status}: {content[:200].decode('utf-8', 'replace')}")
             suppressed = self._logs.allow(f"status:{status}")
             if suppressed is not None:
                 log.warning("opensearch bulk request failed", extra={
