@@ -186,6 +186,26 @@ def index_name_ok(template: str) -> bool:
             and len(name.encode()) <= 255)
 
 
+def _canonical(*allowed: str) -> Callable[[str], str]:
+    """One of `allowed`, matched without regard to case and returned as spelt there (the AWS API
+    wants `STANDARD_IA` and `aws:kms` exactly)."""
+    by_lower = {a.lower(): a for a in allowed}
+
+    def parse(text: str) -> str:
+        value = by_lower.get(text.strip().lower())
+        if value is None:
+            raise ValueError("one of " + ", ".join(allowed))
+        return value
+
+    return parse
+
+
+# PutObject's StorageClass values for general purpose buckets (EXPRESS_ONEZONE: directory buckets)
+S3_STORAGE_CLASSES = ("STANDARD", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR", "GLACIER",
+                      "DEEP_ARCHIVE", "REDUCED_REDUNDANCY", "EXPRESS_ONEZONE")
+S3_SSE_ALGORITHMS = ("AES256", "aws:kms", "aws:kms:dsse")
+
+
 def _sinks(text: str) -> tuple[str, ...]:
     items = tuple(s.lower() for s in parse_list(text))
     if not items or any(s not in SINK_NAMES for s in items) or len(set(items)) != len(items):
@@ -370,6 +390,10 @@ VARIABLES: tuple[Var, ...] = (
     Var("S3_ENDPOINT_URL", "s3_endpoint_url", str.strip, _url, "an http:// or https:// URL"),
     Var("S3_TIMEOUT", "s3_timeout_s", parse_duration, _range(0.05, 600), "50ms to 10m"),
     Var("S3_APP_RETRIES", "s3_app_retries", parse_int, _range(0, 100), "0 to 100 retries after the first attempt"),
+    Var("S3_STORAGE_CLASS", "s3_storage_class", _canonical(*S3_STORAGE_CLASSES)),
+    Var("S3_SSE", "s3_sse", _canonical(*S3_SSE_ALGORITHMS)),
+    Var("S3_SSE_KMS_KEY_ID", "s3_sse_kms_key_id", str.strip),
+    Var("S3_CONTENT_ENCODING", "s3_content_encoding", parse_bool),
     # file sink
     Var("FILE_SINK_DIR", "file_sink_dir", str.strip),
     # OpenSearch
@@ -495,6 +519,10 @@ class Settings:
     s3_endpoint_url: str = ""
     s3_timeout_s: float = 3.0
     s3_app_retries: int = 2
+    s3_storage_class: str = ""  # "" = the bucket's default (STANDARD)
+    s3_sse: str = ""  # "" = the bucket's default encryption
+    s3_sse_kms_key_id: str = ""  # with s3_sse aws:kms / aws:kms:dsse; "" = the AWS managed key
+    s3_content_encoding: bool = False  # Content-Encoding: gzip|zstd + application/x-ndjson (Vector's way)
     # file sink
     file_sink_dir: str = "./data"
     # OpenSearch
@@ -622,6 +650,9 @@ class Settings:
         if "opensearch" in self.sinks and not self.opensearch_urls:
             rule("SINKS OPENSEARCH_URL",
                  "OPENSEARCH_URL='' is invalid: expected a URL when SINKS includes opensearch")
+        if self.s3_sse_kms_key_id and not self.s3_sse.startswith("aws:kms"):
+            rule("S3_SSE_KMS_KEY_ID S3_SSE",
+                 f"S3_SSE={self.s3_sse!r} is invalid: expected aws:kms or aws:kms:dsse with S3_SSE_KMS_KEY_ID")
         if self.opensearch_password and not self.opensearch_username:
             rule("OPENSEARCH_PASSWORD OPENSEARCH_USERNAME",
                  "OPENSEARCH_USERNAME='' is invalid: expected a user name with OPENSEARCH_PASSWORD")

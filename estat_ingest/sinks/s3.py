@@ -8,6 +8,11 @@ credentials at all) are outages (`Result.outage`): the batch is kept and retried
 aside. Only another 4xx, about this one request, rejects the batch.
 The key comes from the payload, fixed at batch close, so a retry after an ambiguous timeout
 overwrites the same object instead of adding a duplicate (§9 g).
+
+Every PUT carries the same object options (`object_options`): `Content-Type` (the type of the
+stored bytes, `application/gzip` or `application/zstd`; no `Content-Encoding`, so every client
+downloads the `.jsonl.gz` bytes as they are — docs/config.md says why), and the storage class
+and server-side encryption when configured.
 """
 
 from __future__ import annotations
@@ -80,6 +85,20 @@ def error_text(err: BaseException) -> str:
     return text[:300]
 
 
+def object_options(settings: Settings) -> dict[str, str]:
+    """PutObject parameters of every object (batches, rejected DLQ files, the validate probe)."""
+    ext = "zstd" if settings.compression == "zstd" else "gzip"
+    opts = ({"ContentType": "application/x-ndjson", "ContentEncoding": ext} if settings.s3_content_encoding
+            else {"ContentType": f"application/{ext}"})
+    if settings.s3_storage_class:
+        opts["StorageClass"] = settings.s3_storage_class
+    if settings.s3_sse:
+        opts["ServerSideEncryption"] = settings.s3_sse
+    if settings.s3_sse_kms_key_id:
+        opts["SSEKMSKeyId"] = settings.s3_sse_kms_key_id
+    return opts
+
+
 def classify_client_error(err: ClientError) -> Result:
     code = str(err.response.get("Error", {}).get("Code", ""))
     status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
@@ -108,6 +127,7 @@ class S3Sink(Sink):
         self.bucket = settings.raw_bucket
         self.prefix = settings.raw_prefix
         self.dlq_prefix = settings.dlq_prefix
+        self.options = object_options(settings)
         self._stack = contextlib.AsyncExitStack()
         self._client: Any = None
 
@@ -146,7 +166,7 @@ class S3Sink(Sink):
 
     async def put(self, key: str, payload: Payload) -> Result:
         try:
-            await self._client.put_object(Bucket=self.bucket, Key=key, Body=payload.data)
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=payload.data, **self.options)
         except ClientError as err:
             return replace(classify_client_error(err), error=error_text(err))
         except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, TokenRetrievalError) as err:
