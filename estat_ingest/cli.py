@@ -10,6 +10,7 @@ errors and `config show`; log.py redacts them from every log line).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import urllib.request
@@ -86,8 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """The configuration (every bad variable) and the directories it names (the start-up probe),
-    one line per problem; `ok` and 0 when there is none."""
+    """The configuration (every bad variable), the directories it names (the start-up probe) and,
+    with --check-sinks, each sink tried with the real credentials: one line per problem; `ok` lines
+    and 0 when there is none."""
     from estat_ingest import preflight
 
     try:
@@ -104,18 +106,74 @@ def cmd_validate(args: argparse.Namespace) -> int:
         depends = {"SINKS": "FILE_SINK_DIR", "ACK_MODE": "SPOOL_DIR"}
         skip = err.failed | {d for var, d in depends.items() if var in err.failed}
     machine_problems = preflight.directory_problems(settings, skip=skip)
-    # Sink probes (a request to each configured sink with its real credentials) would run here,
-    # after the configuration and the directories, once the sink seam offers a probe.
+    sink_problems: list[str] = []
+    sink_ok: list[str] = []
+    if args.check_sinks and not config_problems:  # a sink built from bad values would test nothing
+        # the file sink's directory has its line already when the start-up probe refused it
+        skip_sinks = {"file"} if any(p.startswith("FILE_SINK_DIR=") for p in machine_problems) else set()
+        sink_ok, sink_problems = check_sinks(settings, skip=skip_sinks)
     _say("configuration error: ", config_problems)
     _say("cannot start: ", machine_problems)
+    _say("", sink_problems)
+    if args.check_sinks and config_problems:
+        _say("note: ", ["sinks not checked: fix the configuration first"])
     _warn_misspelt()
     if config_problems:
         return EXIT_CONFIG
-    if machine_problems:
+    if machine_problems or sink_problems:
         return EXIT_STARTUP
+    for line in sink_ok:
+        print(f"ok: {line}")
     dirs = ", ".join(f"{name}={path}" for name, path in preflight.directories(settings))
     print(f"ok: configuration valid, sinks {','.join(settings.sinks)}; writable: {dirs}")
     return 0
+
+
+def check_sinks(settings: Settings, skip: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """`validate --check-sinks`: each configured sink built as `serve` builds it and probed with the
+    real credentials (`Sink.probe`). (ok lines, problem lines), each `sink <name>: …`, secrets
+    redacted whatever a destination answered."""
+    import asyncio
+
+    from estat_ingest.log import Redactor
+    from estat_ingest.sinks import build_sink
+    from estat_ingest.sinks.base import Probe
+
+    redact = Redactor(settings.secret_values())
+
+    async def one(name: str) -> Probe:
+        sink = build_sink(name, settings)
+        # every request of a probe is bounded by the sink's own timeout; this bounds the whole
+        bound = max(10.0, 6 * sink.spec.timeout_s)
+        try:
+            async with asyncio.timeout(bound):
+                await sink.start()
+                return await sink.probe()
+        except TimeoutError:
+            return Probe("", (f"no answer within {bound:g}s",))
+        except Exception as err:  # a client that cannot even be built: one line, not a traceback
+            return Probe("", (f"cannot start the sink: {type(err).__name__}: {err}",))
+        finally:
+            with contextlib.suppress(Exception):
+                await sink.aclose()
+
+    async def all_sinks() -> list[tuple[str, Probe]]:
+        return [(name, await one(name)) for name in settings.sinks if name not in (skip or set())]
+
+    # the sinks' own log lines (a node marked down, botocore's notes) are not for this output: the
+    # probe's lines say it all, and logging is not set up (no redaction) in this command
+    logging.disable(logging.CRITICAL)
+    try:
+        probed = asyncio.run(all_sinks())
+    finally:
+        logging.disable(logging.NOTSET)
+    ok, problems = [], []
+    for name, probe in probed:
+        if probe.problems:
+            problems += [redact(f"sink {name}: {line}") for line in probe.problems]
+        else:
+            ok.append(redact(f"sink {name}: {probe.checked}"))
+    return ok, problems
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -147,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     v = sub.add_parser("validate", help="check the configuration and its directories; exit 0 if all is well")
+    v.add_argument("--check-sinks", action="store_true",
+                   help="also try each sink with the real credentials: an S3 test object written and deleted, "
+                        "OpenSearch authentication and the target index, the file sink's directory")
     v.set_defaults(func=cmd_validate)
 
     c = sub.add_parser("config", help="configuration")

@@ -18,6 +18,10 @@ Scripting (set attributes, thread-safe enough for tests: the server thread only 
 - `delay_s` / `delay_script` (per request): answer slowly; `drop_script`: a list of booleans —
   True closes the connection without an answer (after indexing when `drop_after_index`, the ambiguous case);
 - `basic_auth=(user, password)`: other credentials get 401.
+
+`GET /<index>` answers the index's settings (`index_settings[name]`, e.g. `{"blocks": {"write":
+"true"}}`) when it has documents or settings, else 404 `index_not_found_exception`;
+`GET /_index_template` answers `index_templates` (as OpenSearch lists them).
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class FakeOpenSearch:
         self.drop_script: list[bool] = []
         self.drop_after_index = True
         self.basic_auth: tuple[str, str] | None = None
+        self.index_settings: dict[str, dict[str, Any]] = {}  # index → its `settings.index`
+        self.index_templates: list[dict[str, Any]] = []  # [{"name": …, "index_template": {…}}]
         # machinery
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -102,7 +108,29 @@ class FakeOpenSearch:
         app.router.add_get("/", self._root)
         app.router.add_route("*", "/_bulk", self._bulk)
         app.router.add_route("*", "/{index}/_bulk", self._bulk)
+        app.router.add_get("/_index_template", self._templates)
+        app.router.add_get("/{index}", self._index)
         return app
+
+    async def _templates(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, b"")
+        if not self._auth_ok(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return web.json_response({"index_templates": self.index_templates})
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        self._record(request, b"")
+        if not self._auth_ok(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        name = request.match_info["index"]
+        with self._lock:
+            known = name in self.docs or name in self.index_settings
+            settings = dict(self.index_settings.get(name, {}))
+        if not known:
+            return web.json_response({"error": {"type": "index_not_found_exception",
+                                                "reason": f"no such index [{name}]", "index": name},
+                                      "status": 404}, status=404)
+        return web.json_response({name: {"settings": {"index": settings}}} if settings else {})
 
     def _auth_ok(self, request: web.Request) -> bool:
         if self.basic_auth is None:

@@ -99,7 +99,19 @@ class SinkSpec:
             raise ValueError(f"sink {self.name}: attempts must be >= 1 and timeout_s > 0")
 
 
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """What `Sink.probe` found: one line per problem (none: the sink can take batches) and what was
+    tried, for the ok line. Neither ever holds a secret."""
+
+    checked: str
+    problems: tuple[str, ...] = ()
+
+
 class Sink(ABC):
+    """One destination. Besides `send`, every sink can be probed for `validate --check-sinks`
+    (`probe`) and names where a payload goes for an operator (`target_of`)."""
+
     spec: SinkSpec  # set by the constructor
 
     @property
@@ -118,6 +130,16 @@ class Sink(ABC):
 
     async def check(self) -> None:
         """Start-up probe: log clearly if the destination is unreachable (never blocks readiness)."""
+
+    def target_of(self, payload: Payload) -> str:
+        """Where `payload` goes, in the words of the destination (`dlq replay --dry-run`)."""
+        return f"{self.name} {payload.partition}/{payload.name}"
+
+    async def probe(self) -> Probe:
+        """`estat-ingest validate --check-sinks`: try the destination the way a batch would, with
+        the real settings and credentials, and say what keeps it from working. Called after
+        `start()`; never raises; the caller bounds its time."""
+        return Probe("nothing to check")
 
     async def aclose(self) -> None:
         """Release clients."""

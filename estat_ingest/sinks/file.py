@@ -11,7 +11,8 @@ import os
 from estat_ingest.config import Settings
 from estat_ingest.fsutil import atomic_write
 from estat_ingest.metrics import Metrics
-from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec
+from estat_ingest.preflight import probe_dir
+from estat_ingest.sinks.base import OK, Outcome, Payload, Probe, Result, Sink, SinkSpec
 
 
 class FileSink(Sink):
@@ -22,6 +23,18 @@ class FileSink(Sink):
 
     def path_of(self, payload: Payload) -> str:
         return os.path.join(self.root, self.prefix, payload.partition, payload.name)
+
+    def target_of(self, payload: Payload) -> str:
+        return self.path_of(payload)
+
+    async def probe(self) -> Probe:
+        """The directory partitions are created in (FILE_SINK_DIR/RAW_PREFIX): created if missing,
+        then a file created, written, fsynced and deleted in it — the start-up probe, one level down."""
+        directory = os.path.join(self.root, self.prefix)
+        why = await asyncio.to_thread(probe_dir, directory)
+        if why is not None:
+            return Probe("", (f"FILE_SINK_DIR={self.root!r} is not usable: {why}",))
+        return Probe(f"wrote, fsynced and deleted a file in {directory}")
 
     async def start(self) -> None:
         await asyncio.to_thread(os.makedirs, self.root, exist_ok=True)

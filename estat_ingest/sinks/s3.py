@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import replace
 from typing import Any
 
@@ -40,9 +41,10 @@ from botocore.exceptions import (
 )
 
 from estat_ingest.config import Settings
+from estat_ingest.formats.codec import compress
 from estat_ingest.formats.keys import join_key
 from estat_ingest.metrics import Metrics
-from estat_ingest.sinks.base import OK, Outcome, Payload, Result, Sink, SinkSpec, outage
+from estat_ingest.sinks.base import OK, Outcome, Payload, Probe, Result, Sink, SinkSpec, outage
 
 log = logging.getLogger("estat_ingest.sinks.s3")
 
@@ -70,6 +72,14 @@ OUTAGE_CODES = {
     "AuthorizationHeaderMalformed": "wrong_region",
     "IllegalLocationConstraintException": "wrong_region",
 }
+
+
+# validate --check-sinks writes (and deletes) its test object here, under RAW_PREFIX and DLQ_PREFIX:
+# a leading `_` is a hidden path to Hive-style readers (Athena, Glue, Spark), never a partition
+PROBE_PREFIX = "_estat_validate"
+AUTH_REFUSED_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                                "TokenRefreshRequired", "InvalidClientTokenId"})
+WRONG_REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed"})
 
 
 def error_text(err: BaseException) -> str:
@@ -191,6 +201,66 @@ class S3Sink(Sink):
         except TimeoutError:
             return None
         return f"s3://{self.bucket}/{key}" if result.ok else None
+
+    def target_of(self, payload: Payload) -> str:
+        return f"s3://{self.bucket or '(RAW_BUCKET not set)'}/{self.key_of(payload)}"
+
+    async def probe(self) -> Probe:
+        """Write an empty `.jsonl.gz` (`.jsonl.zst`) with the objects' options under
+        `RAW_PREFIX/_estat_validate/` and `DLQ_PREFIX/_estat_validate/` (the two prefixes the server
+        writes), then delete it; a refused delete is not a problem (the server never deletes)."""
+        s = self.settings
+        body = compress(b"", s.compression, s.zstd_level if s.compression == "zstd" else s.gzip_level)
+        name = f"{s.instance_id}-{os.urandom(6).hex()}{s.ext}"
+        written: list[str] = []
+        left: list[str] = []
+        for var, prefix in (("RAW_PREFIX", self.prefix), ("DLQ_PREFIX", self.dlq_prefix)):
+            key = join_key(prefix, PROBE_PREFIX, name)
+            url = f"s3://{self.bucket}/{key}"
+            try:
+                async with asyncio.timeout(self.spec.timeout_s):
+                    await self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.options)
+            except Exception as err:  # every failure is a line for the operator, none a traceback
+                problem = self._probe_problem(err, var, url)
+                return Probe("", (problem,))
+            written.append(url)
+            try:
+                async with asyncio.timeout(self.spec.timeout_s):
+                    await self._client.delete_object(Bucket=self.bucket, Key=key)
+            except Exception as err:
+                left.append(f"{url} ({error_text(err)})")
+        opts = ", ".join(self.options.get(k, "") for k in ("StorageClass", "ServerSideEncryption") if k in self.options)
+        checked = f"wrote and deleted {' and '.join(written)}" + (f" ({opts})" if opts else "")
+        if left:
+            checked += ("; not deleted, harmless (an empty file under a `_` prefix, which Athena and Hive "
+                        "skip; the server itself never deletes): " + ", ".join(left))
+        return Probe(checked)
+
+    def _probe_problem(self, err: BaseException, var: str, url: str) -> str:
+        """One line naming the variable to look at, then S3's own words."""
+        text = error_text(err)
+        code = str(err.response.get("Error", {}).get("Code", "")) if isinstance(err, ClientError) else ""
+        status = (int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                  if isinstance(err, ClientError) else 0)
+        if isinstance(err, TimeoutError):
+            return f"no answer from S3 within S3_TIMEOUT={self.spec.timeout_s:g}s writing {url}"
+        if code == "NoSuchBucket":
+            return f"RAW_BUCKET={self.bucket!r} does not exist (at this endpoint or region): {text}"
+        if code in AUTH_REFUSED_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return f"the AWS credentials are refused: {text}"
+        if code in WRONG_REGION_CODES or status == 301:
+            return f"RAW_BUCKET={self.bucket!r} is not in AWS_REGION={self.settings.aws_region!r}: {text}"
+        if code == "AccessDenied" or status == 403:
+            kms = " or kms:GenerateDataKey on S3_SSE_KMS_KEY_ID" if self.settings.s3_sse_kms_key_id else ""
+            return f"cannot write {url}: the credentials lack s3:PutObject on {var}/*{kms}: {text}"
+        if code == "InvalidStorageClass":
+            return f"S3_STORAGE_CLASS={self.settings.s3_storage_class!r} is refused by the bucket: {text}"
+        if code.startswith("KMS") or "kms" in code.lower():
+            return f"S3_SSE_KMS_KEY_ID={self.settings.s3_sse_kms_key_id!r} cannot be used: {text}"
+        if isinstance(err, (BotoConnectionError, aiohttp.ClientError, OSError)):
+            where = self.settings.s3_endpoint_url or "S3"
+            return f"cannot reach {where}: {text}"
+        return f"cannot write {url}: {text}"
 
     async def check(self) -> None:
         try:

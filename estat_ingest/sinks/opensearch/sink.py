@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import ssl
@@ -39,10 +40,10 @@ from typing import Any
 import aiohttp
 import orjson
 
-from estat_ingest.config import Settings
+from estat_ingest.config import Settings, mask_userinfo
 from estat_ingest.formats.codec import compress, decompress
 from estat_ingest.metrics import Metrics
-from estat_ingest.sinks.base import Batching, Outcome, Payload, Result, Sink, SinkSpec, outage
+from estat_ingest.sinks.base import Batching, Outcome, Payload, Probe, Result, Sink, SinkSpec, outage
 from estat_ingest.sinks.opensearch.documents import Bulk, Doc, DocumentBuilder, rejected_name, split_lines
 from estat_ingest.sinks.opensearch.items import Tally, classify_status, read_items
 from estat_ingest.sinks.opensearch.nodes import Nodes
@@ -347,3 +348,108 @@ class OpenSearchSink(Sink):
                     version = str(orjson.loads(content).get("version", {}).get("number", ""))
                 log.info("opensearch reachable", extra={"sink": self.name, "node": url, "status": status,
                                                         "version": version})
+
+    # ---------------------------------------------------------------- validate --check-sinks
+
+    def target_of(self, payload: Payload) -> str:
+        kind = "data stream" if self.settings.opensearch_data_stream else "index"
+        return f"opensearch {kind} {self.builder.index_of(int(payload.first_ts))} (of the batch's first event)"
+
+    async def probe(self) -> Probe:
+        """Read-only, because a probe document would stay in the index (the server may create
+        documents, never delete them): `GET /` on every node (reachable, credentials accepted,
+        healthy), then on the index a batch would go to now: not blocked for writes and not
+        closed if it exists; a data stream that does not exist yet needs an index template with
+        `data_stream` that matches it."""
+        problems: list[str] = []
+        good: list[str] = []
+        for url in self.nodes.urls:
+            shown = mask_userinfo(url)
+            try:
+                _, status, content = await self._request("GET", "/", b"", {}, node=url, timeout_s=self.timeout_s)
+            except NoCredentials as err:
+                return Probe("", (f"no AWS credentials for SigV4 (OPENSEARCH_AWS_SIGV4=true): {err}",))
+            except TimeoutError:
+                problems.append(f"{shown}: no answer within OPENSEARCH_TIMEOUT={self.timeout_s:g}s")
+                continue
+            except Exception as err:
+                problems.append(f"{shown}: unreachable: {_error_text(err)}")
+                continue
+            if status in (401, 403):
+                who = ("the SigV4 signature (AWS credentials)" if self.signer is not None else
+                       "OPENSEARCH_USERNAME/OPENSEARCH_PASSWORD" if self.settings.opensearch_username else
+                       "an anonymous request (no OPENSEARCH_USERNAME)")
+                problems.append(f"{shown}: refused {who}: HTTP {status}: {_snippet(content)}")
+            elif status >= 400:
+                problems.append(f"{shown}: not healthy: HTTP {status}: {_snippet(content)}")
+            else:
+                good.append(url)
+        if not good:
+            return Probe("", tuple(problems))
+        index_problems, index_checked = await self._probe_index(good[0])
+        checked = f"GET / answered by {', '.join(mask_userinfo(u) for u in good)}; {index_checked}"
+        return Probe(checked, tuple(problems + index_problems))
+
+    async def _probe_index(self, node: str) -> tuple[list[str], str]:
+        """(problems, what was found) about the index (or data stream) a batch would go to now."""
+        name = self.builder.index_of(int(time.time()))
+        kind = "data stream" if self.settings.opensearch_data_stream else "index"
+        path = f"/{name}?filter_path=*.settings.index.blocks,*.settings.index.verified_before_close"
+        try:
+            _, status, content = await self._request("GET", path, b"", {}, node=node, timeout_s=self.timeout_s)
+        except Exception as err:
+            return [f"{kind} {name}: GET failed: {_error_text(err)}"], ""
+        if status in (401, 403):
+            return [], (f"{kind} {name} not inspected (HTTP {status}: no permission to read its settings); "
+                        "a missing write permission shows on the first batch")
+        if status == 404:
+            if not self.settings.opensearch_data_stream:
+                return [], f"index {name} does not exist yet: the first batch creates it"
+            return await self._probe_data_stream_template(node, name)
+        if status >= 400:
+            return [f"{kind} {name}: GET answered HTTP {status}: {_snippet(content)}"], ""
+        try:
+            found = orjson.loads(content) if content.strip() else {}
+        except orjson.JSONDecodeError:
+            found = {}
+        problems = []
+        for index, info in found.items() if isinstance(found, dict) else ():
+            settings = info.get("settings", {}).get("index", {}) if isinstance(info, dict) else {}
+            blocks = settings.get("blocks", {}) if isinstance(settings, dict) else {}
+            on = sorted(b for b, v in blocks.items() if str(v).lower() == "true" and b != "read"
+                        and b != "metadata") if isinstance(blocks, dict) else []
+            if on:
+                problems.append(f"{kind} {name}: {index} refuses writes: "
+                                + ", ".join(f"index.blocks.{b}=true" for b in on))
+            elif str(settings.get("verified_before_close", "")).lower() == "true":
+                problems.append(f"{kind} {name}: {index} is closed")
+        return problems, f"{kind} {name} exists and takes writes"
+
+    async def _probe_data_stream_template(self, node: str, name: str) -> tuple[list[str], str]:
+        """A data stream is created by its first write only if an index template with
+        `data_stream` matches its name (the one with the highest priority decides)."""
+        try:
+            _, status, content = await self._request("GET", "/_index_template", b"", {}, node=node,
+                                                     timeout_s=self.timeout_s)
+        except Exception as err:
+            return [f"data stream {name}: GET /_index_template failed: {_error_text(err)}"], ""
+        if status >= 400:
+            return [], (f"data stream {name} does not exist yet; its index template not inspected "
+                        f"(HTTP {status})")
+        best: tuple[int, str, bool] | None = None
+        with contextlib.suppress(orjson.JSONDecodeError, AttributeError, TypeError):
+            for t in orjson.loads(content).get("index_templates", []):
+                body = t.get("index_template", {})
+                if any(fnmatch.fnmatchcase(name, p) for p in body.get("index_patterns", [])):
+                    cand = (int(body.get("priority", 0) or 0), str(t.get("name", "")), "data_stream" in body)
+                    if best is None or cand[0] > best[0]:
+                        best = cand
+        if best is None or not best[2]:
+            which = "no index template matches it" if best is None else f"index template {best[1]!r} has no data_stream"
+            return [f"data stream {name} does not exist and {which}: the first batch would be refused "
+                    "(create an index template with \"data_stream\": {} for it)"], ""
+        return [], f"data stream {name} does not exist yet: index template {best[1]!r} creates it"
+
+
+def _snippet(content: bytes) -> str:
+    return content[:200].decode("utf-8", "replace").strip()
