@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -228,9 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_SIGPIPE = 128 + 13  # the reader went away (`dlq cat DIR | head`): what cat and zcat exit with
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # quietly, like cat: no traceback, and no second error when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_SIGPIPE
     return code
 
 

@@ -28,7 +28,14 @@ from estat_ingest.dlq import files
 from estat_ingest.dlq.scan import Entry
 from estat_ingest.dlq.settle import settle
 from estat_ingest.dlq.store import DlqStore
-from estat_ingest.formats.codec import CorruptPayload, Members, compression_of, decompress, walk_members
+from estat_ingest.formats.codec import (
+    CorruptPayload,
+    Members,
+    compression_of,
+    decodable_prefix,
+    decompress,
+    walk_members,
+)
 from estat_ingest.formats.keys import parse_spool_name, unix_of_name
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.base import Sink
@@ -323,40 +330,82 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ cat
 
 
-def cmd_cat(args: argparse.Namespace) -> int:
-    path = args.path
+def cat_files(root: str) -> list[tuple[str, bool]]:
+    """(path, is a spool file) of every DLQ data file (also claimed ones) and spool file under DIR,
+    oldest first across sinks (by the time in the name, then the name). `rejected/` and `corrupt/`
+    are left out: pass one of them as DIR to see it."""
+    found: list[tuple[int, str, str, bool]] = []
+    for g in discover(root):
+        if g.spool:
+            found += [(unix_of_name(name) or 0, name, path, True) for path, _part, name in spool_files(g)]
+        else:
+            found += [(unix_of_name(f.name) or 0, f.name, f.path, False) for f in data_of(g)]
+    found.sort(key=lambda f: (f[0], f[1], f[2]))
+    return [(path, spool) for _, _, path, spool in found]
+
+
+def _cat_err(line: str) -> None:
+    print(f"estat-ingest dlq cat: {line}", file=sys.stderr)
+
+
+def _out(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def cat_one(path: str, partial: bool, in_dir: bool = False) -> int:
+    """Write one file's records to stdout: 0 ok, 1 corrupt (with --partial: its valid prefix was
+    written), 2 unreadable. A file gone since DIR was listed (delivered meanwhile) is skipped."""
     base = os.path.basename(path)
+    try:
+        data = files.read_file(path)
+    except FileNotFoundError:
+        if in_dir:
+            return 0
+        _cat_err(f"{path}: no such file")
+        return 2
+    except OSError as err:
+        _cat_err(str(err))
+        return 2
     spooled = parse_spool_name(base)
     if spooled is not None:  # an open batch: its complete members (what was acknowledged)
-        try:
-            data = files.read_file(path)
-        except OSError as err:
-            print(f"estat-ingest dlq cat: {err}", file=sys.stderr)
-            return 2
         walked = walk_members(data, compression_of(spooled[1]))
         if walked.good:
-            sys.stdout.buffer.write(decompress(data[:walked.good], compression_of(spooled[1])))
-            sys.stdout.buffer.flush()
+            _out(decompress(data[:walked.good], compression_of(spooled[1])))
         if walked.torn:
-            print(f"estat-ingest dlq cat: {path}: {walked.torn} bytes of torn tail not shown (never "
-                  "acknowledged)", file=sys.stderr)
+            _cat_err(f"{path}: {walked.torn} bytes of torn tail not shown (never acknowledged)")
         return 0
     m = files.CLAIM_RE.match(base)
     name = m.group("name") if m else base
-    meta = files.read_meta(os.path.dirname(path) or ".", name)
+    compression = files.compression_from(name, files.read_meta(os.path.dirname(path) or ".", name))
     try:
-        data = files.read_file(path)
-    except OSError as err:
-        print(f"estat-ingest dlq cat: {err}", file=sys.stderr)
-        return 2
-    try:
-        text = decompress(data, files.compression_from(name, meta))
+        text = decompress(data, compression)
     except CorruptPayload as err:
-        print(f"estat-ingest dlq cat: {path}: corrupt: {err}", file=sys.stderr)
+        if not partial:
+            more = "; --partial prints its valid start" + (", the other files are printed" if in_dir else "")
+            _cat_err(f"{path}: corrupt: {err}{more}")
+            return 1
+        prefix = decodable_prefix(data, compression)
+        _out(prefix.text)
+        cut = f"{prefix.cut_text} decoded bytes after them"
+        if prefix.good < len(data):
+            cut += f" and {len(data) - prefix.good} of {len(data)} compressed bytes after the damage"
+        _cat_err(f"{path}: corrupt ({prefix.why}): printed the first {prefix.lines} complete lines; cut {cut}")
         return 1
-    sys.stdout.buffer.write(text)
-    sys.stdout.buffer.flush()
+    _out(text)
     return 0
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    if not os.path.isdir(args.path):
+        return cat_one(args.path, args.partial)
+    found = cat_files(args.path)
+    if not found:
+        _cat_err(f"{args.path}: no DLQ or spool files here")
+    code = 0
+    for path, _spool in found:
+        code = max(code, cat_one(path, args.partial, in_dir=True))
+    return code
 
 
 # ------------------------------------------------------------------------------ replay
@@ -468,7 +517,7 @@ async def _replay(args: argparse.Namespace) -> int:
                     report.events += n
                     meta = files.read_meta(f.directory, f.name)
                     p = files.payload_of(f.name, b"", meta, n, settings.partition_tz)
-                    print(f"would send  {rel}  {n} events  → {sink_name} {p.partition}/{p.name}")
+                    print(f"would send  {rel}  {n} events  → {targets[sink_name].target_of(p)}")
                 return
             cpath = await asyncio.to_thread(files.claim, f.directory, f.name, owner)
             if cpath is None:
@@ -511,6 +560,8 @@ async def _replay(args: argparse.Namespace) -> int:
                     await asyncio.to_thread(files.release, cpath, f.directory, f.name)
                 progress.update(report)
 
+    # a dry run names each file's destination as the sink sees it (built, never started)
+    targets = {name: build_sink(name, settings, metrics) for name in sorted(needed)} if args.dry_run else {}
     sinks: list[Sink] = []
     try:
         if not args.dry_run:
@@ -591,6 +642,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_replay)
 
-    c = dsub.add_parser("cat", help="print the JSONL records of one DLQ file (decompressed)")
-    c.add_argument("path", metavar="FILE")
+    c = dsub.add_parser("cat", help="print the JSONL records of a DLQ file, or of every file of a directory "
+                                    "(oldest first), decompressed")
+    c.add_argument("path", metavar="DIR|FILE")
+    c.add_argument("--partial", action="store_true",
+                   help="of a corrupt or truncated file, print the complete lines that can be decoded and say on "
+                        "stderr how much was cut")
     c.set_defaults(func=cmd_cat)

@@ -194,3 +194,69 @@ def walk_members(data: bytes, compression: str) -> Members:
         events += text.count(b"\n")
         rest = unused
     return Members(good, events, len(data) - good)
+
+
+@dataclass(frozen=True, slots=True)
+class Prefix:
+    """The longest valid start of a damaged stream (`dlq cat --partial`)."""
+
+    text: bytes  # complete JSON lines decoded from the start, each with its newline
+    lines: int  # how many
+    good: int  # compressed bytes decoded before the damage (all of them when `why` is "")
+    cut_text: int  # decoded bytes after the last line shown (a partial or non-JSON line onwards)
+    why: str  # what stopped the decoding ("" = the stream decodes to its end)
+
+
+def decodable_prefix(data: bytes, compression: str, step: int = 4096) -> Prefix:
+    """Decode `data` as far as it goes, member after member (frame after frame), and keep the
+    complete lines from the start up to the first one that is not JSON. Blocking, pure."""
+    out = bytearray()
+    pos, why = 0, ""
+    while pos < len(data) and not why:
+        if compression == "zstd":
+            z = zstandard.ZstdDecompressor().decompressobj()
+            try:
+                while pos < len(data) and not z.eof:
+                    piece = data[pos:pos + step]
+                    out += z.decompress(piece)
+                    pos += len(piece) - (len(z.unused_data) if z.eof else 0)
+            except zstandard.ZstdError as err:
+                why = f"zstd: {err}"
+            if not why and not z.eof:
+                why = "truncated zstd frame"
+            continue
+        d = zlib.decompressobj(31)
+        try:
+            while pos < len(data) and not d.eof:
+                piece = data[pos:pos + step]
+                saved = d.copy()
+                try:
+                    out += d.decompress(piece)
+                except zlib.error:
+                    # again byte by byte from before this piece, to keep all that precedes the damage
+                    d = saved
+                    for k in range(len(piece)):
+                        out += d.decompress(piece[k:k + 1])
+                        pos += 1
+                    raise AssertionError("unreachable: the same bytes decoded twice") from None
+                pos += len(piece) - (len(d.unused_data) if d.eof else 0)
+        except zlib.error as err:
+            why = f"gzip: {err}"
+        if not why and not d.eof:
+            why = "truncated gzip stream"
+    good = min(pos, len(data)) if why else len(data)
+    end = out.rfind(b"\n") + 1
+    text = bytes(out[:end])
+    lines = text.split(b"\n")[:-1] if text else []
+    loads, bad = orjson.loads, orjson.JSONDecodeError
+    for i, line in enumerate(lines):
+        try:
+            loads(line)
+        except bad:
+            why = why or f"line {i + 1} is not JSON"
+            lines = lines[:i]
+            break
+    text = b"".join(line + b"\n" for line in lines)
+    if not why:
+        why = "empty file" if not data else "" if out.endswith(b"\n") or not out else "last line has no newline"
+    return Prefix(text, len(lines), good, len(out) - len(text), why)
