@@ -121,10 +121,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _warn_misspelt()
     if config_problems:
         return EXIT_CONFIG
+    for line in sink_ok:  # also when another sink or a directory has a problem: each sink has its say
+        print(f"ok: {line}")
     if machine_problems or sink_problems:
         return EXIT_STARTUP
-    for line in sink_ok:
-        print(f"ok: {line}")
     dirs = ", ".join(f"{name}={path}" for name, path in preflight.directories(settings))
     print(f"ok: configuration valid, sinks {','.join(settings.sinks)}; writable: {dirs}")
     return 0

@@ -70,6 +70,29 @@ def test_s3_missing_bucket_is_one_line_and_exit_1(
                    "or region): NoSuchBucket: The specified bucket does not exist"]
 
 
+def test_s3_without_any_credentials_says_where_they_are_looked_for(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, moto: Any) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    code, out, err = validate(monkeypatch, capsys, tmp_path, RAW_BUCKET="bkt-1", AWS_REGION="us-east-1",
+                              S3_ENDPOINT_URL=moto.endpoint, AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+                              AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    assert code == 1 and out == []
+    assert err == ["estat-ingest: sink s3: no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                   "AWS_PROFILE, web identity, the ECS task role or instance metadata): NoCredentialsError: Unable "
+                   "to locate credentials"]
+
+
+def test_each_sink_has_its_say(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                               tmp_path: Path, moto: Any) -> None:
+    code, out, err = validate(monkeypatch, capsys, tmp_path, SINKS="file,s3", FILE_SINK_DIR=str(tmp_path / "data"),
+                              RAW_BUCKET="no-such-bucket-anywhere", AWS_REGION="us-east-1",
+                              S3_ENDPOINT_URL=moto.endpoint)
+    assert code == 1
+    assert out == [f"ok: sink file: wrote, fsynced and deleted a file in {tmp_path / 'data' / 'raw'}"]
+    assert [e.split(":")[1] for e in err] == [" sink s3"]
+
+
 @pytest.fixture
 def moto_with_auth() -> Iterator[str]:
     """A moto server (its own process) that checks every request's credentials, as S3 does:

@@ -246,7 +246,10 @@ class S3Sink(Sink):
             return f"no answer from S3 within S3_TIMEOUT={self.spec.timeout_s:g}s writing {url}"
         if code == "NoSuchBucket":
             return f"RAW_BUCKET={self.bucket!r} does not exist (at this endpoint or region): {text}"
-        if code in AUTH_REFUSED_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return (f"no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, "
+                    f"the ECS task role or instance metadata): {text}")
+        if code in AUTH_REFUSED_CODES:
             return f"the AWS credentials are refused: {text}"
         if code in WRONG_REGION_CODES or status == 301:
             return f"RAW_BUCKET={self.bucket!r} is not in AWS_REGION={self.settings.aws_region!r}: {text}"
