@@ -572,10 +572,10 @@ def test_sigv4_without_any_credentials_starts_and_sends_batches_to_the_dlq(
 
 
 def test_failure_logs_are_rate_limited_with_a_suppressed_count() -> None:
-    from estat_ingest.sinks.opensearch import LogLimiter
+    from estat_ingest.log import RateLimitedLog  # what the sink's failure logs go through
 
     now = [0.0]
-    lim = LogLimiter(10.0, clock=lambda: now[0])
+    lim = RateLimitedLog(10.0, clock=lambda: now[0])
     assert lim.allow("partial") == 0
     assert [lim.allow("partial") for _ in range(5)] == [None] * 5
     assert lim.allow("status:503") == 0  # another kind is not held back

@@ -4,6 +4,6 @@
 
 from estat_ingest.sinks.opensearch.documents import rejected_name
 from estat_ingest.sinks.opensearch.nodes import Nodes
-from estat_ingest.sinks.opensearch.sink import LogLimiter, OpenSearchSink
+from estat_ingest.sinks.opensearch.sink import OpenSearchSink
 
-__all__ = ["LogLimiter", "Nodes", "OpenSearchSink", "rejected_name"]
+__all__ = ["Nodes", "OpenSearchSink", "rejected_name"]

@@ -42,6 +42,7 @@ import orjson
 
 from estat_ingest.config import Settings, mask_userinfo
 from estat_ingest.formats.codec import compress, decompress
+from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.base import Batching, Outcome, Payload, Probe, Result, Sink, SinkSpec, outage
 from estat_ingest.sinks.opensearch.documents import Bulk, Doc, DocumentBuilder, rejected_name, split_lines
@@ -53,26 +54,6 @@ log = logging.getLogger("estat_ingest.sinks.opensearch")
 
 SLICE = 500  # records per uninterrupted stretch of JSON work on the loop
 _NODE_DOWN_STATUSES = frozenset({502, 503, 504})
-
-
-class LogLimiter:
-    """At most one log line per key and interval; the next one says how many were suppressed."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Any = time.monotonic) -> None:
-        self.interval_s = interval_s
-        self._clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def allow(self, key: str) -> int | None:
-        """None: do not log. Otherwise log, with this many suppressed since the last line."""
-        now = self._clock()
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval_s:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
 
 
 def _prepare(body: bytes, gzip: bool, level: int, want_sha: bool) -> tuple[bytes, str]:
@@ -109,7 +90,7 @@ class OpenSearchSink(Sink):
             token = base64.b64encode(f"{s.opensearch_username}:{s.opensearch_password}".encode()).decode()
             self._headers["Authorization"] = f"Basic {token}"
         self._session: aiohttp.ClientSession | None = None
-        self._logs = LogLimiter()  # failure logs: one line per kind per 10 s, with a suppressed count
+        self._logs = RateLimitedLog()  # failure logs: one line per kind per 10 s, with a suppressed count
 
     # ---------------------------------------------------------------- lifecycle
 
