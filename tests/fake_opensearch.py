@@ -75,6 +75,7 @@ class FakeOpenSearch:
         self.basic_auth: tuple[str, str] | None = None
         self.index_settings: dict[str, dict[str, Any]] = {}  # index → its `settings.index`
         self.index_templates: list[dict[str, Any]] = []  # [{"name": …, "index_template": {…}}]
+        self.root_status = 200  # 404: no `GET /`, as OpenSearch Serverless
         # machinery
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -144,6 +145,8 @@ class FakeOpenSearch:
             return web.Response(status=self.down_status)
         if not self._auth_ok(request):
             return web.json_response({"error": "Unauthorized"}, status=401)
+        if self.root_status != 200:
+            return web.Response(status=self.root_status)
         return web.json_response({"name": "fake", "cluster_name": "fake",
                                   "version": {"distribution": "opensearch", "number": "2.17.0"}})
 

@@ -245,6 +245,16 @@ def test_opensearch_data_stream_needs_a_matching_template(
                for o in out)
 
 
+def test_opensearch_serverless_has_no_get_root_and_that_is_no_problem(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        opensearch: FakeOpenSearch) -> None:
+    opensearch.root_status = 404
+    code, out, err = validate(monkeypatch, capsys, tmp_path, SINKS="opensearch", OPENSEARCH_URL=opensearch.url,
+                              OPENSEARCH_USERNAME="ingest", OPENSEARCH_PASSWORD=PASSWORD)
+    assert (code, err) == (0, [])
+    assert any(o.startswith(f"ok: sink opensearch: GET / answered by {opensearch.url}") for o in out)
+
+
 def test_opensearch_unreachable_node(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                      tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"

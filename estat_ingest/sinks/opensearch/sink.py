@@ -361,7 +361,7 @@ class OpenSearchSink(Sink):
                        "OPENSEARCH_USERNAME/OPENSEARCH_PASSWORD" if self.settings.opensearch_username else
                        "an anonymous request (no OPENSEARCH_USERNAME)")
                 problems.append(f"{shown}: refused {who}: HTTP {status}: {_snippet(content)}")
-            elif status >= 400:
+            elif status >= 400 and status != 404:  # Serverless has no GET /: its 404 is an answer
                 problems.append(f"{shown}: not healthy: HTTP {status}: {_snippet(content)}")
             else:
                 good.append(url)
@@ -387,8 +387,10 @@ class OpenSearchSink(Sink):
             if not self.settings.opensearch_data_stream:
                 return [], f"index {name} does not exist yet: the first batch creates it"
             return await self._probe_data_stream_template(node, name)
-        if status >= 400:
+        if status >= 500:
             return [f"{kind} {name}: GET answered HTTP {status}: {_snippet(content)}"], ""
+        if status >= 400:  # not an API this cluster offers (Serverless): nothing to conclude
+            return [], f"{kind} {name} not inspected (HTTP {status}: {_snippet(content)[:80]})"
         try:
             found = orjson.loads(content) if content.strip() else {}
         except orjson.JSONDecodeError:
