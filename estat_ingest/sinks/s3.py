@@ -77,9 +77,6 @@ OUTAGE_CODES = {
 # validate --check-sinks writes (and deletes) its test object here, under RAW_PREFIX and DLQ_PREFIX:
 # a leading `_` is a hidden path to Hive-style readers (Athena, Glue, Spark), never a partition
 PROBE_PREFIX = "_estat_validate"
-AUTH_REFUSED_CODES = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                                "TokenRefreshRequired", "InvalidClientTokenId"})
-WRONG_REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed"})
 
 
 def error_text(err: BaseException) -> str:
@@ -244,15 +241,16 @@ class S3Sink(Sink):
                   if isinstance(err, ClientError) else 0)
         if isinstance(err, TimeoutError):
             return f"no answer from S3 within S3_TIMEOUT={self.spec.timeout_s:g}s writing {url}"
-        if code == "NoSuchBucket":
+        outage_reason = OUTAGE_CODES.get(code, "")  # what delivery would count it as
+        if outage_reason == "no_bucket":
             return f"RAW_BUCKET={self.bucket!r} does not exist (at this endpoint or region): {text}"
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return (f"no AWS credentials found (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, web identity, "
                     f"the ECS task role or instance metadata): {text}")
-        if code in AUTH_REFUSED_CODES:
-            return f"the AWS credentials are refused: {text}"
-        if code in WRONG_REGION_CODES or status == 301:
+        if outage_reason == "wrong_region" or status == 301:
             return f"RAW_BUCKET={self.bucket!r} is not in AWS_REGION={self.settings.aws_region!r}: {text}"
+        if outage_reason == "auth" and code not in ("AccessDenied", "AllAccessDisabled"):
+            return f"the AWS credentials are refused: {text}"
         if code == "AccessDenied" or status == 403:
             kms = " or kms:GenerateDataKey on S3_SSE_KMS_KEY_ID" if self.settings.s3_sse_kms_key_id else ""
             return f"cannot write {url}: the credentials lack s3:PutObject on {var}/*{kms}: {text}"
