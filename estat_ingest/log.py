@@ -1,4 +1,5 @@
-"""Structured logs on stdout: one JSON object per line, or `key=value` text on a terminal.
+"""Structured logs on stdout: one JSON object per line, or `key=value` text on a terminal; and
+`RateLimitedLog`, which keeps a repeated error from writing a line per occurrence.
 
 `LOG_FORMAT=auto` (unset) picks text when stdout is a terminal and JSON otherwise (containers,
 files, pipes). Every formatted line goes through a redaction step: the secret values of the

@@ -1,5 +1,5 @@
-"""log.py: the redaction of every formatted line, the format picked when LOG_FORMAT is unset, and
-library loggers kept at warning."""
+"""log.py: the redaction of every formatted line, the format picked when LOG_FORMAT is unset,
+library loggers kept at warning, and the rate-limited log."""
 
 from __future__ import annotations
 
@@ -96,3 +96,19 @@ def test_library_loggers_are_kept_at_warning(captured: Captured) -> None:
     logging.getLogger("estat_ingest").debug("ours at debug")
     messages = [orjson.loads(line)["message"] for line in captured.getvalue().splitlines()]
     assert messages == ["a real warning", "ours at debug"]
+
+
+def test_rate_limited_log_one_line_per_key_per_interval_with_the_suppressed_count() -> None:
+    now = [0.0]
+    lim = log.RateLimitedLog(10.0, clock=lambda: now[0])
+    assert lim.allow("invalid_json") == 0
+    assert [lim.allow("invalid_json") for _ in range(5)] == [None] * 5
+    assert lim.allow("too_large") == 0  # another key is not held back
+    now[0] = 9.99
+    assert lim.allow("invalid_json") is None
+    now[0] = 10.0
+    assert lim.allow("invalid_json") == 6  # the interval has passed: the count since the last line
+    assert lim.allow("invalid_json") is None
+    now[0] = 25.0
+    assert lim.allow("invalid_json") == 1
+    assert lim.allow("too_large") == 0  # nothing was suppressed for this key

@@ -32,6 +32,7 @@ from estat_ingest.http.auth import WWW_AUTHENTICATE, ApiKeys, strip_api_key
 from estat_ingest.http.bodies import BodyError, decode, max_openers, ndjson_lines, split_ndjson, too_deep
 from estat_ingest.http.clientip import ClientIp
 from estat_ingest.http.cors import Cors
+from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.record import IdGen, encode_records
@@ -56,27 +57,6 @@ _UNAVAILABLE = {
     "queue_full": "queue full, retry later",
     "dlq_unavailable": "the sink and the DLQ cannot take events now, retry later",
 }
-
-
-class RejectLog:
-    """One warning per rejection reason per `every` seconds, with how many were not logged."""
-
-    def __init__(self, every: float = LOG_EVERY_S, clock: Callable[[], float] = time.monotonic) -> None:
-        self.every = every
-        self.clock = clock
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def note(self, status: int, reason: str, message: str) -> None:
-        now = self.clock()
-        last = self._last.get(reason)
-        if last is not None and now - last < self.every:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
-            return
-        self._last[reason] = now
-        log.warning("request rejected", extra={
-            "status": status, "reason": reason, "detail": message[:200],
-            "suppressed": self._suppressed.pop(reason, 0)})
 
 
 class InFlight:
@@ -141,7 +121,7 @@ class Collector:
         self._cookie_allow = frozenset(settings.cookie_allowlist)
         self.cors = Cors(settings.cors_allow_origins)
         self.keys = ApiKeys(settings.api_keys)
-        self.reject_log = RejectLog()
+        self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
         self._json_parser = simdjson.Parser()  # one per Collector; used only on the event loop
 
     # ------------------------------------------------------------------ replies
@@ -153,7 +133,10 @@ class Collector:
             m.http_too_large.inc()
         elif reason == "queue_full":
             m.http_queue_full.inc()
-        self.reject_log.note(status, reason, message)
+        suppressed = self.reject_log.allow(reason)
+        if suppressed is not None:
+            log.warning("request rejected", extra={
+                "status": status, "reason": reason, "detail": message[:200], "suppressed": suppressed})
         h = dict(_TEXT)
         if headers:
             h.update(headers)

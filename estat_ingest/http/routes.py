@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
 from typing import Any
 
 import aiohttp
@@ -14,6 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 
 from estat_ingest.http.collect import LOG_EVERY_S, PIXEL_PATHS, Collector, Reply
 from estat_ingest.http.guard import ConnectionGuard
+from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import CONTENT_TYPE, Metrics
 
 COLLECTOR: web.AppKey[Collector] = web.AppKey("collector", Collector)
@@ -111,21 +111,15 @@ class ProtocolErrors:
     def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
         self.logger = logging.getLogger("estat_ingest.http.protocol")
         self.metrics = metrics
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
+        self.limit = RateLimitedLog(every)
 
     def note(self, reason: str, detail: str, exc: BaseException | None = None, msg: object = "",
              args: tuple[Any, ...] = ()) -> None:
         self.metrics.rejected.labels(reason).inc()
-        now = time.monotonic()
-        last = self._last.get(reason)
-        if last is not None and now - last < self.every:
-            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+        suppressed = self.limit.allow(reason)
+        if suppressed is None:
             return
-        self._last[reason] = now
-        extra = {"reason": reason, "suppressed": self._suppressed.pop(reason, 0),
-                 "detail": detail.replace("\n", " ")[:200]}
+        extra = {"reason": reason, "suppressed": suppressed, "detail": detail.replace("\n", " ")[:200]}
         if reason == "server_error":
             self.logger.error(msg or "request failed", *args, exc_info=exc if exc is not None else True, extra=extra)
         else:
