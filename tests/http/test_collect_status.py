@@ -16,7 +16,7 @@ def test_200_post_records_exact_body() -> None:
     body = b'{"ev": "click",  "x": [1, 2]}'
     r = c.handle("POST", "/collect", "", H, body, "203.0.113.9")
     assert r.status == 200 and r.body == b""
-    [(ts, line)] = q._items
+    [(ts, line)] = q.snapshot()
     rec = orjson.loads(line)
     assert rec["body"] == body.decode() and rec["ts"] == 1764821594 and rec["ip"] == "203.0.113.9"
     assert rec["user_agent"] == "ua/1" and rec["cookie"] == "sid=1"
@@ -26,7 +26,7 @@ def test_200_post_records_exact_body() -> None:
 def test_200_get_stores_raw_query_string() -> None:
     c, q, m = make()
     assert c.handle("GET", "/collect", "e=view&p=%2Fhome", H, b"", "203.0.113.9").status == 200
-    assert orjson.loads(q._items[0][1])["body"] == "e=view&p=%2Fhome"
+    assert orjson.loads(q.snapshot()[0][1])["body"] == "e=view&p=%2Fhome"
 
 
 def test_400_invalid_json_and_invalid_utf8_and_empty() -> None:
@@ -45,7 +45,7 @@ def test_400_invalid_json_and_invalid_utf8_and_empty() -> None:
 def test_validate_json_false_accepts_any_text() -> None:
     c, q, m = make(validate_json=False)
     assert c.handle("POST", "/collect", "", H, b"plain text", None).status == 200
-    assert orjson.loads(q._items[0][1])["body"] == "plain text"
+    assert orjson.loads(q.snapshot()[0][1])["body"] == "plain text"
 
 
 def test_405_has_allow_header() -> None:
@@ -93,8 +93,8 @@ def test_ndjson_all_lines_enqueued() -> None:
     c, q, m = make()
     body = b'{"a":1}\n\n{"a":2}\r\n{"a":3}'
     assert c.handle("POST", "/collect", "", NDJSON, body, None).status == 200
-    assert [orjson.loads(orjson.loads(line)["body"])["a"] for _, line in q._items] == [1, 2, 3]
-    ids = [orjson.loads(line)["id"] for _, line in q._items]
+    assert [orjson.loads(orjson.loads(line)["body"])["a"] for _, line in q.snapshot()] == [1, 2, 3]
+    ids = [orjson.loads(line)["id"] for _, line in q.snapshot()]
     assert ids == sorted(ids) and len(set(ids)) == 3
     assert value(m, "ingest_events_accepted_total") == 3 and value(m, "http_requests_accepted_total") == 1
 
@@ -120,4 +120,4 @@ def test_cookie_policy(store: bool, allow: tuple[str, ...], expected: str) -> No
     c, q, m = make(store_cookies=store, cookie_allowlist=allow)
     h = CIMultiDict({"Cookie": "sid=1; _ga=x; theme=dark"})
     assert c.handle("POST", "/collect", "", h, b"{}", None).status == 200
-    assert orjson.loads(q._items[0][1])["cookie"] == expected
+    assert orjson.loads(q.snapshot()[0][1])["cookie"] == expected

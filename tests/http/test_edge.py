@@ -18,7 +18,7 @@ from tests.http.util import make, value
 
 
 def records(q: EventQueue[tuple[float, bytes]]) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for _, line in q._items]
+    return [orjson.loads(line) for _, line in q.snapshot()]
 
 
 def H(**kv: str) -> CIMultiDict[str]:
@@ -106,7 +106,7 @@ def test_api_key_accepted_in_header_or_query(headers: dict[str, str], query: str
     r = c.handle("POST", "/collect", query, CIMultiDict(headers), b'{"a":1}', None)
     assert r.status == 200
     assert value(m, "http_requests_api_key_total", key_name="web") == 1
-    assert b"k-web" not in q._items[0][1]
+    assert b"k-web" not in q.snapshot()[0][1]
 
 
 def test_record_api_key_name_appends_the_name_after_id_when_enabled() -> None:
@@ -117,7 +117,7 @@ def test_record_api_key_name_appends_the_name_after_id_when_enabled() -> None:
     recs = records(q)
     assert [list(r) for r in recs] == [["ts", "ip", "user_agent", "cookie", "body", "id", "api_key_name"]] * 3
     assert [r["api_key_name"] for r in recs] == ["app", "web", "web"]
-    assert all(b"k-app" not in line and b"k-web" not in line for _, line in q._items)
+    assert all(b"k-app" not in line and b"k-web" not in line for _, line in q.snapshot())
     c, q, m = make(api_keys=KEYS)  # off by default: v1's six fields
     assert c.handle("POST", "/collect", "", H(X_Api_Key="k-app-9876543210"), b'{"a":1}', None).status == 200
     assert list(records(q)[0]) == ["ts", "ip", "user_agent", "cookie", "body", "id"]

@@ -60,11 +60,11 @@ def reference(c: Collector, payload: bytes, ua: str, ids: Any) -> tuple[int, byt
 
 def check(c: Collector, q: EventQueue[tuple[float, bytes]], payload: bytes, ua: str = "estat-test/1") -> int:
     twin = copy.copy(c.ids)
-    before = list(q._items)
+    before = q.snapshot()
     r = c.handle("POST", "/collect", "", headers(ua), payload, "127.0.0.1")
     status, body, recs = reference(c, payload, ua, twin)
     assert (r.status, r.body) == (status, body)
-    assert list(q._items) == before + recs  # all or nothing, byte-identical
+    assert q.snapshot() == before + recs  # all or nothing, byte-identical
     return r.status
 
 
@@ -115,7 +115,7 @@ def test_without_validation_lines_are_stored_as_text_with_invalid_utf8_replaced(
     c, q, _ = make(validate_json=False)
     payload = b"not json\n\xff\xfe bytes\r\n" + DEEP + b"\n{\x01}\n"
     assert check(c, q, payload) == 200
-    assert [orjson.loads(line)["body"] for _, line in q._items] == [
+    assert [orjson.loads(line)["body"] for _, line in q.snapshot()] == [
         "not json", "\ufffd\ufffd bytes", DEEP.decode(), "{\x01}"]
 
 
@@ -123,7 +123,7 @@ def test_non_utf8_user_agent_is_replaced_in_every_record() -> None:
     c, q, _ = make()
     ua = "bot \udcff\udcfe/1"  # how aiohttp hands over non-UTF-8 header bytes
     assert check(c, q, EVENT + b"\n" + EVENT, ua) == 200
-    assert {orjson.loads(line)["user_agent"] for _, line in q._items} == {"bot \ufffd\ufffd/1"}
+    assert {orjson.loads(line)["user_agent"] for _, line in q.snapshot()} == {"bot \ufffd\ufffd/1"}
 
 
 def test_api_key_name_follows_the_id_in_every_record() -> None:
@@ -131,7 +131,7 @@ def test_api_key_name_follows_the_id_in_every_record() -> None:
     r = c.handle("POST", "/collect", "", headers(**{"X-API-Key": "k-web-0123456789"}), EVENT + b"\n" + EVENT,
                  "127.0.0.1")
     assert r.status == 200
-    recs = [orjson.loads(line) for _, line in q._items]
+    recs = [orjson.loads(line) for _, line in q.snapshot()]
     assert [list(rec) for rec in recs] == [["ts", "ip", "user_agent", "cookie", "body", "id", "api_key_name"]] * 2
     assert {rec["api_key_name"] for rec in recs} == {"partner-a"}
     assert recs[0]["id"] < recs[1]["id"]
@@ -153,7 +153,7 @@ def test_ids_are_unique_and_ordered_across_requests() -> None:
     c, q, _ = make()
     for _ in range(3):
         assert c.handle("POST", "/collect", "", headers(), b"\n".join([EVENT] * 50), "127.0.0.1").status == 200
-    ids = [orjson.loads(line)["id"] for _, line in q._items]
+    ids = [orjson.loads(line)["id"] for _, line in q.snapshot()]
     assert len(set(ids)) == 150 and ids == sorted(ids)
 
 

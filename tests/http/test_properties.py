@@ -51,7 +51,7 @@ def depth(v: Any) -> int:
 
 
 def _last_record() -> dict[str, Any]:
-    return orjson.loads(QUEUE._items[-1][1])
+    return orjson.loads(QUEUE.snapshot()[-1][1])
 
 
 @FAST
@@ -99,7 +99,7 @@ def test_validation_ndjson_is_all_or_nothing(values: list[Any], sep: bytes, brea
     added = len(QUEUE) - before
     assert added == (len(values) if ok else 0)
     if ok:
-        stored = [orjson.loads(line)["body"] for _, line in list(QUEUE._items)[before:]]
+        stored = [orjson.loads(line)["body"] for _, line in QUEUE.snapshot()[before:]]
         assert stored == [line.decode() for line in lines]
 
 
