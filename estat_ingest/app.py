@@ -1,8 +1,8 @@
 """Wiring: serve() with the start-up and shutdown order for either HTTP front, and
 create_app(settings) → aiohttp Application (in-process servers in tests).
 
-`serve()` builds the pipeline and the Collector, then the front `HTTP_FRONT` names: `aiohttp`
-(`AiohttpFront`: http/routes.py behind aiohttp's runner) or `fast` (fastfront.Front: httptools).
+`serve()` builds the pipeline and the Collector, then the front `HTTP_FRONT` names
+(`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/).
 Shutdown (DESIGN.md §7) is the same code for both: the first signal turns /ready 503 → the
 front stops listening → serve() waits (bounded) for requests inside /collect → the front closes
 every connection → the pipeline drains with what is left of SHUTDOWN_TIMEOUT → undelivered
@@ -19,13 +19,13 @@ import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from aiohttp import web
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
-from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, add_routes, server_kwargs
+from estat_ingest.http.fronts import make_front
+from estat_ingest.http.routes import COLLECTOR, METRICS, build_app
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -77,14 +77,6 @@ class Lifecycle:
         return max(0.0, self.remaining() - reserve)
 
 
-def _http_app(collector: Collector, metrics: Metrics) -> web.Application:
-    app = web.Application()
-    app[COLLECTOR] = collector
-    app[METRICS] = metrics
-    add_routes(app)
-    return app
-
-
 def create_app(
     settings: Settings,
     *,
@@ -100,7 +92,7 @@ def create_app(
     lifecycle = lifecycle or Lifecycle(settings)
     pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
     collector = Collector(settings, pipeline.queue, metrics)
-    app = _http_app(collector, metrics)
+    app = build_app(collector, metrics)
     app[PIPELINE] = pipeline
 
     async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -156,58 +148,6 @@ def make_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-
-
-class HttpFront(Protocol):
-    """What `serve()` needs from an HTTP front (`HTTP_FRONT`): aiohttp, or fastfront.Front."""
-
-    async def start(self, sock: socket.socket) -> None:
-        """Serve on `sock` (bound; listening or not)."""
-
-    async def stop_listening(self) -> None:
-        """Refuse new connections; open ones are still served."""
-
-    async def close(self) -> None:
-        """Close every connection; after it, no request reaches the Collector."""
-
-
-class AiohttpFront:
-    """The aiohttp front: routes.py's handlers, the connection guard, aiohttp's runner."""
-
-    def __init__(self, settings: Settings, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> None:
-        self.app = _http_app(collector, metrics)
-        self.runner = web.AppRunner(
-            self.app,
-            handle_signals=False,
-            access_log=None,
-            # a handler still running after serve()'s wait for in-flight requests gets this long
-            shutdown_timeout=lifecycle.http_grace(),
-            **server_kwargs(self.app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
-        )
-        self.site: web.SockSite | None = None
-
-    async def start(self, sock: socket.socket) -> None:
-        await self.runner.setup()  # starts the connection guard (cleanup_ctx)
-        self.app[GUARD].attach(self.runner.server)  # header-read deadline sweeps the server's connections
-        self.site = web.SockSite(self.runner, sock)
-        await self.site.start()
-
-    async def stop_listening(self) -> None:
-        # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut slow
-        # bodies off: serve() stops the listener only, then waits for requests inside /collect
-        if self.site is not None:
-            await self.site.stop()
-
-    async def close(self) -> None:
-        await self.runner.cleanup()  # idle connections closed, running handlers get shutdown_timeout
-
-
-def make_front(settings: Settings, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> HttpFront:
-    if settings.http_front == "fast":
-        from estat_ingest.fastfront import Front
-
-        return Front(settings, collector, metrics)
-    return AiohttpFront(settings, collector, metrics, lifecycle)
 
 
 async def serve(

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
 from estat_ingest.http.collect import LOG_EVERY_S, PIXEL_PATHS, Collector, Reply
 from estat_ingest.http.guard import ConnectionGuard
@@ -126,70 +124,6 @@ class ProtocolErrors:
             self.logger.warning("malformed request rejected", extra=extra)
 
 
-class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The `logger` aiohttp's request handler uses for what happens before /collect runs.
-
-    A malformed request (bad request line, smuggling attempt, header over MAX_HEADER_BYTES or
-    MAX_HEADERS, non-HTTP bytes) is answered 400 by aiohttp's parser, which would log a full
-    traceback per request. Here each one goes to `ProtocolErrors` (counted, rate-limited, no
-    traceback unless it is a server_error).
-    """
-
-    def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
-        super().__init__(logging.getLogger("estat_ingest.http.protocol"), {})
-        self.errors = ProtocolErrors(metrics, every)
-
-    def _note(self, msg: object, args: tuple[Any, ...], exc: object) -> None:
-        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "headers" in str(exc).lower()):
-            reason = "header_too_large"
-        elif isinstance(exc, HttpProcessingError):
-            reason = "bad_http"
-        else:
-            reason = "server_error"
-        self.errors.note(reason, str(exc) if exc is not None else "",
-                         exc if isinstance(exc, BaseException) else None, msg, args)
-
-    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
-        self._note(msg, args, exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1])
-
-    def error(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
-        if isinstance(exc_info, BaseException) or exc_info:
-            self.exception(msg, *args, exc_info=exc_info)
-        else:
-            self.logger.error(msg, *args, **kw)
-
-    def debug(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError):  # non-HTTP bytes on the first request
-            self._note(msg, args, exc_info)
-        else:
-            self.logger.debug(msg, *args, exc_info=exc_info, **kw)
-
-
-def server_kwargs(app: web.Application) -> dict[str, Any]:
-    """aiohttp request-handler limits for AppRunner/TestServer (the parser runs before /collect).
-
-    auto_decompress is off: /collect decodes Content-Encoding itself under MAX_BODY_SIZE
-    (aiohttp would inflate a bomb in full). The request line must hold a GET payload of
-    MAX_BODY_SIZE (the query string), so an over-size GET gets our 413, not the parser's 400.
-    keepalive_timeout is above the ALB's 60 s idle timeout; aiohttp also closes a connection whose
-    request headers are still incomplete when it fires (slowloris bound). Parser errors go to
-    ProtocolLog (counted, rate-limited).
-    """
-    settings = app[COLLECTOR].settings
-    return {
-        "auto_decompress": False,
-        "max_line_size": max(8190, settings.max_body_bytes + 4096),
-        "max_field_size": settings.max_header_bytes,
-        "max_headers": settings.max_headers,
-        "keepalive_timeout": 75.0,
-        # after a 408/413 the unread rest of a body is drained (so the client can read the answer
-        # instead of a reset) for at most this long, then the connection is closed; aiohttp's
-        # default of 10 s would let a trickling client hold it 10 s more
-        "lingering_time": 2.0,
-        "logger": ProtocolLog(app[METRICS]),
-    }
-
-
 async def health(request: web.Request) -> web.Response:
     served(request)
     return web.Response(text="ok")
@@ -215,6 +149,15 @@ def served(request: web.Request) -> None:
     guard = request.app.get(GUARD)
     if guard is not None:
         guard.served(request.protocol)
+
+
+def build_app(collector: Collector, metrics: Metrics) -> web.Application:
+    """An aiohttp application with these routes; the caller owns the pipeline behind `collector`."""
+    app = web.Application()
+    app[COLLECTOR] = collector
+    app[METRICS] = metrics
+    add_routes(app)
+    return app
 
 
 def add_routes(app: web.Application) -> None:

@@ -1,74 +1,31 @@
-"""The httptools HTTP/1.1 front (`HTTP_FRONT=fast`): asyncio.Protocol + httptools, calling the
-plain /collect function.
-
-Why: the profile of `estat-ingest serve` under load (docs/tuning.md) shows aiohttp's request
-machinery (Request/Response objects, the handler task, StreamReader, header multidicts, response
-serialisation) taking most of the loop. `Collector.handle` is synchronous and independent of
-aiohttp (DESIGN.md §1), so this front only parses (httptools, the llhttp parser uvicorn uses),
-calls it and writes the reply: no task per request, no awaits, one sweep per second for every
-timer instead of a timer per request.
-
-`app.serve()` runs it when `settings.http_front == "fast"` (`HTTP_FRONT`, the default), with the
-same pipeline and the same shutdown path as the aiohttp front (`Front` has the three methods
-`app.HttpFront` asks for).
-
-What it does, with the aiohttp front's behaviour for each (docs/security.md):
-- routes: `/collect` and the pixel paths (any method; `Collector.handle` answers 405 itself),
-  `/health`, `/ready`, `/metrics` (GET and HEAD, else 405 with `Allow`), 404 otherwise; a HEAD
-  answer has the headers of the GET answer and no body;
-- `MAX_IN_FLIGHT`: a /collect request counts from its complete headers until it is answered
-  (`Collector.inflight`, which shutdown waits for); past the cap, 503 `overloaded` with
-  `Retry-After: 1`, connection closed, the body never read;
-- 413 from Content-Length before any body byte is read, or as soon as a (chunked) body passes
-  MAX_BODY_SIZE; a request line over max(8190, MAX_BODY_SIZE + 4096) bytes is 413 when it has a
-  query (the GET payload), 431 otherwise;
-- header limits: a header line over MAX_HEADER_BYTES or more than MAX_HEADERS headers is 431
-  (`header_too_large`; the aiohttp front answers 400). httptools accumulates a header without a
-  bound until it is complete, so the bytes of a header section still in progress are bounded too;
-- malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, raw
-  non-ASCII bytes in the request target, an HTTP/1.1 request without Host, an upgrade before
-  the request is complete) is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}` and logged at most
-  once per reason per 10 s (`routes.ProtocolErrors`, shared with the aiohttp front);
-- HEADER_READ_TIMEOUT: a connection's first request must complete its headers within it from
-  the connection's start, a later request from its first byte; else the connection is closed
-  without an answer (`header_timeout`); REQUEST_READ_TIMEOUT: a body not complete within it
-  from the end of the headers is 408 (`read_timeout`), connection closed;
-- after a refusal the connection stops parsing, sends the answer, half-closes and discards what
-  the client still sends for at most LINGER_S (so the client reads the answer instead of a reset),
-  then closes; keep-alive idle timeout 75 s (above an ALB's 60 s);
-- `Expect: 100-continue`, chunked bodies, pipelined requests answered in order, `Connection:
-  close` on every answer once the server is draining, header values decoded as UTF-8 with
-  surrogate escapes (as aiohttp does, so non-UTF-8 bytes are stored as U+FFFD by `/collect`).
-"""
+"""One connection of the fast front (`HttpConn`, an asyncio.Protocol): httptools' callbacks parse
+the request, `Collector.handle` answers /collect, and the connection's timers are checked by the
+front's sweep (`tick`), never by a timer of its own."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from estat_ingest.config import Settings
-from estat_ingest.http.collect import OK_REPLY, PIXEL_PATHS, Collector, Reply
-from estat_ingest.http.routes import ProtocolErrors
-from estat_ingest.metrics import CONTENT_TYPE, Metrics
+from estat_ingest.http.collect import OK_REPLY, PIXEL_PATHS, Reply
+from estat_ingest.http.fast.render import render
+from estat_ingest.metrics import CONTENT_TYPE
+
+if TYPE_CHECKING:
+    from estat_ingest.http.fast.front import Front
 
 log = logging.getLogger("estat_ingest.fastfront")
 _now = time.monotonic  # every timer of this front (uvloop's loop.time() has another origin)
 
 KEEPALIVE_S = 75.0
 LINGER_S = 2.0  # as the aiohttp front's lingering_time
-CLOSE_FLUSH_S = 1.0  # at shutdown, closing connections may flush their last answers this long
-REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-           405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
-           415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable"}
 COLLECT_PATHS = frozenset({"/collect", *PIXEL_PATHS})
 PLAIN_PATHS = frozenset({"/health", "/ready", "/metrics"})
 TEXT = "text/plain; charset=utf-8"
@@ -76,114 +33,8 @@ TEXT = "text/plain; charset=utf-8"
 IDLE, HEAD, BODY = 0, 1, 2  # where a connection is in its current request
 
 
-class _Date:
-    """The Date header, formatted once per second."""
-
-    def __init__(self) -> None:
-        self._sec = -1
-        self.value = b""
-
-    def get(self) -> bytes:
-        now = int(time.time())
-        if now != self._sec:
-            self._sec = now
-            self.value = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
-        return self.value
-
-
-def render(status: int, headers: Mapping[str, str], body: bytes, date: bytes, close: bool,
-           head: bool = False) -> bytes:
-    """One HTTP/1.1 response; `head`: the headers of this answer without its body."""
-    out = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode(),
-           b"Date: ", date, b"\r\nServer: estat-ingest\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
-    has_type = False
-    for k, v in headers.items():
-        lk = k.lower()
-        if lk == "content-length":
-            continue
-        has_type = has_type or lk == "content-type"
-        out.append(f"{k}: {v}\r\n".encode("latin-1", "replace"))
-    if body and not has_type:
-        out.append(b"Content-Type: text/plain; charset=utf-8\r\n")
-    if close:
-        out.append(b"Connection: close\r\n")
-    out.append(b"\r\n")
-    if not head:
-        out.append(body)
-    return b"".join(out)
-
-
 class _Stop(Exception):
     """Raised from a parser callback once the connection has answered and stops reading."""
-
-
-class Front:
-    """The listening side: shared state of every connection, the sweeper, start/stop."""
-
-    def __init__(self, settings: Settings, collector: Collector, metrics: Metrics) -> None:
-        self.settings = settings
-        self.collector = collector
-        self.metrics = metrics
-        self.protocol_errors = ProtocolErrors(metrics)
-        self.date = _Date()
-        self.conns: set[HttpConn] = set()
-        self.server: asyncio.Server | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
-        self._ok_cache: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # (date, keep-alive, close)
-        s = settings
-        self.max_url = max(8190, s.max_body_bytes + 4096)  # a GET payload of MAX_BODY_SIZE fits
-        # Bounds on a header section still arriving (httptools keeps a header until it is
-        # complete): the line in progress, and the whole section. The estimate may include the
-        # tail of the previous pipelined request (at most one body), hence + max_body_bytes.
-        self.line_cap = max(self.max_url, s.max_header_bytes) + s.max_body_bytes + 64
-        self.head_cap = self.max_url + s.max_headers * (s.max_header_bytes + 4) + s.max_body_bytes + 4096
-        self.sweep_s = max(0.05, min(1.0, s.header_read_timeout_s / 4, s.request_read_timeout_s / 4))
-
-    def ok_bytes(self, close: bool) -> bytes:
-        """The 200 reply, re-rendered only when the Date second changes."""
-        date = self.date.get()
-        cache = self._ok_cache
-        if cache[0] is not date:
-            cache = self._ok_cache = (date, render(200, OK_REPLY.headers, b"", date, False),
-                                      render(200, OK_REPLY.headers, b"", date, True))
-        return cache[2] if close else cache[1]
-
-    async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: HttpConn(self), sock=sock, backlog=1024)
-        self._sweeper = asyncio.create_task(self._sweep(), name="fastfront-sweep")
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_s)
-            now = _now()
-            for conn in list(self.conns):
-                conn.tick(now)
-
-    async def stop_listening(self) -> None:
-        """New connections are refused; open ones are still served (answers carry `Connection:
-        close` once the collector is not ready)."""
-        if self.server is not None:
-            self.server.close()
-
-    async def close(self) -> None:
-        """Close every connection (a request still incomplete gets no answer), stop the sweeper."""
-        for conn in list(self.conns):
-            conn.closing = True
-            conn.close()  # written answers are flushed first
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-        if self.conns:  # a client that does not read its last answer holds its transport: bounded
-            self._all_closed = asyncio.Event()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), CLOSE_FLUSH_S)
-        for conn in list(self.conns):
-            conn.abort()
-        if self.server is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), CLOSE_FLUSH_S)
 
 
 class HttpConn(asyncio.Protocol):

@@ -1,0 +1,111 @@
+"""The aiohttp front (`HTTP_FRONT=aiohttp`): routes.py's handlers behind aiohttp's runner, with the
+parser limits, protocol-error accounting and the connection guard (http/guard.py)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+
+from estat_ingest.http.collect import LOG_EVERY_S, Collector
+from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, ProtocolErrors, build_app
+from estat_ingest.metrics import Metrics
+
+
+class AiohttpFront:
+    """The aiohttp front: routes.py's handlers, the connection guard, aiohttp's runner."""
+
+    def __init__(self, collector: Collector, metrics: Metrics, *, handler_grace_s: float) -> None:
+        self.app = build_app(collector, metrics)
+        self.runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            # a handler still running after serve()'s wait for in-flight requests gets this long
+            shutdown_timeout=handler_grace_s,
+            **server_kwargs(self.app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
+        )
+        self.site: web.SockSite | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        await self.runner.setup()  # starts the connection guard (cleanup_ctx)
+        self.app[GUARD].attach(self.runner.server)  # header-read deadline sweeps the server's connections
+        self.site = web.SockSite(self.runner, sock)
+        await self.site.start()
+
+    async def stop_listening(self) -> None:
+        # aiohttp's own shutdown ignores bytes that arrive after it starts, which would cut slow
+        # bodies off: serve() stops the listener only, then waits for requests inside /collect
+        if self.site is not None:
+            await self.site.stop()
+
+    async def close(self) -> None:
+        await self.runner.cleanup()  # idle connections closed, running handlers get shutdown_timeout
+
+
+class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The `logger` aiohttp's request handler uses for what happens before /collect runs.
+
+    A malformed request (bad request line, smuggling attempt, header over MAX_HEADER_BYTES or
+    MAX_HEADERS, non-HTTP bytes) is answered 400 by aiohttp's parser, which would log a full
+    traceback per request. Here each one goes to `ProtocolErrors` (counted, rate-limited, no
+    traceback unless it is a server_error).
+    """
+
+    def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
+        super().__init__(logging.getLogger("estat_ingest.http.protocol"), {})
+        self.errors = ProtocolErrors(metrics, every)
+
+    def _note(self, msg: object, args: tuple[Any, ...], exc: object) -> None:
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "headers" in str(exc).lower()):
+            reason = "header_too_large"
+        elif isinstance(exc, HttpProcessingError):
+            reason = "bad_http"
+        else:
+            reason = "server_error"
+        self.errors.note(reason, str(exc) if exc is not None else "",
+                         exc if isinstance(exc, BaseException) else None, msg, args)
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True, **kw: Any) -> None:
+        self._note(msg, args, exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1])
+
+    def error(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, BaseException) or exc_info:
+            self.exception(msg, *args, exc_info=exc_info)
+        else:
+            self.logger.error(msg, *args, **kw)
+
+    def debug(self, msg: object, *args: Any, exc_info: Any = None, **kw: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):  # non-HTTP bytes on the first request
+            self._note(msg, args, exc_info)
+        else:
+            self.logger.debug(msg, *args, exc_info=exc_info, **kw)
+
+
+def server_kwargs(app: web.Application) -> dict[str, Any]:
+    """aiohttp request-handler limits for AppRunner/TestServer (the parser runs before /collect).
+
+    auto_decompress is off: /collect decodes Content-Encoding itself under MAX_BODY_SIZE
+    (aiohttp would inflate a bomb in full). The request line must hold a GET payload of
+    MAX_BODY_SIZE (the query string), so an over-size GET gets our 413, not the parser's 400.
+    keepalive_timeout is above the ALB's 60 s idle timeout; aiohttp also closes a connection whose
+    request headers are still incomplete when it fires (slowloris bound). Parser errors go to
+    ProtocolLog (counted, rate-limited).
+    """
+    settings = app[COLLECTOR].settings
+    return {
+        "auto_decompress": False,
+        "max_line_size": max(8190, settings.max_body_bytes + 4096),
+        "max_field_size": settings.max_header_bytes,
+        "max_headers": settings.max_headers,
+        "keepalive_timeout": 75.0,
+        # after a 408/413 the unread rest of a body is drained (so the client can read the answer
+        # instead of a reset) for at most this long, then the connection is closed; aiohttp's
+        # default of 10 s would let a trickling client hold it 10 s more
+        "lingering_time": 2.0,
+        "logger": ProtocolLog(app[METRICS]),
+    }

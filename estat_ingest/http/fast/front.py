@@ -1,0 +1,87 @@
+"""The fast front's listening side (`Front`): the state every connection shares, the sweeper that
+checks every connection's deadlines once per interval, and start / stop_listening / close."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+
+from estat_ingest.config import Settings
+from estat_ingest.http.collect import OK_REPLY, Collector
+from estat_ingest.http.fast.protocol import HttpConn
+from estat_ingest.http.fast.render import DateHeader, render
+from estat_ingest.http.routes import ProtocolErrors
+from estat_ingest.metrics import Metrics
+
+CLOSE_FLUSH_S = 1.0  # at shutdown, closing connections may flush their last answers this long
+
+
+class Front:
+    """The listening side: shared state of every connection, the sweeper, start/stop."""
+
+    def __init__(self, settings: Settings, collector: Collector, metrics: Metrics) -> None:
+        self.settings = settings
+        self.collector = collector
+        self.metrics = metrics
+        self.protocol_errors = ProtocolErrors(metrics)
+        self.date = DateHeader()
+        self.conns: set[HttpConn] = set()
+        self.server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
+        self._ok_cache: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # (date, keep-alive, close)
+        s = settings
+        self.max_url = max(8190, s.max_body_bytes + 4096)  # a GET payload of MAX_BODY_SIZE fits
+        # Bounds on a header section still arriving (httptools keeps a header until it is
+        # complete): the line in progress, and the whole section. The estimate may include the
+        # tail of the previous pipelined request (at most one body), hence + max_body_bytes.
+        self.line_cap = max(self.max_url, s.max_header_bytes) + s.max_body_bytes + 64
+        self.head_cap = self.max_url + s.max_headers * (s.max_header_bytes + 4) + s.max_body_bytes + 4096
+        self.sweep_s = max(0.05, min(1.0, s.header_read_timeout_s / 4, s.request_read_timeout_s / 4))
+
+    def ok_bytes(self, close: bool) -> bytes:
+        """The 200 reply, re-rendered only when the Date second changes."""
+        date = self.date.get()
+        cache = self._ok_cache
+        if cache[0] is not date:
+            cache = self._ok_cache = (date, render(200, OK_REPLY.headers, b"", date, False),
+                                      render(200, OK_REPLY.headers, b"", date, True))
+        return cache[2] if close else cache[1]
+
+    async def start(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: HttpConn(self), sock=sock, backlog=1024)
+        self._sweeper = asyncio.create_task(self._sweep(), name="fastfront-sweep")
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            now = time.monotonic()  # the connections' clock (uvloop's loop.time() has another origin)
+            for conn in list(self.conns):
+                conn.tick(now)
+
+    async def stop_listening(self) -> None:
+        """New connections are refused; open ones are still served (answers carry `Connection:
+        close` once the collector is not ready)."""
+        if self.server is not None:
+            self.server.close()
+
+    async def close(self) -> None:
+        """Close every connection (a request still incomplete gets no answer), stop the sweeper."""
+        for conn in list(self.conns):
+            conn.closing = True
+            conn.close()  # written answers are flushed first
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        if self.conns:  # a client that does not read its last answer holds its transport: bounded
+            self._all_closed = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), CLOSE_FLUSH_S)
+        for conn in list(self.conns):
+            conn.abort()
+        if self.server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.server.wait_closed(), CLOSE_FLUSH_S)
