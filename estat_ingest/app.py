@@ -26,6 +26,7 @@ from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.fronts import make_front
 from estat_ingest.http.routes import COLLECTOR, METRICS, build_app
+from estat_ingest.http.sockets import make_socket
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -136,18 +137,6 @@ def set_ready(app: web.Application, ready: bool) -> None:
 def _set_ready(collector: Collector, metrics: Metrics, ready: bool) -> None:
     collector.ready = ready
     metrics.ready.set(1 if ready else 0)
-
-
-def make_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
 
 
 async def serve(

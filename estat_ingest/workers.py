@@ -37,6 +37,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from estat_ingest.config import Settings
+from estat_ingest.http.sockets import make_socket
 
 log = logging.getLogger("estat_ingest.workers")
 
@@ -47,21 +48,6 @@ KILL_GRACE_S = 10.0  # beyond SHUTDOWN_TIMEOUT before a stuck worker is killed
 
 _PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-
-
-def bind_reuseport(host: str, port: int) -> socket.socket:
-    """A socket bound with SO_REUSEPORT but not listening (asyncio's create_server calls listen)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _die_with_parent() -> None:
@@ -110,7 +96,7 @@ def worker_main(settings: Settings, index: int) -> None:
 
     logsetup.setup(settings.log_level, settings.log_format, redact=settings.secret_values(),
                    service="estat-ingest", instance=settings.instance_id, worker=index)
-    sock = bind_reuseport(settings.http_host, settings.http_port)
+    sock = make_socket(settings.http_host, settings.http_port, reuse_port=True, listen=False)
     code = run(early.serve(settings, index, sock))
     sys.exit(code)
 
@@ -269,7 +255,7 @@ def run_workers(settings: Settings, holder: socket.socket | None = None) -> int:
     # Port 0 means "any": pick it once here so every worker binds the same one. The parent keeps
     # its socket bound (never listening) so the port stays ours while workers restart.
     if holder is None:
-        holder = bind_reuseport(settings.http_host, settings.http_port)
+        holder = make_socket(settings.http_host, settings.http_port, reuse_port=True, listen=False)
     try:
         port = holder.getsockname()[1]
         settings = dataclasses.replace(settings, http_port=port)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import orjson
 
-from estat_ingest.app import make_socket, serve
+from estat_ingest.app import serve
 from estat_ingest.config import Settings
+from estat_ingest.http.sockets import make_socket
 from tests.helpers import file_objects, records_of
 
 
