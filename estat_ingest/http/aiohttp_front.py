@@ -11,8 +11,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
-from estat_ingest.http.collect import LOG_EVERY_S, Collector
-from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, ProtocolErrors, build_app
+from estat_ingest.http.collect import Collector
+from estat_ingest.http.policy import LOG_EVERY_S, ProtocolErrors
+from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, build_app
 from estat_ingest.metrics import Metrics
 
 
@@ -27,7 +28,7 @@ class AiohttpFront:
             access_log=None,
             # a handler still running after serve()'s wait for in-flight requests gets this long
             shutdown_timeout=handler_grace_s,
-            **server_kwargs(self.app),  # header limits, auto_decompress off, keep-alive 75 s (> ALB's 60 s)
+            **server_kwargs(self.app),  # the edge limits (http/policy.py), auto_decompress off
         )
         self.site: web.SockSite | None = None
 
@@ -90,22 +91,18 @@ def server_kwargs(app: web.Application) -> dict[str, Any]:
     """aiohttp request-handler limits for AppRunner/TestServer (the parser runs before /collect).
 
     auto_decompress is off: /collect decodes Content-Encoding itself under MAX_BODY_SIZE
-    (aiohttp would inflate a bomb in full). The request line must hold a GET payload of
-    MAX_BODY_SIZE (the query string), so an over-size GET gets our 413, not the parser's 400.
-    keepalive_timeout is above the ALB's 60 s idle timeout; aiohttp also closes a connection whose
-    request headers are still incomplete when it fires (slowloris bound). Parser errors go to
-    ProtocolLog (counted, rate-limited).
+    (aiohttp would inflate a bomb in full). The limits and times are the edge policy's
+    (http/policy.py); aiohttp's keep-alive timer also closes a connection whose request headers are
+    still incomplete when it fires (slowloris bound). Parser errors go to ProtocolLog (counted,
+    rate-limited).
     """
-    settings = app[COLLECTOR].settings
+    limits = app[COLLECTOR].limits
     return {
         "auto_decompress": False,
-        "max_line_size": max(8190, settings.max_body_bytes + 4096),
-        "max_field_size": settings.max_header_bytes,
-        "max_headers": settings.max_headers,
-        "keepalive_timeout": 75.0,
-        # after a 408/413 the unread rest of a body is drained (so the client can read the answer
-        # instead of a reset) for at most this long, then the connection is closed; aiohttp's
-        # default of 10 s would let a trickling client hold it 10 s more
-        "lingering_time": 2.0,
+        "max_line_size": limits.request_line_bytes,
+        "max_field_size": limits.header_line_bytes,
+        "max_headers": limits.headers,
+        "keepalive_timeout": limits.keepalive_s,
+        "lingering_time": limits.linger_s,
         "logger": ProtocolLog(app[METRICS]),
     }

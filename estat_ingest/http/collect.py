@@ -18,11 +18,9 @@ answers a 1x1 GIF. Rejections are logged at most once per reason per LOG_EVERY_S
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
 import orjson
 import simdjson
@@ -32,6 +30,19 @@ from estat_ingest.http.auth import WWW_AUTHENTICATE, ApiKeys, strip_api_key
 from estat_ingest.http.bodies import BodyError, decode, max_openers, ndjson_lines, split_ndjson, too_deep
 from estat_ingest.http.clientip import ClientIp
 from estat_ingest.http.cors import Cors
+from estat_ingest.http.policy import (
+    DLQ_UNAVAILABLE,
+    DRAINING,
+    LOG_EVERY_S,
+    PIXEL_PATHS,
+    QUEUE_FULL,
+    TEXT_HEADERS,
+    InFlight,
+    Limits,
+    Refusal,
+    Reply,
+    too_large,
+)
 from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
@@ -39,11 +50,8 @@ from estat_ingest.pipeline.record import IdGen, encode_records
 
 ALLOW = "GET, POST, OPTIONS"
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
-_TEXT = {"Content-Type": "text/plain; charset=utf-8"}
 # the smallest transparent 1x1 GIF (43 bytes), for <img> pixels
 GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
-PIXEL_PATHS = frozenset({"/collect.gif", "/pixel.gif"})
-LOG_EVERY_S = 10.0
 _BOM = b"\xef\xbb\xbf"
 
 log = logging.getLogger("estat_ingest.http")
@@ -53,51 +61,12 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-_UNAVAILABLE = {
-    "queue_full": "queue full, retry later",
-    "dlq_unavailable": "the sink and the DLQ cannot take events now, retry later",
-}
-
-
-class InFlight:
-    """Requests inside the /collect handler; shutdown waits for it to reach zero (bounded)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._zero: asyncio.Event | None = None
-
-    def enter(self) -> None:
-        self.count += 1
-
-    def leave(self) -> None:
-        self.count -= 1
-        if self.count == 0 and self._zero is not None:
-            self._zero.set()
-
-    async def wait_zero(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
-        if self.count == 0:
-            return True
-        self._zero = asyncio.Event()
-        try:
-            async with asyncio.timeout(timeout):
-                await self._zero.wait()
-        except TimeoutError:
-            return False
-        finally:
-            self._zero = None
-        return True
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    headers: Mapping[str, str] = field(default_factory=dict)
-    body: bytes = b""
-
-
 OK_REPLY = Reply(200)
 PIXEL_REPLY = Reply(200, {"Content-Type": "image/gif", "Cache-Control": "no-store, max-age=0"}, GIF)
 PREFLIGHT_REPLY = Reply(204, {"Allow": ALLOW})
+ALLOW_HEADERS = {"Allow": ALLOW}
+AUTH_MISSING = Refusal(401, "auth_missing", "API key required", WWW_AUTHENTICATE)
+AUTH_INVALID = Refusal(401, "auth_invalid", "API key not valid", WWW_AUTHENTICATE)
 
 
 class Collector:
@@ -117,7 +86,9 @@ class Collector:
         self.client_ip = ClientIp(settings.trusted_proxies)
         self.accepting = False  # True from pipeline start until the pipeline drains (else 503)
         self.ready = False  # /ready: False before start-up completes and from the first signal
-        self.inflight = InFlight()
+        self.limits = Limits.of(settings)  # what both HTTP fronts enforce (http/policy.py)
+        self.inflight = InFlight(self.limits.in_flight)
+        self._too_large = too_large(self.limits)
         self._cookie_allow = frozenset(settings.cookie_allowlist)
         self.cors = Cors(settings.cors_allow_origins)
         self.keys = ApiKeys(settings.api_keys)
@@ -126,7 +97,9 @@ class Collector:
 
     # ------------------------------------------------------------------ replies
 
-    def reject(self, status: int, reason: str, message: str, headers: Mapping[str, str] | None = None) -> Reply:
+    def refuse(self, refusal: Refusal) -> Reply:
+        """The answer to a refused request: counted under its reason, logged (rate-limited)."""
+        status, reason, message = refusal.status, refusal.reason, refusal.message
         m = self.metrics
         m.rejected.labels(reason).inc()
         if status == 413:
@@ -137,10 +110,7 @@ class Collector:
         if suppressed is not None:
             log.warning("request rejected", extra={
                 "status": status, "reason": reason, "detail": message[:200], "suppressed": suppressed})
-        h = dict(_TEXT)
-        if headers:
-            h.update(headers)
-        return Reply(status, h, message.encode() + b"\n")
+        return Reply(status, {**TEXT_HEADERS, **refusal.headers}, message.encode() + b"\n")
 
     def with_cors(self, reply: Reply, headers: Mapping[str, str]) -> Reply:
         """`reply` plus the CORS headers for the request's Origin, when it is allowed."""
@@ -152,17 +122,12 @@ class Collector:
         return Reply(reply.status, {**reply.headers, **extra}, reply.body)
 
     def too_large(self) -> Reply:
-        return self.reject(413, "too_large", f"body larger than MAX_BODY_SIZE={self.settings.max_body_bytes} bytes")
+        return self.refuse(self._too_large)
 
-    def unavailable(self, reason: str) -> Reply:
-        msg = _UNAVAILABLE.get(reason, "server is draining, retry later")
-        return self.reject(503, reason, msg, {"Retry-After": "5" if reason == "dlq_unavailable" else "1"})
-
-    def full(self) -> str:
-        """Why the queue cannot take more: `dlq_unavailable` while the pipeline holds batches that
-        neither a sink nor the DLQ took (fail closed, `EventQueue.held_reason`), else `queue_full`."""
-        reason = "dlq_unavailable" if self.queue.held_reason else "queue_full"
-        return reason
+    def full(self) -> Refusal:
+        """Why the queue cannot take more: `DLQ_UNAVAILABLE` while the pipeline holds batches that
+        neither a sink nor the DLQ took (fail closed, `EventQueue.held_reason`), else `QUEUE_FULL`."""
+        return DLQ_UNAVAILABLE if self.queue.held_reason else QUEUE_FULL
 
     # ------------------------------------------------------------------ the function
 
@@ -200,29 +165,28 @@ class Collector:
         elif method == "OPTIONS":
             return PREFLIGHT_REPLY
         else:
-            return self.reject(405, "method_not_allowed", f"method {method[:16]} not allowed",
-                               {"Allow": ALLOW})
+            return self.refuse(Refusal(405, "method_not_allowed", f"method {method[:16]} not allowed", ALLOW_HEADERS))
         settings = self.settings
         key_name = ""
         if self.keys.enabled:
             candidate = self.keys.candidate(headers, query)
             if candidate is None:
-                return self.reject(401, "auth_missing", "API key required", WWW_AUTHENTICATE)
+                return self.refuse(AUTH_MISSING)
             found = self.keys.name_of(candidate)
             if found is None:
-                return self.reject(401, "auth_invalid", "API key not valid", WWW_AUTHENTICATE)
+                return self.refuse(AUTH_INVALID)
             key_name = found
             if method == "GET":
                 payload = strip_api_key(query).encode("utf-8", "surrogateescape")
         if len(payload) > settings.max_body_bytes:
             return self.too_large()
         if not self.accepting:
-            return self.unavailable("draining")
+            return self.refuse(DRAINING)
         if self.queue.room() <= 0:
             # full: answer before decoding, validating and encoding anything (an overloaded server
             # should not spend its CPU on events it will refuse)
             self.metrics.http_requests.inc()
-            return self.unavailable(self.full())
+            return self.refuse(self.full())
 
         if method == "POST":
             encoding = headers.get("Content-Encoding")
@@ -230,7 +194,7 @@ class Collector:
                 try:
                     payload = decode(encoding, payload, settings.max_body_bytes)
                 except BodyError as bad:
-                    return self.reject(bad.status, bad.reason, str(bad))
+                    return self.refuse(Refusal(bad.status, bad.reason, str(bad)))
             ctype = headers.get("Content-Type", "")
             ndjson = bool(ctype) and ctype.split(";", 1)[0].strip().lower() in NDJSON_TYPES
         else:
@@ -238,11 +202,11 @@ class Collector:
         if ndjson:
             lines = ndjson_lines(payload)
             if not lines:
-                return self.reject(400, "empty", "empty NDJSON body")
+                return self.refuse(Refusal(400, "empty", "empty NDJSON body"))
             if len(lines) > self.queue.room():
                 # cannot take all of them: refuse before validating and encoding (all-or-nothing)
                 self.metrics.http_requests.inc()
-                return self.unavailable(self.full())
+                return self.refuse(self.full())
             if settings.validate_json:
                 refused = self._check_lines(payload, lines)
                 if refused is not None:
@@ -253,7 +217,7 @@ class Collector:
         else:
             text, err = self._validate(payload, method == "POST")
             if text is None:
-                return self.reject(400, err, err.replace("_", " "))
+                return self.refuse(Refusal(400, err, err.replace("_", " ")))
             bodies = [text]
 
         now = self.clock()
@@ -278,7 +242,7 @@ class Collector:
         m.http_requests.inc()
         ok = self.queue.offer(records[0]) if len(records) == 1 else self.queue.offer_many(records)
         if not ok:
-            return self.unavailable(self.full() if not self.queue.closed else "draining")
+            return self.refuse(self.full() if not self.queue.closed else DRAINING)
         m.http_accepted.inc()
         m.events_accepted.inc(len(records))
         if key_name:
@@ -314,7 +278,7 @@ class Collector:
         for n, raw in split_ndjson(payload):
             text, err = self._validate(raw, True)
             if text is None:
-                return self.reject(400, err, f"line {n}: {err.replace('_', ' ')}")
+                return self.refuse(Refusal(400, err, f"line {n}: {err.replace('_', ' ')}"))
         return None
 
     def _validate(self, raw: bytes, is_json: bool) -> tuple[str | None, str]:

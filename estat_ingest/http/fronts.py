@@ -40,7 +40,7 @@ def make_front(settings: Settings, collector: Collector, metrics: Metrics, lifec
     if settings.http_front == "fast":
         from estat_ingest.http.fast.front import Front
 
-        return Front(settings, collector, metrics)
+        return Front(collector, metrics)
     from estat_ingest.http.aiohttp_front import AiohttpFront
 
     return AiohttpFront(collector, metrics, handler_grace_s=lifecycle.http_grace())

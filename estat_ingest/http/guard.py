@@ -20,13 +20,13 @@ from typing import Any
 
 from aiohttp import web
 
-from estat_ingest.config import Settings
+from estat_ingest.http.policy import Limits
 from estat_ingest.metrics import Metrics
 
 
 class ConnectionGuard:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
-        self.header_timeout = settings.header_read_timeout_s
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.header_timeout = limits.header_read_s
         self.interval = min(1.0, self.header_timeout / 4)
         self.metrics = metrics
         self.server: web.Server | None = None

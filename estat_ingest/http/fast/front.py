@@ -8,23 +8,21 @@ import contextlib
 import socket
 import time
 
-from estat_ingest.config import Settings
 from estat_ingest.http.collect import OK_REPLY, Collector
 from estat_ingest.http.fast.protocol import HttpConn
 from estat_ingest.http.fast.render import DateHeader, render
-from estat_ingest.http.routes import ProtocolErrors
+from estat_ingest.http.policy import ProtocolErrors
+from estat_ingest.http.sockets import BACKLOG
 from estat_ingest.metrics import Metrics
-
-CLOSE_FLUSH_S = 1.0  # at shutdown, closing connections may flush their last answers this long
 
 
 class Front:
     """The listening side: shared state of every connection, the sweeper, start/stop."""
 
-    def __init__(self, settings: Settings, collector: Collector, metrics: Metrics) -> None:
-        self.settings = settings
+    def __init__(self, collector: Collector, metrics: Metrics) -> None:
         self.collector = collector
         self.metrics = metrics
+        self.limits = limits = collector.limits  # the edge policy (http/policy.py)
         self.protocol_errors = ProtocolErrors(metrics)
         self.date = DateHeader()
         self.conns: set[HttpConn] = set()
@@ -32,14 +30,13 @@ class Front:
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
         self._ok_cache: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # (date, keep-alive, close)
-        s = settings
-        self.max_url = max(8190, s.max_body_bytes + 4096)  # a GET payload of MAX_BODY_SIZE fits
+        self.max_url = limits.request_line_bytes  # read once per request: one attribute away
         # Bounds on a header section still arriving (httptools keeps a header until it is
         # complete): the line in progress, and the whole section. The estimate may include the
-        # tail of the previous pipelined request (at most one body), hence + max_body_bytes.
-        self.line_cap = max(self.max_url, s.max_header_bytes) + s.max_body_bytes + 64
-        self.head_cap = self.max_url + s.max_headers * (s.max_header_bytes + 4) + s.max_body_bytes + 4096
-        self.sweep_s = max(0.05, min(1.0, s.header_read_timeout_s / 4, s.request_read_timeout_s / 4))
+        # tail of the previous pipelined request (at most one body), hence + body_bytes.
+        self.line_cap = max(self.max_url, limits.header_line_bytes) + limits.body_bytes + 64
+        self.head_cap = self.max_url + limits.headers * (limits.header_line_bytes + 4) + limits.body_bytes + 4096
+        self.sweep_s = max(0.05, min(1.0, limits.header_read_s / 4, limits.body_read_s / 4))
 
     def ok_bytes(self, close: bool) -> bytes:
         """The 200 reply, re-rendered only when the Date second changes."""
@@ -52,7 +49,7 @@ class Front:
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: HttpConn(self), sock=sock, backlog=1024)
+        self.server = await loop.create_server(lambda: HttpConn(self), sock=sock, backlog=BACKLOG)
         self._sweeper = asyncio.create_task(self._sweep(), name="fastfront-sweep")
 
     async def _sweep(self) -> None:
@@ -79,9 +76,9 @@ class Front:
         if self.conns:  # a client that does not read its last answer holds its transport: bounded
             self._all_closed = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_closed.wait(), CLOSE_FLUSH_S)
+                await asyncio.wait_for(self._all_closed.wait(), self.limits.close_flush_s)
         for conn in list(self.conns):
             conn.abort()
         if self.server is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), CLOSE_FLUSH_S)
+                await asyncio.wait_for(self.server.wait_closed(), self.limits.close_flush_s)

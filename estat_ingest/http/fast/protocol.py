@@ -7,28 +7,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from estat_ingest.http.collect import OK_REPLY, PIXEL_PATHS, Reply
+from estat_ingest.http.collect import OK_REPLY
 from estat_ingest.http.fast.render import render
-from estat_ingest.metrics import CONTENT_TYPE
+from estat_ingest.http.policy import (
+    COLLECT_PATHS,
+    HEADER_TOO_LARGE,
+    HEALTH,
+    INTERNAL_ERROR,
+    MALFORMED,
+    NOT_FOUND,
+    NOT_READY,
+    OVERLOADED,
+    PLAIN_NOT_ALLOWED,
+    PLAIN_PATHS,
+    READ_TIMEOUT,
+    READY,
+    Reply,
+    metrics_reply,
+)
 
 if TYPE_CHECKING:
     from estat_ingest.http.fast.front import Front
 
 log = logging.getLogger("estat_ingest.fastfront")
 _now = time.monotonic  # every timer of this front (uvloop's loop.time() has another origin)
-
-KEEPALIVE_S = 75.0
-LINGER_S = 2.0  # as the aiohttp front's lingering_time
-COLLECT_PATHS = frozenset({"/collect", *PIXEL_PATHS})
-PLAIN_PATHS = frozenset({"/health", "/ready", "/metrics"})
-TEXT = "text/plain; charset=utf-8"
 
 IDLE, HEAD, BODY = 0, 1, 2  # where a connection is in its current request
 
@@ -114,12 +122,12 @@ class HttpConn(asyncio.Protocol):
                 self.closing = True
                 self.close()
             else:
-                self._protocol_error(400, "bad_http", "protocol upgrades are not supported")
+                self._protocol_error(MALFORMED, "bad_http", "protocol upgrades are not supported")
             return
         except httptools.HttpParserError as err:
             if self.closing:
                 return  # we stopped the parser on purpose, or closed after `Connection: close`
-            self._protocol_error(400, "bad_http", f"malformed request: {err}")
+            self._protocol_error(MALFORMED, "bad_http", f"malformed request: {err}")
             return
         if self.phase == HEAD:
             self._bound_head(data)
@@ -137,26 +145,25 @@ class HttpConn(asyncio.Protocol):
             self.head_line = self.head_line + n if nl < 0 else n - nl - 1
         front = self.front
         if self.head_line > front.line_cap or self.head_total > front.head_cap:
-            self._protocol_error(431, "header_too_large", "request header section too large")
+            self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request header section too large")
 
     def tick(self, now: float) -> None:
         """The sweeper's per-connection check: timeouts, keep-alive, the end of lingering."""
-        s = self.front.settings
+        limits = self.front.limits
         if self.closing:
             if now >= self.linger_until:
                 self.close()
         elif self.phase == BODY:
-            if now - self.started > s.request_read_timeout_s:
-                reply = self.front.collector.reject(408, "read_timeout", "request body not received in time")
-                self._refuse(self._cors(reply))
+            if now - self.started > limits.body_read_s:
+                self._refuse(self._cors(self.front.collector.refuse(READ_TIMEOUT)))
         elif self.phase == HEAD or not self.served:
             since = self.started if (self.phase == HEAD and self.served) else self.opened
-            if now - since > s.header_read_timeout_s:
+            if now - since > limits.header_read_s:
                 self.front.metrics.rejected.labels("header_timeout").inc()
                 self.closing = True
                 self._leave()
                 self.close()
-        elif now - self.last_active > KEEPALIVE_S:
+        elif now - self.last_active > limits.keepalive_s:
             self.closing = True
             self.close()
 
@@ -189,13 +196,13 @@ class HttpConn(asyncio.Protocol):
             if b"?" in self.url:
                 self._refuse(self.front.collector.too_large())
             else:
-                self._protocol_error(431, "header_too_large", "request line too long")
+                self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request line too long")
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        s = self.front.settings
-        if len(name) + len(value) > s.max_header_bytes or len(self.headers) >= s.max_headers:
-            self._protocol_error(431, "header_too_large", "request header too large, or too many")
+        limits = self.front.limits
+        if len(name) + len(value) > limits.header_line_bytes or len(self.headers) >= limits.headers:
+            self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request header too large, or too many")
             raise _Stop
         self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
 
@@ -205,7 +212,6 @@ class HttpConn(asyncio.Protocol):
         self.started = _now()
         front = self.front
         collector = front.collector
-        settings = front.settings
         self.method = self.parser.get_method().decode("ascii", "replace")
         raw = self.url
         if raw[:1] != b"/":  # absolute form (`http://host/path?q`) or `*`
@@ -224,20 +230,18 @@ class HttpConn(asyncio.Protocol):
         self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
         self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(self.headers))
         if "Host" not in hdrs and self.parser.get_http_version() == "1.1":
-            self._protocol_error(400, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
+            self._protocol_error(MALFORMED, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
             raise _Stop
         self.is_collect = path in COLLECT_PATHS
         if self.is_collect:
-            collector.inflight.enter()
-            self.counted = True
-            if collector.inflight.count > settings.max_in_flight:
-                self._refuse(self._cors(collector.reject(
-                    503, "overloaded", "too many requests in flight, retry later", {"Retry-After": "1"})))
+            self.counted = True  # admitted or not, counted until it is answered
+            if not collector.inflight.admit():
+                self._refuse(self._cors(collector.refuse(OVERLOADED)))
                 raise _Stop
         length = hdrs.get("Content-Length")
         if length is not None:
             try:
-                over = int(length) > settings.max_body_bytes
+                over = int(length) > front.limits.body_bytes
             except ValueError:  # llhttp has validated it: unreachable
                 over = False
             if over:
@@ -249,7 +253,7 @@ class HttpConn(asyncio.Protocol):
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
-        if self.body_size > self.front.settings.max_body_bytes:
+        if self.body_size > self.front.limits.body_bytes:
             self._refuse(self._cors(self.front.collector.too_large()))
             raise _Stop
         if self.is_collect:
@@ -274,7 +278,7 @@ class HttpConn(asyncio.Protocol):
             except Exception:  # a bug must not take the connection loop down
                 log.exception("collect failed")
                 collector.metrics.rejected.labels("server_error").inc()
-                reply = Reply(500, {}, b"internal error\n")
+                reply = INTERNAL_ERROR
             self._leave()
             if reply is OK_REPLY:
                 transport.write(front.ok_bytes(not keep))
@@ -282,18 +286,15 @@ class HttpConn(asyncio.Protocol):
                 transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head))
         elif path in PLAIN_PATHS:
             if method != "GET" and not head:
-                self._reply(405, b"405: Method Not Allowed", keep, head, {"Allow": "GET,HEAD"})
+                self._send(PLAIN_NOT_ALLOWED, keep, head)
             elif path == "/health":
-                self._reply(200, b"ok", keep, head)
+                self._send(HEALTH, keep, head)
             elif path == "/ready":
-                if collector.ready:
-                    self._reply(200, b"ready", keep, head)
-                else:
-                    self._reply(503, b"not ready", keep, head)
+                self._send(READY if collector.ready else NOT_READY, keep, head)
             else:
-                self._reply(200, front.metrics.render(), keep, head, {"Content-Type": CONTENT_TYPE})
+                self._send(metrics_reply(front.metrics), keep, head)
         else:
-            self._reply(404, b"404: Not Found", keep, head)
+            self._send(NOT_FOUND, keep, head)
         if not keep:
             self.closing = True
             transport.close()
@@ -304,11 +305,9 @@ class HttpConn(asyncio.Protocol):
     def _cors(self, reply: Reply) -> Reply:
         return self.front.collector.with_cors(reply, self.hdrs) if self.hdrs is not None else reply
 
-    def _reply(self, status: int, body: bytes, keep: bool, head: bool,
-               headers: Mapping[str, str] | None = None) -> None:
+    def _send(self, reply: Reply, keep: bool, head: bool) -> None:
         if self.transport is not None:
-            h = {"Content-Type": TEXT, **(headers or {})}
-            self.transport.write(render(status, h, body, self.front.date.get(), not keep, head))
+            self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head))
 
     def _leave(self) -> None:
         if self.counted:
@@ -327,16 +326,15 @@ class HttpConn(asyncio.Protocol):
             return
         head = self.method == "HEAD" and self.hdrs is not None
         transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), True, head))
-        self.linger_until = _now() + LINGER_S
+        self.linger_until = _now() + self.front.limits.linger_s
         if transport.can_write_eof():
             transport.write_eof()  # the client sees the end of the answer; we still read what it sends
         else:  # pragma: no cover - TCP transports can
             transport.close()
 
-    def _protocol_error(self, status: int, reason: str, detail: str) -> None:
+    def _protocol_error(self, reply: Reply, reason: str, detail: str) -> None:
         """400/431 before /collect runs: counted and logged (rate-limited) like the aiohttp front's."""
         if self.closing:
             return
         self.front.protocol_errors.note(reason, detail)
-        msg = b"request header fields too large\n" if status == 431 else b"malformed request\n"
-        self._refuse(Reply(status, {"Content-Type": TEXT}, msg))
+        self._refuse(reply)

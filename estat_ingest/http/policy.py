@@ -1,0 +1,211 @@
+"""The HTTP edge policy both fronts apply (`HTTP_FRONT=fast|aiohttp`): the limits, the canned
+answers, admission, the draining close and the protocol-error log.
+
+A front parses HTTP/1.1 and writes bytes; what it limits, what it answers and when it closes come
+from here and from `Collector` (collect.py, the /collect rules), so the two fronts cannot drift
+apart. What still differs between them is what their parsers do with malformed HTTP
+(docs/security.md, "the two HTTP fronts").
+
+Limits (`Limits.of(settings)`, held by the Collector as `collector.limits`):
+- a body over MAX_BODY_SIZE (exactly MAX is allowed) is 413, from Content-Length before any body
+  byte is read, or as soon as a chunked body passes it; the rest is never read;
+- the request line may be max(8190, MAX_BODY_SIZE + 4096) bytes, so a GET whose query is a payload
+  of MAX_BODY_SIZE reaches /collect (and gets its 413 when it is over); past that bound the fast
+  front answers 413 when there is a query, 431 otherwise, and aiohttp's parser 400;
+- a header line (name + value) over MAX_HEADER_BYTES, or more than MAX_HEADERS headers, is refused
+  (431 from the fast front, 400 from aiohttp's parser);
+- headers not complete within HEADER_READ_TIMEOUT: the connection is closed without an answer;
+  a body not complete within REQUEST_READ_TIMEOUT of its headers: 408, connection closed;
+- an idle keep-alive connection is closed after KEEPALIVE_S, which is above an ALB's 60 s idle
+  timeout so the balancer, not us, closes idle connections (no request is sent into a closing one);
+- after a refusal the unread rest of the request is discarded for at most LINGER_S, so the client
+  reads the answer instead of a reset, then the connection is closed;
+- at shutdown, connections being closed may flush their last answers for CLOSE_FLUSH_S.
+
+Admission (`InFlight`, `collector.inflight`): a /collect request counts from its complete headers
+until it is answered; past MAX_IN_FLIGHT it is answered `OVERLOADED` (503, Retry-After) and its
+connection closed, its body never read. Other routes are not capped. Shutdown waits for the count
+to reach zero (bounded).
+
+Draining: from the first signal `collector.ready` is False. /ready answers 503, and every answer
+carries `Connection: close`, so keep-alive clients move to another instance while the requests
+already inside /collect finish.
+
+Requests refused before /collect runs (malformed HTTP, header limits) are counted in
+`http_requests_rejected_total{reason}` and logged at most once per reason per LOG_EVERY_S
+(`ProtocolErrors`), without a traceback unless it is our bug (`server_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from estat_ingest.config import Settings
+from estat_ingest.log import RateLimitedLog
+from estat_ingest.metrics import CONTENT_TYPE, Metrics
+
+KEEPALIVE_S = 75.0
+LINGER_S = 2.0  # aiohttp's default lingering_time (10 s) would let a trickling client hold a socket
+CLOSE_FLUSH_S = 1.0
+LOG_EVERY_S = 10.0  # one log line per rejection reason per interval
+
+# ------------------------------------------------------------------------------------ routes
+
+PIXEL_PATHS = frozenset({"/collect.gif", "/pixel.gif"})  # GET answers a 1x1 GIF (for <img>)
+COLLECT_PATHS = frozenset({"/collect", *PIXEL_PATHS})  # any method: Collector.handle answers 405 itself
+PLAIN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # GET and HEAD
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a request may be (see the module docstring); one object for both fronts."""
+
+    body_bytes: int  # MAX_BODY_SIZE
+    request_line_bytes: int  # max(8190, MAX_BODY_SIZE + 4096)
+    header_line_bytes: int  # MAX_HEADER_BYTES, name + value
+    headers: int  # MAX_HEADERS
+    header_read_s: float  # HEADER_READ_TIMEOUT
+    body_read_s: float  # REQUEST_READ_TIMEOUT
+    in_flight: int  # MAX_IN_FLIGHT
+    keepalive_s: float = KEEPALIVE_S
+    linger_s: float = LINGER_S
+    close_flush_s: float = CLOSE_FLUSH_S
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        return cls(body_bytes=s.max_body_bytes, request_line_bytes=max(8190, s.max_body_bytes + 4096),
+                   header_line_bytes=s.max_header_bytes, headers=s.max_headers,
+                   header_read_s=s.header_read_timeout_s, body_read_s=s.request_read_timeout_s,
+                   in_flight=s.max_in_flight)
+
+
+# ------------------------------------------------------------------------------------ answers
+
+TEXT = "text/plain; charset=utf-8"
+TEXT_HEADERS: Mapping[str, str] = {"Content-Type": TEXT}
+RETRY_AFTER: Mapping[str, str] = {"Retry-After": "1"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An answer, independent of the front that writes it."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A /collect refusal before it is answered: `Collector.refuse` counts it under `reason` (a
+    bounded label), logs it (rate-limited) and answers `message` as text."""
+
+    status: int
+    reason: str
+    message: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+OVERLOADED = Refusal(503, "overloaded", "too many requests in flight, retry later", RETRY_AFTER)
+DRAINING = Refusal(503, "draining", "server is draining, retry later", RETRY_AFTER)
+QUEUE_FULL = Refusal(503, "queue_full", "queue full, retry later", RETRY_AFTER)
+# fail closed (DESIGN.md §2.8): neither a sink nor its DLQ can take batches; retrying at once cannot help
+DLQ_UNAVAILABLE = Refusal(503, "dlq_unavailable", "the sink and the DLQ cannot take events now, retry later",
+                          {"Retry-After": "5"})
+READ_TIMEOUT = Refusal(408, "read_timeout", "request body not received in time")
+BAD_BODY = Refusal(400, "bad_body", "request body could not be read")  # broken framing, client gone
+
+
+def too_large(limits: Limits) -> Refusal:
+    return Refusal(413, "too_large", f"body larger than MAX_BODY_SIZE={limits.body_bytes} bytes")
+
+
+# /health, /ready, /metrics and unknown routes, in aiohttp's words (its router answers 404 and 405
+# itself; the fast front writes these)
+HEALTH = Reply(200, TEXT_HEADERS, b"ok")
+READY = Reply(200, TEXT_HEADERS, b"ready")
+NOT_READY = Reply(503, TEXT_HEADERS, b"not ready")
+NOT_FOUND = Reply(404, TEXT_HEADERS, b"404: Not Found")
+PLAIN_NOT_ALLOWED = Reply(405, {"Content-Type": TEXT, "Allow": "GET,HEAD"}, b"405: Method Not Allowed")
+INTERNAL_ERROR = Reply(500, {}, b"internal error\n")
+# the fast front's answers to what its parser refuses (aiohttp's parser writes its own)
+HEADER_TOO_LARGE = Reply(431, TEXT_HEADERS, b"request header fields too large\n")
+MALFORMED = Reply(400, TEXT_HEADERS, b"malformed request\n")
+
+
+def ready_reply(ready: bool) -> Reply:
+    return READY if ready else NOT_READY
+
+
+def metrics_reply(metrics: Metrics) -> Reply:
+    return Reply(200, {"Content-Type": CONTENT_TYPE}, metrics.render())
+
+
+# ------------------------------------------------------------------------------------ admission
+
+
+class InFlight:
+    """Requests inside /collect: admitted up to `cap`; shutdown waits for the count to reach zero."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.count = 0
+        self._zero: asyncio.Event | None = None
+
+    def admit(self) -> bool:
+        """Count a request in; False when that puts it over the cap (answer OVERLOADED). Either
+        way the request is counted until `leave()`."""
+        self.count += 1
+        return self.count <= self.cap
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0 and self._zero is not None:
+            self._zero.set()
+
+    async def wait_zero(self, timeout: float) -> bool:  # noqa: ASYNC109 - a bound, not a cancel scope
+        if self.count == 0:
+            return True
+        self._zero = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._zero.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self._zero = None
+        return True
+
+
+# ------------------------------------------------------------------------------------ protocol errors
+
+
+class ProtocolErrors:
+    """Requests refused before /collect runs (malformed HTTP, header limits): counted, and logged as
+    one line at most once per reason per `every` seconds, for both fronts.
+
+    `http_requests_rejected_total{reason}` moves for each one (bad_http, header_too_large,
+    server_error); the log line has no traceback (an attacker could fill the disk), except for a
+    server_error, which is our bug.
+    """
+
+    def __init__(self, metrics: Metrics, every: float = LOG_EVERY_S) -> None:
+        self.logger = logging.getLogger("estat_ingest.http.protocol")
+        self.metrics = metrics
+        self.limit = RateLimitedLog(every)
+
+    def note(self, reason: str, detail: str, exc: BaseException | None = None, msg: object = "",
+             args: tuple[Any, ...] = ()) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        suppressed = self.limit.allow(reason)
+        if suppressed is None:
+            return
+        extra = {"reason": reason, "suppressed": suppressed, "detail": detail.replace("\n", " ")[:200]}
+        if reason == "server_error":
+            self.logger.error(msg or "request failed", *args, exc_info=exc if exc is not None else True, extra=extra)
+        else:
+            self.logger.warning("malformed request rejected", extra=extra)
