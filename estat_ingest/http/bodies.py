@@ -1,12 +1,20 @@
-"""Request bodies: bounded decompression, the NDJSON splitter, the JSON nesting-depth cap.
+"""A request's payload → the events it holds, or the refusal: the one place where a /collect body
+is decoded, split and validated (`BodyReader`), with the pure functions it is built from.
 
-Pure functions of bytes, so they can be fuzzed and property-tested without a server.
+`BodyReader.post(body, Content-Type, Content-Encoding, room)` decodes the Content-Encoding, splits
+an NDJSON body into its lines, validates each event (UTF-8 JSON, nesting depth) and returns the
+events' text, in order, or the `Refusal` (status, reason, message) that answers the request.
+`BodyReader.query(raw)` does the same for a GET's query string (one event, text). An NDJSON body
+is all-or-nothing: one bad line refuses the whole request, naming the first bad line's number.
 
 Decompression is bounded by `limit` (MAX_BODY_SIZE) WHILE it runs: a gzip bomb costs at most
 `limit + 1` bytes of output before it is refused, never its full size. zstd frames also declare a
 window size the decoder must allocate; `ZSTD_MAX_WINDOW` refuses frames that ask for more, so a
 16-byte header cannot make the server allocate gigabytes. Small bodies make running this on the
 event loop cheap (at most MAX_BODY_SIZE of output per request).
+
+The functions below the reader are pure functions of bytes, so they can be fuzzed and
+property-tested without a server.
 """
 
 from __future__ import annotations
@@ -16,12 +24,124 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+import simdjson
 import zstandard
+
+from estat_ingest.config import Settings
+from estat_ingest.http.policy import QUEUE_FULL, Refusal
 
 ZSTD_MAX_WINDOW = 1 << 23  # 8 MiB: zstd's default levels use at most this
 
 # Content-Encoding values we decode (lower-case, stripped); anything else is 415.
 ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "zstd"})
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
+EMPTY_NDJSON = Refusal(400, "empty", "empty NDJSON body")
+_BOM = b"\xef\xbb\xbf"
+
+
+class BodyReader:
+    """Payload → events or refusal, under one Collector's settings (MAX_BODY_SIZE, VALIDATE_JSON,
+    MAX_JSON_DEPTH). Used only on the event loop (its simdjson parser is reused per line)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_bytes = settings.max_body_bytes
+        self.validate_json = settings.validate_json
+        self.max_depth = settings.max_json_depth
+        self._json_parser = simdjson.Parser()
+
+    def post(self, payload: bytes, content_type: str, content_encoding: str | None, room: int) -> list[str] | Refusal:
+        """A POST body's events, or its refusal. `room`: how many events the caller can take; an
+        NDJSON body with more lines is `QUEUE_FULL` before any line is validated (nothing is spent
+        on events that would be refused)."""
+        if content_encoding:
+            try:
+                payload = decode(content_encoding, payload, self.max_bytes)
+            except BodyError as bad:
+                return Refusal(bad.status, bad.reason, str(bad))
+        if content_type and content_type.split(";", 1)[0].strip().lower() in NDJSON_TYPES:
+            return self._ndjson(payload, room)
+        text, err = self.validate(payload, True)
+        if text is None:
+            return Refusal(400, err, err.replace("_", " "))
+        return [text]
+
+    def query(self, payload: bytes) -> list[str] | Refusal:
+        """A GET's event: the query string (bytes as received) as text."""
+        text, err = self.validate(payload, False)
+        if text is None:
+            return Refusal(400, err, err.replace("_", " "))
+        return [text]
+
+    def _ndjson(self, payload: bytes, room: int) -> list[str] | Refusal:
+        lines = ndjson_lines(payload)
+        if not lines:
+            return EMPTY_NDJSON
+        if len(lines) > room:
+            return QUEUE_FULL
+        if not self.validate_json:  # as `validate` without VALIDATE_JSON: invalid UTF-8 replaced by U+FFFD
+            return [raw.decode("utf-8", "replace") for raw in lines]
+        if not self._lines_valid(payload, lines):
+            return self.first_bad_line(payload)
+        return [raw.decode("utf-8") for raw in lines]
+
+    def _lines_valid(self, payload: bytes, lines: list[bytes]) -> bool:
+        """True when every NDJSON line is valid JSON within MAX_JSON_DEPTH; False: look for the bad one.
+
+        The common case costs one simdjson parse per line (a validating parser that builds no Python
+        objects: ≈ 0.3 µs per 300-byte line against ≈ 0.9 µs for `orjson.loads`) and one bracket
+        count for the whole body. Any failure (or a line with more openers than MAX_JSON_DEPTH)
+        re-checks line by line with `validate` (orjson), which alone decides what is refused and
+        why: simdjson only ever sends a body to that exact check, it never accepts on its own
+        anything orjson refuses (its one known extra, a leading UTF-8 BOM, takes the orjson loop).
+        """
+        try:
+            if _BOM in payload:  # simdjson skips a leading BOM that orjson (and so VALIDATE_JSON) refuses
+                loads = orjson.loads
+                for raw in lines:
+                    loads(raw)
+            else:
+                parse = self._json_parser.parse
+                for raw in lines:
+                    parse(raw)  # the result is dropped at once: the parser is reused for the next line
+        except (ValueError, RuntimeError):  # also simdjson's BIGINT_ERROR that orjson accepts: re-checked
+            return False
+        return max_openers(payload) <= self.max_depth
+
+    def first_bad_line(self, payload: bytes) -> list[str] | Refusal:
+        """The 400 naming the first line `validate` refuses; the events, if every line passes."""
+        events = []
+        for n, raw in split_ndjson(payload):
+            text, err = self.validate(raw, True)
+            if text is None:
+                return Refusal(400, err, f"line {n}: {err.replace('_', ' ')}")
+            events.append(text)
+        return events
+
+    def validate(self, raw: bytes, is_json: bool) -> tuple[str | None, str]:
+        """One event: (its text, "") or (None, the refusal reason). `is_json`: a POST body (JSON when
+        VALIDATE_JSON); a query string is only checked to be UTF-8."""
+        if is_json and self.validate_json:
+            if not raw.strip():
+                return None, "empty"
+            try:
+                value = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    return None, "invalid_utf8"
+                return None, "invalid_json"
+            # more openers than the cap is the only way to be too deep: most events skip the walk
+            if raw.count(b"[") + raw.count(b"{") > self.max_depth and too_deep(raw, value, self.max_depth):
+                return None, "too_deep"
+            return raw.decode("utf-8"), ""
+        try:
+            return raw.decode("utf-8"), ""
+        except UnicodeDecodeError:
+            if self.validate_json:
+                return None, "invalid_utf8"
+            return raw.decode("utf-8", "replace"), ""
 
 
 class BodyError(Exception):

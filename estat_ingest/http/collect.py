@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable, Mapping
 
 import orjson
-import simdjson
 
 from estat_ingest.config import Settings
 from estat_ingest.http.auth import WWW_AUTHENTICATE, ApiKeys, strip_api_key
-from estat_ingest.http.bodies import BodyError, decode, max_openers, ndjson_lines, split_ndjson, too_deep
+from estat_ingest.http.bodies import BodyReader
 from estat_ingest.http.clientip import ClientIp
 from estat_ingest.http.cors import Cors
 from estat_ingest.http.policy import (
@@ -49,10 +48,8 @@ from estat_ingest.pipeline.queue import EventQueue
 from estat_ingest.pipeline.record import IdGen, encode_records
 
 ALLOW = "GET, POST, OPTIONS"
-NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
 # the smallest transparent 1x1 GIF (43 bytes), for <img> pixels
 GIF = bytes.fromhex("47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b")
-_BOM = b"\xef\xbb\xbf"
 
 log = logging.getLogger("estat_ingest.http")
 
@@ -93,7 +90,7 @@ class Collector:
         self.cors = Cors(settings.cors_allow_origins)
         self.keys = ApiKeys(settings.api_keys)
         self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
-        self._json_parser = simdjson.Parser()  # one per Collector; used only on the event loop
+        self.bodies = BodyReader(settings)  # payload → events or refusal
 
     # ------------------------------------------------------------------ replies
 
@@ -182,43 +179,20 @@ class Collector:
             return self.too_large()
         if not self.accepting:
             return self.refuse(DRAINING)
-        if self.queue.room() <= 0:
+        room = self.queue.room()
+        if room <= 0:
             # full: answer before decoding, validating and encoding anything (an overloaded server
             # should not spend its CPU on events it will refuse)
             self.metrics.http_requests.inc()
             return self.refuse(self.full())
 
-        if method == "POST":
-            encoding = headers.get("Content-Encoding")
-            if encoding:
-                try:
-                    payload = decode(encoding, payload, settings.max_body_bytes)
-                except BodyError as bad:
-                    return self.refuse(Refusal(bad.status, bad.reason, str(bad)))
-            ctype = headers.get("Content-Type", "")
-            ndjson = bool(ctype) and ctype.split(";", 1)[0].strip().lower() in NDJSON_TYPES
-        else:
-            ndjson = False
-        if ndjson:
-            lines = ndjson_lines(payload)
-            if not lines:
-                return self.refuse(Refusal(400, "empty", "empty NDJSON body"))
-            if len(lines) > self.queue.room():
-                # cannot take all of them: refuse before validating and encoding (all-or-nothing)
+        events = (self.bodies.post(payload, headers.get("Content-Type", ""), headers.get("Content-Encoding"), room)
+                  if method == "POST" else self.bodies.query(payload))
+        if isinstance(events, Refusal):
+            if events is QUEUE_FULL:  # an NDJSON body with more events than the queue has room for
                 self.metrics.http_requests.inc()
                 return self.refuse(self.full())
-            if settings.validate_json:
-                refused = self._check_lines(payload, lines)
-                if refused is not None:
-                    return refused
-                bodies = [raw.decode("utf-8") for raw in lines]
-            else:  # as `_validate` without VALIDATE_JSON: invalid UTF-8 replaced by U+FFFD
-                bodies = [raw.decode("utf-8", "replace") for raw in lines]
-        else:
-            text, err = self._validate(payload, method == "POST")
-            if text is None:
-                return self.refuse(Refusal(400, err, err.replace("_", " ")))
-            bodies = [text]
+            return self.refuse(events)
 
         now = self.clock()
         xff = headers.get("X-Forwarded-For")
@@ -232,11 +206,11 @@ class Collector:
         # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
         extra = b',"api_key_name":' + orjson.dumps(key_name) if key_name and settings.record_api_key_name else b""
         try:
-            records = encode_records(now, ip, ua, cookie, bodies, self.ids, extra)
+            records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
         except TypeError:
             # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
             # replaced by U+FFFD, as v1 did, instead of failing the request
-            records = encode_records(now, ip, _printable(ua), _printable(cookie), bodies, self.ids, extra)
+            records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
 
         m = self.metrics
         m.http_requests.inc()
@@ -248,61 +222,6 @@ class Collector:
         if key_name:
             m.api_key_requests.labels(key_name).inc()
         return PIXEL_REPLY if pixel else OK_REPLY
-
-    def _check_lines(self, payload: bytes, lines: list[bytes]) -> Reply | None:
-        """None when every NDJSON line is valid JSON (VALIDATE_JSON), else the 400 for the first bad one.
-
-        The common case costs one simdjson parse per line (a validating parser that builds no Python
-        objects: ≈ 0.3 µs per 300-byte line against ≈ 0.9 µs for `orjson.loads`) and one bracket
-        count for the whole body. Any failure (or a line with more openers than MAX_JSON_DEPTH)
-        re-checks line by line with `_validate` (orjson), which alone decides what is refused and
-        why: simdjson only ever sends a body to that exact check, it never accepts on its own
-        anything orjson refuses (its one known extra, a leading UTF-8 BOM, takes the orjson loop).
-        """
-        try:
-            if _BOM in payload:  # simdjson skips a leading BOM that orjson (and so VALIDATE_JSON) refuses
-                loads = orjson.loads
-                for raw in lines:
-                    loads(raw)
-            else:
-                parse = self._json_parser.parse
-                for raw in lines:
-                    parse(raw)  # the result is dropped at once: the parser is reused for the next line
-        except (ValueError, RuntimeError):  # also simdjson's BIGINT_ERROR that orjson accepts: re-checked
-            return self._first_bad_line(payload)
-        if max_openers(payload) > self.settings.max_json_depth:
-            return self._first_bad_line(payload)
-        return None
-
-    def _first_bad_line(self, payload: bytes) -> Reply | None:
-        for n, raw in split_ndjson(payload):
-            text, err = self._validate(raw, True)
-            if text is None:
-                return self.refuse(Refusal(400, err, f"line {n}: {err.replace('_', ' ')}"))
-        return None
-
-    def _validate(self, raw: bytes, is_json: bool) -> tuple[str | None, str]:
-        """(payload text, "") or (None, reason)."""
-        if is_json and self.settings.validate_json:
-            if not raw.strip():
-                return None, "empty"
-            try:
-                value = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    return None, "invalid_utf8"
-                return None, "invalid_json"
-            if too_deep(raw, value, self.settings.max_json_depth):
-                return None, "too_deep"
-            return raw.decode("utf-8"), ""
-        try:
-            return raw.decode("utf-8"), ""
-        except UnicodeDecodeError:
-            if self.settings.validate_json:
-                return None, "invalid_utf8"
-            return raw.decode("utf-8", "replace"), ""
 
     def _cookie(self, raw: str) -> str:
         if not raw or not self.settings.store_cookies:

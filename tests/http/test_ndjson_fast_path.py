@@ -42,7 +42,7 @@ def reference(c: Collector, payload: bytes, ua: str, ids: Any) -> tuple[int, byt
     """The per-line algorithm /collect used before the fast path: (status, reply body, records)."""
     bodies = []
     for n, raw in split_ndjson(payload):
-        text, err = c._validate(raw, True)
+        text, err = c.bodies.validate(raw, True)
         if text is None:
             return 400, f"line {n}: {err.replace('_', ' ')}\n".encode(), []
         bodies.append(text)
