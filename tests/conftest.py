@@ -4,8 +4,8 @@ HTTP front of the servers a test starts.
 A test module with `FRONTS = ("aiohttp", "fast")` runs once per HTTP front: the module-scoped
 `front` fixture sets `HTTP_FRONT` in this process's environment, which every `ServerProcess`
 (tests/helpers.py) passes on to `estat-ingest serve`. In other modules `front` is whatever
-`HTTP_FRONT` already is (default aiohttp), so `HTTP_FRONT=fast pytest tests/e2e` runs every
-server-process test against the fast front.
+`HTTP_FRONT` already is, else the server's default (`fast`), so `HTTP_FRONT=aiohttp pytest
+tests/e2e` runs every server-process test against the aiohttp front.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ServerProcess, free_port, s3_client
+from tests.helpers import DEFAULT_FRONT, ServerProcess, free_port, s3_client
 
 # botocore reads credentials itself; tests use moto's dummy ones, never real ones.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
@@ -61,7 +61,7 @@ def front(request: pytest.FixtureRequest) -> Iterator[str]:
     """The HTTP front of the servers this module's tests start ("aiohttp" or "fast")."""
     value = getattr(request, "param", None)
     if value is None:
-        yield os.environ.get("HTTP_FRONT", "aiohttp")
+        yield os.environ.get("HTTP_FRONT", DEFAULT_FRONT)
         return
     old = os.environ.get("HTTP_FRONT")
     os.environ["HTTP_FRONT"] = value

@@ -19,7 +19,10 @@ from typing import Any
 import orjson
 import zstandard
 
+from estat_ingest.config import Settings
+
 REPO = Path(__file__).resolve().parent.parent
+DEFAULT_FRONT = Settings().http_front  # what `estat-ingest serve` runs without HTTP_FRONT
 
 
 HELD_REST = b'"a":"b"} '  # completes a body started by `hold_posts`: the event '{"a":"b"} '
@@ -86,7 +89,7 @@ class ServerProcess:
     @property
     def front(self) -> str:
         """The HTTP front this server runs: "aiohttp" or "fast"."""
-        return self.env.get("HTTP_FRONT", "aiohttp")
+        return self.env.get("HTTP_FRONT", DEFAULT_FRONT)
 
     @property
     def url(self) -> str:

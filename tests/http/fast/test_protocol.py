@@ -1,8 +1,9 @@
-"""The httptools front (HTTP_FRONT=fast) as `estat-ingest serve` runs it: a real server process on
-127.0.0.1, raw sockets. What the fast front had to port from the aiohttp front: header limits
-(431), body and header deadlines (408, closed), the in-flight cap (503), chunked bodies,
-pipelining, malformed HTTP (400 + counter + rate-limited log), routes and HEAD. Assertions are on
-status codes, counters and the events in the sink files, never on timing."""
+"""The httptools front's connections (HTTP_FRONT=fast, estat_ingest/http/fast/protocol.py) as
+`estat-ingest serve` runs them: a real server process on 127.0.0.1, raw sockets. The edge policy
+as this front applies it: header limits (431), body and header deadlines (408, closed), the
+in-flight cap (503), chunked bodies, pipelining, malformed HTTP (400 + counter + rate-limited log),
+routes and HEAD. Assertions are on status codes, counters and the events in the sink files, never
+on timing."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def delivered(root: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("fastfront-limits")
+    tmp = tmp_path_factory.mktemp("fast-front-limits")
     srv = ServerProcess({**FAST, "FILE_SINK_DIR": str(tmp / "data"), "DLQ_DIR": str(tmp / "dlq"),
                          "MAX_BODY_SIZE": "1000", "MAX_HEADER_BYTES": "2048", "MAX_HEADERS": "20",
                          "REQUEST_READ_TIMEOUT": "1s", "HEADER_READ_TIMEOUT": "1s"}, tmp)

@@ -1,6 +1,6 @@
-"""The httptools front (estat_ingest/fastfront.py) against the real pipeline and file sink, over
-real sockets on 127.0.0.1: replies, limits, pipelining, malformed input, and every 2xx event
-delivered once after the drain."""
+"""The httptools front (estat_ingest/http/fast/) inside `serve()`, against the real pipeline and
+file sink, over real sockets on 127.0.0.1: replies, limits, pipelining, malformed input, and every
+2xx event delivered once after the drain."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def post(body: bytes, ctype: str = "application/json", extra: str = "") -> bytes
             f"{extra}\r\n").encode() + body
 
 
-def test_fastfront_answers_like_the_contract_and_delivers_every_accepted_event(tmp_path: Path) -> None:
+def test_fast_front_answers_like_the_contract_and_delivers_every_accepted_event(tmp_path: Path) -> None:
     settings = Settings(http_host="127.0.0.1", http_port=0, file_sink_dir=str(tmp_path / "data"),
                         dlq_dir=str(tmp_path / "dlq"), instance_id="ff", max_body_bytes=1000,
                         shutdown_timeout_s=5.0, http_front="fast")
