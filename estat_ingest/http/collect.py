@@ -1,19 +1,23 @@
 """The /collect logic as a plain function of method, path, query, headers, body and peer.
 
-It does not know aiohttp: it validates, builds records (each encoded to its JSONL line once),
-enqueues them and picks the status. The HTTP front only reads the body under the size cap and
-turns a `Reply` into a response, so it can be replaced by a leaner one without touching this.
+It does not know aiohttp or httptools. `Collector.handle` orchestrates: the method, the API key,
+the size, whether the pipeline can take anything (draining, queue room), the body's events
+(http/bodies.py decodes, splits and validates, and returns the events or the refusal), the client
+IP and cookies, the records (each encoded to its JSONL line once), the enqueue, the status. The
+HTTP front reads the body under the edge policy's limits (http/policy.py) and turns the `Reply`
+into a response, so a front can be replaced by a leaner one without touching this.
 
 Status codes (DESIGN.md §3): 200 accepted; 400 not UTF-8 JSON; 405 with Allow; 413 over
 MAX_BODY_SIZE (exactly MAX is allowed); 503 with Retry-After when the queue is full, the server
 is draining, or (`dlq_unavailable`) neither a sink nor its DLQ can take batches (DESIGN.md §2.8).
 NDJSON is all-or-nothing. Every non-2xx moves `http_requests_rejected_total{reason}`.
 
-Edge rules (issue 5, docs/security.md): 401 with WWW-Authenticate when API_KEYS is set and the
-request presents no key or a wrong one; `Content-Encoding` gzip/deflate/zstd decoded under the
+Edge rules (docs/security.md): 401 with WWW-Authenticate when API_KEYS is set and the request
+presents no key or a wrong one; `Content-Encoding` gzip/deflate/zstd decoded under the
 MAX_BODY_SIZE cap (413 past it, 400 broken stream, 415 unknown encoding); JSON nested deeper than
 MAX_JSON_DEPTH is 400; CORS headers for allowed origins; `GET /collect.gif` or `Accept: image/*`
-answers a 1x1 GIF. Rejections are logged at most once per reason per LOG_EVERY_S seconds.
+answers a 1x1 GIF. Rejections are logged at most once per reason per LOG_EVERY_S seconds, so a
+client repeating a bad request cannot fill the disk.
 """
 
 from __future__ import annotations

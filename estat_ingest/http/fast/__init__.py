@@ -16,30 +16,31 @@ timer instead of a timer per request.
 same pipeline and the same shutdown path as the aiohttp front (`Front` has the three methods
 `http.fronts.HttpFront` asks for).
 
-What it does, with the aiohttp front's behaviour for each (docs/security.md):
+What it does; the limits, answers, admission and draining close are the edge policy's
+(http/policy.py), the same as the aiohttp front's, and docs/security.md lists what still differs:
 - routes: `/collect` and the pixel paths (any method; `Collector.handle` answers 405 itself),
   `/health`, `/ready`, `/metrics` (GET and HEAD, else 405 with `Allow`), 404 otherwise; a HEAD
   answer has the headers of the GET answer and no body;
-- `MAX_IN_FLIGHT`: a /collect request counts from its complete headers until it is answered
-  (`Collector.inflight`, which shutdown waits for); past the cap, 503 `overloaded` with
-  `Retry-After: 1`, connection closed, the body never read;
+- `MAX_IN_FLIGHT`: a /collect request is admitted (`Collector.inflight`, which shutdown waits
+  for) once its headers are complete and counted until it is answered; past the cap, 503
+  `overloaded` with `Retry-After: 1`, connection closed, the body never read;
 - 413 from Content-Length before any body byte is read, or as soon as a (chunked) body passes
-  MAX_BODY_SIZE; a request line over max(8190, MAX_BODY_SIZE + 4096) bytes is 413 when it has a
-  query (the GET payload), 431 otherwise;
+  MAX_BODY_SIZE; a request line over the policy's bound is 413 when it has a query (the GET
+  payload), 431 otherwise;
 - header limits: a header line over MAX_HEADER_BYTES or more than MAX_HEADERS headers is 431
   (`header_too_large`; the aiohttp front answers 400). httptools accumulates a header without a
   bound until it is complete, so the bytes of a header section still in progress are bounded too;
 - malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, raw
   non-ASCII bytes in the request target, an HTTP/1.1 request without Host, an upgrade before
-  the request is complete) is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}` and logged at most
-  once per reason per 10 s (`routes.ProtocolErrors`, shared with the aiohttp front);
+  the request is complete) is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}`
+  and logged at most once per reason per 10 s (`policy.ProtocolErrors`, shared with the aiohttp front);
 - HEADER_READ_TIMEOUT: a connection's first request must complete its headers within it from
   the connection's start, a later request from its first byte; else the connection is closed
   without an answer (`header_timeout`); REQUEST_READ_TIMEOUT: a body not complete within it
   from the end of the headers is 408 (`read_timeout`), connection closed;
 - after a refusal the connection stops parsing, sends the answer, half-closes and discards what
-  the client still sends for at most LINGER_S (so the client reads the answer instead of a reset),
-  then closes; keep-alive idle timeout 75 s (above an ALB's 60 s);
+  the client still sends for at most the linger time (so the client reads the answer instead of a
+  reset), then closes; an idle keep-alive connection is closed after the keep-alive time;
 - `Expect: 100-continue`, chunked bodies, pipelined requests answered in order, `Connection:
   close` on every answer once the server is draining, header values decoded as UTF-8 with
   surrogate escapes (as aiohttp does, so non-UTF-8 bytes are stored as U+FFFD by `/collect`).
