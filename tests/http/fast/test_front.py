@@ -5,6 +5,8 @@ file sink, over real sockets on 127.0.0.1: replies, limits, pipelining, malforme
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -98,3 +100,10 @@ def test_fast_front_answers_like_the_contract_and_delivers_every_accepted_event(
     assert asyncio.run(scenario()) == 0
     bodies = sorted(r["body"] for _, r in records_of(file_objects(tmp_path / "data")))
     assert bodies == sorted(accepted)
+
+
+def test_the_fast_front_does_not_import_aiohttp() -> None:
+    """The fast front shares the edge policy with the aiohttp front, not the aiohttp front's module."""
+    code = "import sys, estat_ingest.http.fast.front; print(sorted(m for m in sys.modules if m.startswith('aiohttp')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
