@@ -48,9 +48,9 @@ from estat_ingest.config import Settings
 from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import CONTENT_TYPE, Metrics
 
-KEEPALIVE_S = 75.0
+KEEPALIVE_S = 75.0  # above an ALB's 60 s idle timeout
 LINGER_S = 2.0  # aiohttp's default lingering_time (10 s) would let a trickling client hold a socket
-CLOSE_FLUSH_S = 1.0
+CLOSE_FLUSH_S = 1.0  # a client that does not read its last answer must not hold the shutdown
 LOG_EVERY_S = 10.0  # one log line per rejection reason per interval
 
 # ------------------------------------------------------------------------------------ routes
@@ -131,8 +131,8 @@ READY = Reply(200, TEXT_HEADERS, b"ready")
 NOT_READY = Reply(503, TEXT_HEADERS, b"not ready")
 NOT_FOUND = Reply(404, TEXT_HEADERS, b"404: Not Found")
 PLAIN_NOT_ALLOWED = Reply(405, {"Content-Type": TEXT, "Allow": "GET,HEAD"}, b"405: Method Not Allowed")
+# the fast front's answers to a bug in /collect and to what its parser refuses (aiohttp writes its own)
 INTERNAL_ERROR = Reply(500, {}, b"internal error\n")
-# the fast front's answers to what its parser refuses (aiohttp's parser writes its own)
 HEADER_TOO_LARGE = Reply(431, TEXT_HEADERS, b"request header fields too large\n")
 MALFORMED = Reply(400, TEXT_HEADERS, b"malformed request\n")
 

@@ -22,20 +22,19 @@ from estat_ingest.http.policy import (
     INTERNAL_ERROR,
     MALFORMED,
     NOT_FOUND,
-    NOT_READY,
     OVERLOADED,
     PLAIN_NOT_ALLOWED,
     PLAIN_PATHS,
     READ_TIMEOUT,
-    READY,
     Reply,
     metrics_reply,
+    ready_reply,
 )
 
 if TYPE_CHECKING:
     from estat_ingest.http.fast.front import Front
 
-log = logging.getLogger("estat_ingest.fastfront")
+log = logging.getLogger("estat_ingest.fastfront")  # a stable name for log filters, whatever the module path
 _now = time.monotonic  # every timer of this front (uvloop's loop.time() has another origin)
 
 IDLE, HEAD, BODY = 0, 1, 2  # where a connection is in its current request
@@ -290,7 +289,7 @@ class HttpConn(asyncio.Protocol):
             elif path == "/health":
                 self._send(HEALTH, keep, head)
             elif path == "/ready":
-                self._send(READY if collector.ready else NOT_READY, keep, head)
+                self._send(ready_reply(collector.ready), keep, head)
             else:
                 self._send(metrics_reply(front.metrics), keep, head)
         else:
