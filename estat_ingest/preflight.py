@@ -15,6 +15,7 @@ import socket
 
 from estat_ingest.config import Settings
 from estat_ingest.fsutil import fsync_dir
+from estat_ingest.http.sockets import make_socket
 
 
 class StartupError(Exception):
@@ -109,15 +110,9 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
     Raises `StartupError` naming HTTP_ADDR when the address cannot be had."""
     host, port = settings.http_host, settings.http_port
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.setblocking(False)
+        return make_socket(host, port, reuse_port, listen=False)  # closed again when it fails
     except OSError as err:
-        sock.close()
         if isinstance(err, socket.gaierror):
             why = f"cannot resolve {host}: {err.strerror}"
         elif err.errno == errno.EADDRINUSE:
@@ -129,4 +124,3 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
         else:
             why = err.strerror or str(err)
         raise StartupError(f"HTTP_ADDR={shown!r} is not usable: {why}") from None
-    return sock
