@@ -1,9 +1,10 @@
-"""The listening socket, made in one place for `serve` (one process) and `serve --workers N`.
+"""The listening socket, made in one place: for the start-up check (`preflight.bind`, before
+anything starts), for `serve()` when it is given none, and for each `serve --workers N` process.
 
-`serve` binds and listens itself. With workers, every process binds the same port with
-SO_REUSEPORT and the kernel spreads new connections over the sockets that are listening; a
-worker's socket is left unlistened (`listen=False`) until its front starts (asyncio's
-create_server calls listen), so no connection waits in the backlog of a worker still starting.
+A socket made for a server still starting is left unlistened (`listen=False`): the front's
+create_server listens once the pipeline runs, so no connection waits in the backlog of a server
+that is not ready. With workers, every process binds the same port with SO_REUSEPORT and the
+kernel spreads new connections over the sockets that are listening.
 """
 
 from __future__ import annotations
