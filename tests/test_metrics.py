@@ -66,7 +66,7 @@ def literal_label_values(paths: list[Path]) -> dict[str, set[tuple[int, str]]]:
 
 
 # call name → index of the argument that carries a rejection reason
-REASON_ARG = {"reject": 1, "unavailable": 0, "_protocol_error": 1, "BodyError": 1}
+REASON_ARG = {"Refusal": 1, "_protocol_error": 1, "BodyError": 1}
 
 
 def _assigns_reason(node: ast.AST) -> bool:
@@ -75,7 +75,7 @@ def _assigns_reason(node: ast.AST) -> bool:
 
 def rejection_reasons(paths: list[Path]) -> set[str]:
     """Reasons the HTTP fronts can put on http_requests_rejected_total: the reason argument of
-    reject()/unavailable()/_protocol_error()/BodyError(), `reason = "..."`, and the `(None, "...")`
+    Refusal()/_protocol_error()/BodyError(), `reason = "..."`, and the `(None, "...")`
     verdicts of the body validators."""
     found: set[str] = set()
     for path in paths:
@@ -195,7 +195,7 @@ def test_every_literal_label_value_in_the_code_is_declared() -> None:
 
 
 def test_rejection_reasons_are_declared() -> None:
-    used = rejection_reasons([*(PKG / "http").glob("*.py"), PKG / "fastfront.py"])
+    used = rejection_reasons(sorted((PKG / "http").rglob("*.py")))
     assert {"too_large", "queue_full", "invalid_json", "bad_encoding", "bad_http", "header_too_large"} <= used
     assert used <= set(metrics_mod.REJECT_REASONS), sorted(used - set(metrics_mod.REJECT_REASONS))
     m = Metrics()  # before any sink is declared: the HTTP front's series exist from the start
@@ -273,7 +273,7 @@ def test_spool_labels_are_declared() -> None:
 
 
 def test_the_scans_read_what_they_claim(tmp_path: Path) -> None:
-    src = ('def f(x):\n    self.reject(400, "a_b", "m")\n    self.unavailable("q" if x else "d")\n'
+    src = ('def f(x):\n    Refusal(400, "a_b", "m")\n    policy.Refusal(503, "q" if x else "d", "m")\n'
            '    reason = "r"\n    return None, "v"\n    return None\n'
            '    Result(Outcome.RETRY, "t")\n    ok = "p" if x else ""\n    Result(Outcome.OK, ok)\n'
            '    Result(failed, reason or "i")\n    m.dlq.labels(s, "w")\n    self._spill(l, p, "s")\n'
