@@ -26,11 +26,11 @@ from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.fronts import make_front
 from estat_ingest.http.routes import COLLECTOR, METRICS, build_app
-from estat_ingest.http.sockets import make_socket
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
 from estat_ingest.sinks.base import Sink
+from estat_ingest.sockets import make_socket
 
 log = logging.getLogger("estat_ingest")
 

@@ -15,7 +15,7 @@ import socket
 
 from estat_ingest.config import Settings
 from estat_ingest.fsutil import fsync_dir
-from estat_ingest.http.sockets import make_socket
+from estat_ingest.sockets import make_socket
 
 
 class StartupError(Exception):

@@ -37,7 +37,7 @@ from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from estat_ingest.config import Settings
-from estat_ingest.http.sockets import make_socket
+from estat_ingest.sockets import make_socket
 
 log = logging.getLogger("estat_ingest.workers")
 

@@ -12,8 +12,8 @@ from estat_ingest.http.collect import OK_REPLY, Collector
 from estat_ingest.http.fast.protocol import HttpConn
 from estat_ingest.http.fast.render import DateHeader, render
 from estat_ingest.http.policy import ProtocolErrors
-from estat_ingest.http.sockets import BACKLOG
 from estat_ingest.metrics import Metrics
+from estat_ingest.sockets import BACKLOG
 
 
 class Front:

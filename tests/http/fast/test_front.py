@@ -13,7 +13,7 @@ import orjson
 
 from estat_ingest.app import serve
 from estat_ingest.config import Settings
-from estat_ingest.http.sockets import make_socket
+from estat_ingest.sockets import make_socket
 from tests.helpers import file_objects, records_of
 
 
