@@ -1,31 +1,35 @@
-"""Wiring: serve() with the start-up and shutdown order for either HTTP front, and
-create_app(settings) → aiohttp Application (in-process servers in tests).
+"""Wiring: serve(), the one lifecycle of a server process, for either HTTP front.
 
-`serve()` builds the pipeline and the Collector, then the front `HTTP_FRONT` names
-(`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/).
-Shutdown (DESIGN.md §7) is the same code for both: the first signal turns /ready 503 → the
-front stops listening → serve() waits (bounded) for requests inside /collect → the front closes
-every connection → the pipeline drains with what is left of SHUTDOWN_TIMEOUT → undelivered
-batches go to the DLQ → exit 0. The queue is closed only after the HTTP side has fully stopped,
-so no handler ever meets a closed queue. A second signal skips straight to the spill.
+`serve()` enters its parts with an AsyncExitStack, in order — the signal handlers, the pipeline
+(sinks, DLQ stores, the durable spool and its recovery, the loops), the Collector's acceptance,
+the HTTP front (`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/) — and
+leaves them in reverse, only what was entered: a part that fails to start undoes what started
+before it. Leaving is the shutdown of DESIGN.md §7: the first signal turns /ready 503 → the front
+stops listening → serve() waits (bounded) for requests inside /collect (in durable mode, for their
+fsync) → the front closes every connection → the Collector stops accepting → the pipeline drains
+with what is left of SHUTDOWN_TIMEOUT → undelivered batches go to the DLQ → exit 0. The queue is
+closed only after the HTTP side has fully stopped, so no handler ever meets a closed queue. A
+second signal skips straight to the spill. Tests use this same path (`shutdown_trigger`, `sock`).
+
+The pipeline's loops are tasks it owns and awaits at drain, not a TaskGroup: a TaskGroup would
+cancel every uploader (and the batches in their hands) when one task fails, and the drain needs
+to give its tasks a deadline and then a second, spilling pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from estat_ingest.config import Settings
 from estat_ingest.http.collect import Collector
-from estat_ingest.http.fronts import make_front
-from estat_ingest.http.routes import COLLECTOR, METRICS, build_app
+from estat_ingest.http.fronts import HttpFront, make_front
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -33,8 +37,6 @@ from estat_ingest.sinks.base import Sink
 from estat_ingest.sockets import make_socket
 
 log = logging.getLogger("estat_ingest")
-
-PIPELINE: web.AppKey[Pipeline] = web.AppKey("pipeline", Pipeline)
 
 
 @dataclass
@@ -78,35 +80,6 @@ class Lifecycle:
         return max(0.0, self.remaining() - reserve)
 
 
-def create_app(
-    settings: Settings,
-    *,
-    metrics: Metrics | None = None,
-    sinks: Sequence[Sink] | None = None,
-    lifecycle: Lifecycle | None = None,
-    worker: int | None = None,
-    dlq_root: str | None = None,
-) -> web.Application:
-    """The aiohttp application with the pipeline started and drained by its cleanup_ctx (for
-    in-process servers such as aiohttp's TestServer; `serve()` runs the pipeline itself)."""
-    metrics = metrics or Metrics()
-    lifecycle = lifecycle or Lifecycle(settings)
-    pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
-    collector = Collector(settings, pipeline.queue, metrics)
-    app = build_app(collector, metrics)
-    app[PIPELINE] = pipeline
-
-    async def pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
-        await pipeline.start()
-        collector.accepting = True
-        yield
-        collector.accepting = False
-        await _drain(pipeline, lifecycle)
-
-    app.cleanup_ctx.append(pipeline_ctx)
-    return app
-
-
 def _pipeline(settings: Settings, metrics: Metrics, sinks: Sequence[Sink] | None, worker: int | None,
               dlq_root: str | None) -> Pipeline:
     return Pipeline(
@@ -130,10 +103,6 @@ async def _drain(pipeline: Pipeline, lifecycle: Lifecycle) -> None:
         "lifetime_lost_events": report.lost_events, "lifetime_dropped_events": report.dropped_events})
 
 
-def set_ready(app: web.Application, ready: bool) -> None:
-    _set_ready(app[COLLECTOR], app[METRICS], ready)
-
-
 def _set_ready(collector: Collector, metrics: Metrics, ready: bool) -> None:
     collector.ready = ready
     metrics.ready.set(1 if ready else 0)
@@ -150,19 +119,18 @@ async def serve(
     sock: socket.socket | None = None,
     install_signals: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code.
-
-    One path for both fronts (`HTTP_FRONT`), DESIGN.md §7: /ready 503 → the listener closes →
-    requests inside /collect finish (bounded by `http_grace`, or until a second signal) → every
-    connection closed → the queue closed and drained → flush → uploads within the budget →
-    spill to the DLQ → 0.
-    """
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code."""
     lifecycle = Lifecycle(settings)
     metrics = metrics or Metrics()
+    loop = asyncio.get_running_loop()
+    # a port in use fails here, before anything else started (the CLI binds it even earlier)
+    own_sock = sock or make_socket(settings.http_host, settings.http_port, listen=False)
     pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
     collector = Collector(settings, pipeline.queue, metrics)
+    spool = pipeline.spool
+    if spool is not None:  # /ready: the spool must be able to write (DESIGN.md §10)
+        collector.healthy = lambda: spool.healthy
     front = make_front(settings, collector, metrics, lifecycle)
-    loop = asyncio.get_running_loop()
 
     def on_signal(signame: str) -> None:
         if lifecycle.started_at is None:
@@ -175,33 +143,34 @@ async def serve(
             lifecycle.hurry.set()
             pipeline.abort()
 
-    if install_signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
-    await pipeline.start()  # sinks, DLQ, replayers
-    collector.accepting = True
-    try:
-        own_sock = sock or make_socket(settings.http_host, settings.http_port)
+    async with contextlib.AsyncExitStack() as stack:
+        if sock is None:
+            stack.callback(own_sock.close)
+        if install_signals:  # entered first, left last: a second signal still works during the drain
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_signal, sig.name)
+                stack.callback(loop.remove_signal_handler, sig)
+        await pipeline.start()  # sinks, DLQ, spool recovery, replayers; undoes itself if it fails
+        stack.push_async_callback(_drain, pipeline, lifecycle)
+        collector.accepting = True
+        stack.callback(setattr, collector, "accepting", False)  # only once the HTTP side stopped
         await front.start(own_sock)
+        stack.push_async_callback(_stop_http, front, collector, metrics, lifecycle)
         _set_ready(collector, metrics, True)
         host, port = own_sock.getsockname()[:2]
         log.info("listening", extra={"addr": f"{host}:{port}", "sinks": list(settings.sinks),
                                      "dlq_dir": pipeline.dlq_root, "instance": pipeline.namer.instance,
-                                     "http_front": settings.http_front})
-
+                                     "http_front": settings.http_front, "ack_mode": settings.ack_mode})
         await lifecycle.wait_for_stop(shutdown_trigger)
-        _set_ready(collector, metrics, False)
-        await front.stop_listening()
-        await _wait_in_flight(collector, lifecycle)
-        await front.close()
-    finally:
-        # only now, with the HTTP side stopped, is the queue closed: no handler meets it closed
-        collector.accepting = False
-        await _drain(pipeline, lifecycle)
-        if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
     return 0
+
+
+async def _stop_http(front: HttpFront, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> None:
+    """/ready 503, no new connections, the requests inside /collect finish (bounded), close."""
+    _set_ready(collector, metrics, False)
+    await front.stop_listening()
+    await _wait_in_flight(collector, lifecycle)
+    await front.close()
 
 
 async def _wait_in_flight(collector: Collector, lifecycle: Lifecycle) -> None:

@@ -1,4 +1,4 @@
-"""The aiohttp front in-process: body cap before reading, /health, /ready, /metrics format."""
+"""The aiohttp front in-process, inside `serve()`: body cap before reading, /health, /ready, /metrics format."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from estat_ingest.app import create_app, set_ready
+from estat_ingest.app import serve
 from estat_ingest.config import Settings
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.memory import MemorySink
+from estat_ingest.sockets import make_socket
 
 V1_METRICS = [
     "http_requests_total", "http_requests_accepted_total", "http_requests_rejected_body_too_large_total",
@@ -25,26 +25,41 @@ V1_METRICS = [
 ]
 
 
-def run(tmp_path: Path, body: Callable[[TestClient[Any, Any], web.Application], Awaitable[None]],
-        ready: bool = True, **kw: Any) -> None:
+def run(tmp_path: Path, body: Callable[[aiohttp.ClientSession, int], Awaitable[None]], **kw: Any) -> None:
+    """`body` against `serve()` itself (the aiohttp front), the path production runs."""
+
     async def main() -> None:
-        s = Settings.from_env({}, dlq_dir=str(tmp_path / "dlq"), instance_id="t", **kw)
-        app = create_app(s, metrics=Metrics(), sinks=[MemorySink()])
-        async with TestClient(TestServer(app)) as client:
-            if ready:
-                set_ready(app, True)
-            await body(client, app)
+        s = Settings.from_env({}, dlq_dir=str(tmp_path / "dlq"), instance_id="t", http_front="aiohttp", **kw)
+        sock = make_socket("127.0.0.1", 0, listen=False)
+        port = sock.getsockname()[1]
+        stop = asyncio.Event()
+        server = asyncio.create_task(serve(s, sock=sock, shutdown_trigger=stop, install_signals=False,
+                                           metrics=Metrics(), sinks=[MemorySink()]))
+        try:
+            async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as client:
+                for _ in range(500):  # nothing answers before start-up is complete, then /ready is 200
+                    try:
+                        async with client.get("/ready") as r:
+                            assert r.status == 200
+                            break
+                    except aiohttp.ClientConnectionError:
+                        assert not server.done(), server
+                        await asyncio.sleep(0.02)
+                await body(client, port)
+        finally:
+            stop.set()
+            assert await server == 0
 
     asyncio.run(main())
 
 
+
+
+
 def test_health_ready_and_metrics(tmp_path: Path) -> None:
-    async def body(client: TestClient[Any, Any], app: web.Application) -> None:
+    async def body(client: aiohttp.ClientSession, port: int) -> None:
         r = await client.get("/health")
         assert r.status == 200 and await r.text() == "ok"
-        r = await client.get("/ready")
-        assert r.status == 503  # start-up not finished: serve() marks ready after listening
-        set_ready(app, True)
         assert (await client.get("/ready")).status == 200
         await client.post("/collect", data=b'{"a":1}')
         await client.post("/collect", data=b"x" * 20000)
@@ -62,14 +77,11 @@ def test_health_ready_and_metrics(tmp_path: Path) -> None:
                      "events_delivered"):
             assert name in families, name
 
-    run(tmp_path, body, ready=False)
+    run(tmp_path, body)
 
 
 def test_413_on_content_length_before_reading_the_body(tmp_path: Path) -> None:
-    async def body(client: TestClient[Any, Any], app: web.Application) -> None:
-        port = client.server.port
-        assert port is not None
-
+    async def body(client: aiohttp.ClientSession, port: int) -> None:
         def raw() -> bytes:
             # announce MAX+1 bytes but send none: the answer must come without waiting for them
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -93,7 +105,7 @@ def test_413_on_content_length_before_reading_the_body(tmp_path: Path) -> None:
 
 
 def test_get_and_ndjson_through_http(tmp_path: Path) -> None:
-    async def body(client: TestClient[Any, Any], app: web.Application) -> None:
+    async def body(client: aiohttp.ClientSession, port: int) -> None:
         assert (await client.get("/collect?e=1&b=%20")).status == 200
         r = await client.post("/collect", data=b'{"a":1}\n{"a":2}\n',
                               headers={"Content-Type": "application/x-ndjson"})
