@@ -22,6 +22,8 @@ client repeating a bad request cannot fill the disk.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -39,6 +41,7 @@ from estat_ingest.http.policy import (
     LOG_EVERY_S,
     PIXEL_PATHS,
     QUEUE_FULL,
+    SPOOL_REFUSALS,
     TEXT_HEADERS,
     InFlight,
     Limits,
@@ -95,6 +98,8 @@ class Collector:
         self.keys = ApiKeys(settings.api_keys)
         self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
         self.bodies = BodyReader(settings)  # payload → events or refusal
+        self.durable = settings.ack_mode == "durable"
+        self.healthy: Callable[[], bool] = lambda: True  # /ready also needs this (durable: the spool writes)
 
     # ------------------------------------------------------------------ replies
 
@@ -120,7 +125,33 @@ class Collector:
         extra = self.cors.simple(headers.get("Origin"))
         if extra is None:
             return reply
-        return Reply(reply.status, {**reply.headers, **extra}, reply.body)
+        return Reply(reply.status, {**reply.headers, **extra}, reply.body, reply.ticket)
+
+    def settle(self, reply: Reply) -> Reply:
+        """ACK_MODE=durable: the answer to write once `reply.ticket` is done — `reply` itself when
+        the spool made every event durable, else a 503 (counted) that keeps its CORS headers."""
+        ticket = reply.ticket
+        assert ticket is not None and ticket.done()
+        err = None if ticket.cancelled() else ticket.exception()
+        if ticket.cancelled() or err is not None:
+            reason = getattr(err, "reason", "io_error")
+            refused = self.refuse(SPOOL_REFUSALS.get(reason, SPOOL_REFUSALS["io_error"]))
+            return Reply(refused.status, {**reply.headers, **refused.headers}, refused.body)
+        if reply.status == 200 and not reply.headers and not reply.body:
+            return OK_REPLY
+        return Reply(reply.status, reply.headers, reply.body)
+
+    def _accepted(self, n: int, key_name: str) -> None:
+        m = self.metrics
+        m.http_accepted.inc()
+        m.events_accepted.inc(n)
+        if key_name:
+            m.api_key_requests.labels(key_name).inc()
+
+    def _durable(self, ticket: asyncio.Future[None], n: int, key_name: str) -> None:
+        """Counted as accepted only when the spool kept the events (a 503 is counted as refused)."""
+        if not ticket.cancelled() and ticket.exception() is None:
+            self._accepted(n, key_name)
 
     def too_large(self) -> Reply:
         return self.refuse(self._too_large)
@@ -216,15 +247,16 @@ class Collector:
             # replaced by U+FFFD, as v1 did, instead of failing the request
             records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
 
-        m = self.metrics
-        m.http_requests.inc()
-        ok = self.queue.offer(records[0]) if len(records) == 1 else self.queue.offer_many(records)
+        self.metrics.http_requests.inc()
+        queue = self.queue
+        ok = queue.offer(records[0]) if len(records) == 1 else queue.offer_many(records)
         if not ok:
-            return self.refuse(self.full() if not self.queue.closed else DRAINING)
-        m.http_accepted.inc()
-        m.events_accepted.inc(len(records))
-        if key_name:
-            m.api_key_requests.labels(key_name).inc()
+            return self.refuse(self.full() if not queue.closed else DRAINING)
+        if self.durable:  # answered once the spool round that covers these events is fsynced
+            ticket = queue.ticket()
+            ticket.add_done_callback(functools.partial(self._durable, n=len(records), key_name=key_name))
+            return Reply(200, PIXEL_REPLY.headers, PIXEL_REPLY.body, ticket) if pixel else Reply(200, ticket=ticket)
+        self._accepted(len(records), key_name)
         return PIXEL_REPLY if pixel else OK_REPLY
 
     def _cookie(self, raw: str) -> str:

@@ -92,11 +92,17 @@ RETRY_AFTER: Mapping[str, str] = {"Retry-After": "1"}
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An answer, independent of the front that writes it."""
+    """An answer, independent of the front that writes it.
+
+    With `ACK_MODE=durable` an accepted request's reply carries the `ticket` of its events: the
+    front writes it only once the ticket is done, in request order, and asks the Collector for the
+    final answer (`Collector.settle`: the same reply, or 503 if the spool could not keep them).
+    """
 
     status: int
     headers: Mapping[str, str] = field(default_factory=dict)
     body: bytes = b""
+    ticket: asyncio.Future[None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +122,17 @@ QUEUE_FULL = Refusal(503, "queue_full", "queue full, retry later", RETRY_AFTER)
 # fail closed (DESIGN.md §2.8): neither a sink nor its DLQ can take batches; retrying at once cannot help
 DLQ_UNAVAILABLE = Refusal(503, "dlq_unavailable", "the sink and the DLQ cannot take events now, retry later",
                           {"Retry-After": "5"})
+# ACK_MODE=durable: the spool could not make the request's events durable (nothing of them is kept)
+SPOOL_REFUSALS = {r.reason.removeprefix("spool_"): r for r in (
+    Refusal(503, "spool_no_space", "events not stored: the spool disk is full, retry later", RETRY_AFTER),
+    Refusal(503, "spool_read_only", "events not stored: the spool disk is read-only, retry later", RETRY_AFTER),
+    Refusal(503, "spool_permission", "events not stored: the spool directory refused the write, retry later",
+            RETRY_AFTER),
+    Refusal(503, "spool_io_error", "events not stored: the spool disk failed, retry later", RETRY_AFTER),
+    Refusal(503, "spool_lease_lost", "events not stored: this instance lost its spool lease, retry later",
+            RETRY_AFTER),
+    Refusal(503, "spool_shutdown", "events not stored: the server is shutting down, retry later", RETRY_AFTER),
+)}
 READ_TIMEOUT = Refusal(408, "read_timeout", "request body not received in time")
 BAD_BODY = Refusal(400, "bad_body", "request body could not be read")  # broken framing, client gone
 

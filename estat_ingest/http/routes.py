@@ -91,6 +91,9 @@ async def collect(request: web.Request) -> web.StreamResponse:
             body,
             request.remote,
         )
+        if reply.ticket is not None:  # durable: answered once the spool fsync covering it returned
+            await asyncio.wait([reply.ticket])
+            reply = collector.settle(reply)
         resp = to_response(reply)
         if not collector.ready:
             resp.force_close()  # the draining close (http/policy.py)
@@ -106,7 +109,8 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     served(request)
-    return to_response(ready_reply(request.app[COLLECTOR].ready))
+    collector = request.app[COLLECTOR]
+    return to_response(ready_reply(collector.ready and collector.healthy()))
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -47,7 +48,7 @@ class _Stop(Exception):
 class HttpConn(asyncio.Protocol):
     __slots__ = ("began_here", "body", "body_size", "closing", "counted", "front", "hdrs", "head_line", "head_total",
                  "headers", "is_collect", "last_active", "linger_until", "method", "opened", "parser",
-                 "path", "paused", "peer", "phase", "query", "served", "started", "transport", "url")
+                 "path", "paused", "peer", "phase", "query", "served", "started", "transport", "url", "waiting")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -73,6 +74,10 @@ class HttpConn(asyncio.Protocol):
         self.head_line = 0
         self.head_total = 0
         self.paused = False
+        # ACK_MODE=durable: answers not written yet, in request order, as (reply, data, keep, head):
+        # an accepted /collect waiting for its ticket (reply; it holds its in-flight count), or the
+        # bytes of an answer queued behind one (reply None); keep False closes after it
+        self.waiting: deque[tuple[Reply | None, bytes, bool, bool]] | None = None
 
     # ------------------------------------------------------------------ transport events
 
@@ -88,6 +93,11 @@ class HttpConn(asyncio.Protocol):
         front.conns.discard(self)
         self.transport = None
         self._leave()
+        if self.waiting:  # the client is gone: its events are durable (or not) all the same
+            for reply, _data, _keep, _head in self.waiting:
+                if reply is not None:
+                    front.collector.inflight.leave()
+            self.waiting.clear()
         if front._all_closed is not None and not front.conns:
             front._all_closed.set()
 
@@ -105,6 +115,12 @@ class HttpConn(asyncio.Protocol):
         # the client will send nothing more: a request still incomplete can never be answered
         # usefully (aiohttp's front also just closes); an answer already written is flushed
         self._leave()
+        waiting = self.waiting
+        if waiting:  # answers still due (durable): written first, then the transport is closed
+            reply, data, _keep, head = waiting[-1]
+            waiting[-1] = (reply, data, False, head)
+            self.closing = True
+            return True
         return None  # close the transport (after the write buffer is flushed)
 
     def data_received(self, data: bytes) -> None:
@@ -150,7 +166,7 @@ class HttpConn(asyncio.Protocol):
         """The sweeper's per-connection check: timeouts, keep-alive, the end of lingering."""
         limits = self.front.limits
         if self.closing:
-            if now >= self.linger_until:
+            if now >= self.linger_until and not self.waiting:  # (answers still due: written first)
                 self.close()
         elif self.phase == BODY:
             if now - self.started > limits.body_read_s:
@@ -278,8 +294,17 @@ class HttpConn(asyncio.Protocol):
                 log.exception("collect failed")
                 collector.metrics.rejected.labels("server_error").inc()
                 reply = INTERNAL_ERROR
+            if reply.ticket is not None:  # durable: answer once its events are fsynced
+                self.counted = False  # the waiting answer holds the in-flight count now
+                self._wait(reply, keep, head)
+                if not keep:
+                    self.closing = True  # nothing more is read; closed once the answer is written
+                    raise _Stop
+                return
             self._leave()
-            if reply is OK_REPLY:
+            if self.waiting:
+                self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
+            elif reply is OK_REPLY:
                 transport.write(front.ok_bytes(not keep))
             else:
                 transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head))
@@ -289,14 +314,15 @@ class HttpConn(asyncio.Protocol):
             elif path == "/health":
                 self._send(HEALTH, keep, head)
             elif path == "/ready":
-                self._send(ready_reply(collector.ready), keep, head)
+                self._send(ready_reply(collector.ready and collector.healthy()), keep, head)
             else:
                 self._send(metrics_reply(front.metrics), keep, head)
         else:
             self._send(NOT_FOUND, keep, head)
         if not keep:
             self.closing = True
-            transport.close()
+            if not self.waiting:  # else closed once the answers before this one are written
+                transport.close()
             raise _Stop  # nothing after this request is read (pipelined bytes are dropped)
 
     # ------------------------------------------------------------------ replies
@@ -305,8 +331,44 @@ class HttpConn(asyncio.Protocol):
         return self.front.collector.with_cors(reply, self.hdrs) if self.hdrs is not None else reply
 
     def _send(self, reply: Reply, keep: bool, head: bool) -> None:
-        if self.transport is not None:
+        if self.waiting:  # behind an answer that waits for the spool
+            self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
+        elif self.transport is not None:
             self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head))
+
+    def _bytes(self, reply: Reply, keep: bool, head: bool) -> bytes:
+        if reply is OK_REPLY:
+            return self.front.ok_bytes(not keep)
+        return render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head)
+
+    def _wait(self, reply: Reply, keep: bool, head: bool) -> None:
+        if self.waiting is None:
+            self.waiting = deque()
+        self.waiting.append((reply, b"", keep, head))
+        assert reply.ticket is not None
+        reply.ticket.add_done_callback(self._flush)
+
+    def _flush(self, _done: object = None) -> None:
+        """Write the waiting answers whose turn has come: in request order, each accepted /collect
+        only once its ticket is done (the spool fsync that covers its events returned)."""
+        waiting = self.waiting
+        collector = self.front.collector
+        while waiting:
+            reply, data, keep, head = waiting[0]
+            if reply is not None:
+                assert reply.ticket is not None
+                if not reply.ticket.done():
+                    return
+                collector.inflight.leave()
+                data = self._bytes(collector.settle(reply), keep, head)
+            waiting.popleft()
+            transport = self.transport
+            if transport is None:
+                continue
+            transport.write(data)
+            if not keep:
+                waiting.clear()
+                transport.close()
 
     def _leave(self) -> None:
         if self.counted:
