@@ -570,7 +570,7 @@ class Settings:
     trusted_proxies: tuple[str, ...] = DEFAULT_TRUSTED_PROXIES
     store_cookies: bool = True
     cookie_allowlist: tuple[str, ...] = ()
-    # edge limits (issue 5): header line size and count, body read deadline, concurrency, JSON depth
+    # edge limits: header line size and count, body read deadline, concurrency, JSON depth
     max_header_bytes: int = 8190
     max_headers: int = 100
     request_read_timeout_s: float = 10.0

@@ -1,4 +1,4 @@
-"""The hot-path shortcuts of issue 7 keep what they replaced: LoopCounter values are the
+"""The hot-path shortcuts keep what they replaced: LoopCounter values are the
 Prometheus values, and IdGen's cached prefix gives the same ids as formatting every time."""
 
 from __future__ import annotations

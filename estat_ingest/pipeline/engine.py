@@ -375,9 +375,10 @@ class Pipeline:
             return
         self._open_batches += 1
         self._idle.clear()
-        # compress now, not when an uploader is free: the encode overlaps the uploads ahead of it,
-        # so an uploader's turn is only the send (each await costs a loop iteration, which is long
-        # when the loop is saturated; with the encode inside the turn, two uploaders capped NDJSON)
+        # the payload is made now (compressed, or in durable mode sealed), not when an uploader is
+        # free: it overlaps the uploads ahead of it, so an uploader's turn is only the send — each
+        # await costs a loop iteration, which is long when the loop is saturated, and a turn that
+        # also compressed would cap a lane's deliveries at a few dozen batches per second
         await lane.upload_q.put(Closed(batch, asyncio.ensure_future(self._payload(lane, batch))))
 
     async def _overflow(self, lane: Lane, batch: Batch) -> None:

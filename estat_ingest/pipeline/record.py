@@ -7,7 +7,6 @@ order, and `body` is the client's payload as a JSON string, exactly as sent (DES
 from __future__ import annotations
 
 import os
-import time
 
 import orjson
 
@@ -92,6 +91,3 @@ def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: lis
     dumps = orjson.dumps
     return [(ts, fmt % (dumps(body), (first + i) & 0xFFFFFF)) for i, body in enumerate(bodies)]
 
-
-def now() -> float:
-    return time.time()

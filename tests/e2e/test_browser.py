@@ -1,5 +1,5 @@
 """A real browser (headless Debian Chromium) against real servers: cross-origin fetch with JSON,
-credentialed fetch, and navigator.sendBeacon (issue 5; v1 defect §9 m — v1 sent no CORS headers, so
+credentialed fetch, and navigator.sendBeacon (v1 defect §9 m — v1 sent no CORS headers, so
 the allowed-origin fetch below fails on v1's behaviour).
 
 Set-up: a page served by this test on one localhost port calls two `estat-ingest serve` processes

@@ -1,4 +1,4 @@
-"""The DLQ fails closed, end to end (DESIGN.md §2.8, issue 13), with a real `estat-ingest serve`,
+"""The DLQ fails closed, end to end (DESIGN.md §2.8), with a real `estat-ingest serve`,
 moto over HTTP, and real file systems: a 2 MiB tmpfs, a DLQ remounted read-only under the running
 server, a bucket that does not exist yet, a wall clock 25 h ahead (libfaketime). In each: every
 event answered 2xx ends in S3 exactly once (every object decompressed, bodies and ids compared),

@@ -1,4 +1,4 @@
-"""Hostile input against a real `estat-ingest serve` subprocess (issue 5, DESIGN.md §2 invariant 5).
+"""Hostile input against a real `estat-ingest serve` subprocess (DESIGN.md §2 invariant 5).
 
 After every attack the same server must still answer /health, still accept a normal event that
 then reaches the file sink, and its RSS must stay under RSS_BOUND_BYTES (stated bound: 128 MiB for

@@ -182,7 +182,7 @@ def test_fan_out_counts_each_line_once_per_sink_and_releases_per_lane(tmp_path: 
         c.accepting = True
         body = orjson.dumps({"k": "v"})
         assert c.handle("POST", "/collect", "", CIMultiDict(), body, None).status == 200
-        line = pipe.queue._items[0][1]
+        line = pipe.queue.snapshot()[0][1]
         assert pipe.queue.held_bytes == 2 * len(line)
         await pipe.start()
         for _ in range(9):

@@ -40,7 +40,7 @@ def test_queued_lines_are_allocated_at_their_length(pad: int, ndjson: bool) -> N
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    lines = [line for _, line in q._items]
+    lines = [line for _, line in q.snapshot()]
     assert len(lines) == 200 * per_request
     payload = sum(map(len, lines))
     # each line is one bytes object (~33 bytes of header) in a tuple (~56 bytes) in the deque
