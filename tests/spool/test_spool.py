@@ -217,3 +217,82 @@ async def test_a_dlq_claim_of_a_dead_owner_is_recovered_at_once(tmp_path: Path) 
     finally:
         await p.drain(5)
     assert sorted(ids_of(sink.lines())) == sorted(ids)
+
+
+@run_async
+async def test_through_http_a_failing_spool_answers_503_and_turns_ready_off_until_it_writes_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve() with the fast front: an accepted event is answered 200 only after its fsync; while the
+    spool cannot write, /collect answers 503 spool_no_space with Retry-After and /ready 503; once a
+    write succeeds again (the background probe), both recover. Only the 200s are delivered."""
+    import aiohttp
+
+    from estat_ingest.app import serve
+    from estat_ingest.sockets import make_socket
+
+    s = settings(tmp_path, http_front="fast", file_sink_dir=str(tmp_path / "data"), sinks=("file",),
+                 spool_adopt_after_s=2)  # the lease watcher (and its probe) runs every 0.5 s
+    real = os.pwrite
+    fail = {"on": False}
+
+    def pwrite(fd: int, data: Any, off: int) -> int:
+        if fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, off)
+
+    def probe_write(fd: int, data: Any) -> int:  # the probe writes with os.write
+        if fail["on"]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    real_write = os.write
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "write", probe_write)
+    sock = make_socket("127.0.0.1", 0, listen=False)
+    port = sock.getsockname()[1]
+    stop = asyncio.Event()
+    server = asyncio.create_task(serve(s, sock=sock, shutdown_trigger=stop, install_signals=False))
+    acked: list[int] = []
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http:
+            for _ in range(500):
+                try:
+                    async with http.get("/ready") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.02)
+
+            async def post(i: int) -> tuple[int, dict[str, str], str]:
+                async with http.post("/collect", data=orjson.dumps({"i": i})) as r:
+                    return r.status, dict(r.headers), await r.text()
+
+            for i in range(5):
+                status, _, _ = await post(i)
+                assert status == 200
+                acked.append(i)
+            fail["on"] = True
+            status, headers, text = await post(100)
+            assert status == 503 and headers["Retry-After"] == "1" and "spool disk is full" in text
+            async with http.get("/ready") as r:
+                assert r.status == 503
+            async with http.get("/metrics") as r:
+                metrics = await r.text()
+            assert 'http_requests_rejected_total{reason="spool_no_space"} 1.0' in metrics
+            assert "http_requests_accepted_total 5.0" in metrics
+            fail["on"] = False
+            for _ in range(500):  # the probe finds the disk writable again
+                async with http.get("/ready") as r:
+                    if r.status == 200:
+                        break
+                await asyncio.sleep(0.02)
+            for i in range(5, 8):
+                status, _, _ = await post(i)
+                assert status == 200
+                acked.append(i)
+    finally:
+        stop.set()
+        assert await server == 0
+    from tests.helpers import file_objects, records_of
+    got = sorted(orjson.loads(r["body"])["i"] for _, r in records_of(file_objects(tmp_path / "data")))
+    assert got == acked
