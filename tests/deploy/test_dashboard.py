@@ -26,6 +26,11 @@ REQUIRED = {
     "drops": "dlq_events_dropped_total",
     "CPU": "process_cpu_seconds_total",
     "memory": "process_resident_memory_bytes",
+    "spool fsync latency": "spool_fsync_seconds_bucket",
+    "spool size": "spool_bytes",
+    "spool errors": "spool_write_errors_total",
+    "spool recoveries": "spool_events_recovered_total",
+    "spool torn bytes": "spool_torn_bytes_total",
 }
 
 GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}

@@ -163,12 +163,15 @@ def test_memory_covers_the_configured_buffers() -> None:
     assert int(td["cpu"]) >= 1024, "one process uses one core"
 
 
-def test_efs_variant_differs_only_by_the_shared_dlq_volume() -> None:
+def test_efs_variant_differs_only_by_the_shared_dlq_volume_and_durable_acks() -> None:
     base, efs = load("task-definition.json"), load("task-definition-efs.json")
     cb, ce = container("task-definition.json"), container("task-definition-efs.json")
     extra_mounts = [m for m in ce["mountPoints"] if m not in cb["mountPoints"]]
     assert extra_mounts == [{"sourceVolume": "dlq", "containerPath": env(ce)["DLQ_DIR"], "readOnly": False}]
-    assert {k: v for k, v in ce.items() if k != "mountPoints"} == {k: v for k, v in cb.items() if k != "mountPoints"}
+    # on EFS a task's loss keeps the spool: acknowledge durably (DESIGN.md §10)
+    assert env(ce) == {**env(cb), "ACK_MODE": "durable"}
+    same = ("mountPoints", "environment")
+    assert {k: v for k, v in ce.items() if k not in same} == {k: v for k, v in cb.items() if k not in same}
     (vol,) = [v for v in efs["volumes"] if v["name"] == "dlq"]
     cfg = vol["efsVolumeConfiguration"]
     assert cfg["transitEncryption"] == "ENABLED"

@@ -213,9 +213,11 @@ def test_defaults_render_the_kustomize_base(tmp_path: Path) -> None:
 
 
 def test_persistence_renders_the_shared_dlq_overlay(tmp_path: Path) -> None:
-    values = base_environment() | {"dlq": {"persistence": {"enabled": True}}}
+    values = base_environment() | {"dlq": {"persistence": {"enabled": True}}, "ackMode": "durable"}
     charted = render(values=values, tmp_path=tmp_path)
     assert_same_objects(kustomize(K8S / "shared-dlq"), charted)
+    (cm,) = [d for d in charted if d["kind"] == "ConfigMap"]
+    assert cm["data"]["ACK_MODE"] == "durable"  # a shared, persistent DLQ is where durable acks pay off
     (pvc,) = [d for d in charted if d["kind"] == "PersistentVolumeClaim"]
     assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep", "uninstall must not delete a DLQ"
 
