@@ -54,6 +54,8 @@ REJECT_REASONS = (
     "unsupported_encoding", "read_timeout", "header_timeout", "bad_http", "header_too_large",
     "server_error",
     "dlq_unavailable",  # pipeline/engine.py's held batches fill the budget (EventQueue.held_reason)
+    # ACK_MODE=durable: the spool could not make a request's events durable (http/policy.py SPOOL_REFUSALS)
+    "spool_no_space", "spool_read_only", "spool_permission", "spool_io_error", "spool_lease_lost", "spool_shutdown",
 )
 # dlq_events_dropped_total{reason}: dlq/store.py
 DLQ_DROP_REASONS = ("ttl", "capacity", "corrupt", "write_error")

@@ -134,8 +134,8 @@ class Collector:
         assert ticket is not None and ticket.done()
         err = None if ticket.cancelled() else ticket.exception()
         if ticket.cancelled() or err is not None:
-            reason = getattr(err, "reason", "io_error")
-            refused = self.refuse(SPOOL_REFUSALS.get(reason, SPOOL_REFUSALS["io_error"]))
+            why = getattr(err, "reason", "")  # spool/writer.py SpoolError.reason
+            refused = self.refuse(SPOOL_REFUSALS.get(why) or SPOOL_REFUSALS["io_error"])
             return Reply(refused.status, {**reply.headers, **refused.headers}, refused.body)
         if reply.status == 200 and not reply.headers and not reply.body:
             return OK_REPLY
