@@ -296,3 +296,51 @@ async def test_through_http_a_failing_spool_answers_503_and_turns_ready_off_unti
     from tests.helpers import file_objects, records_of
     got = sorted(orjson.loads(r["body"])["i"] for _, r in records_of(file_objects(tmp_path / "data")))
     assert got == acked
+
+
+@run_async
+async def test_fan_out_every_sinks_copy_is_durable_before_the_answer(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two sinks: a ticket is answered only after both lanes' spool files hold its event, synced."""
+    synced: dict[str, int] = {}
+    acked_when: dict[int, dict[str, int]] = {}
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        real(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced[path.split("/spool/")[1].split("/")[1]] = os.fstat(fd).st_size  # by sink directory
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    a, b = MemorySink(name="alpha"), MemorySink(name="beta")
+    p = Pipeline(settings(tmp_path, batch_max_events=1000), Metrics(), [a, b])
+    await p.start()
+    try:
+        for i in range(20):
+            assert p.queue.offer((time.time(), line(i)))
+            t = p.queue.ticket()
+            t.add_done_callback(lambda f, i=i: acked_when.__setitem__(i, dict(synced)))
+            await t
+        await p.flush_and_wait()
+    finally:
+        await p.drain(5)
+    for i in range(20):
+        assert set(acked_when[i]) == {"alpha", "beta"}, f"event {i} answered before both copies were synced"
+    assert sorted(ids_of(a.lines())) == sorted(ids_of(b.lines())) == [f"e{i:06d}" for i in range(20)]
+
+
+@run_async
+async def test_with_no_traffic_nothing_is_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle durable server makes no group commit: no fsync, no spool file (only its lease)."""
+    calls: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    p = Pipeline(settings(tmp_path), Metrics(), [MemorySink()])
+    await p.start()
+    try:
+        assert p.spool is not None
+        await asyncio.sleep(1.5)  # three turns of the lease watcher
+        assert calls == []
+        assert [f.name for f in Path(p.spool.dir).rglob("*") if f.is_file()] == ["lease.json"]
+    finally:
+        await p.drain(5)
