@@ -176,8 +176,9 @@ class Pipeline:
         self.fan_out = len(self.lanes) > 1
         # ACK_MODE=durable: open batches are spool files and a request is answered after its fsync
         self.spool: Spool | None = None
+        self._spool_dir = settings.spool_dir or os.path.join(settings.dlq_dir, "spool")
         if settings.ack_mode == "durable":
-            self.spool = Spool(settings.spool_dir or os.path.join(settings.dlq_dir, "spool"), self.namer.instance,
+            self.spool = Spool(self._spool_dir, self.namer.instance,
                                [lane.sink.name for lane in self.lanes], settings.compression, self._level(),
                                metrics, adopt_after_s=settings.spool_adopt_after_s)
             self.spool.on_rollback = self.queue.release
@@ -219,8 +220,13 @@ class Pipeline:
             await self._close_sinks()
             self._pool.shutdown(wait=False)
             raise
+        stores = {lane.sink.name: lane.store for lane in self.lanes}
         if self.spool is not None:  # a crash's spool files first, under their fixed names
-            await self.spool.start(self.dlq_root, {lane.sink.name: lane.store for lane in self.lanes})
+            await self.spool.start(self.dlq_root, stores)
+        elif await asyncio.to_thread(os.path.isdir, self._spool_dir):  # memory mode after a durable run
+            await Spool(self._spool_dir, self.namer.instance, [lane.sink.name for lane in self.lanes],
+                        self.settings.compression, self._level(), self.metrics,
+                        adopt_after_s=self.settings.spool_adopt_after_s).recover_only(self.dlq_root, stores)
         for lane in self.lanes:
             self._spawn(self._probe(lane.sink))
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")

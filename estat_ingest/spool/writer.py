@@ -113,6 +113,16 @@ class Spool:
         self._committer = asyncio.create_task(self._commit_loop(), name="spool-committer")
         self._watcher = asyncio.create_task(self._watch(), name="spool-lease")
 
+    async def recover_only(self, dlq_root: str, stores: Mapping[str, DlqStore]) -> int:
+        """ACK_MODE=memory after a durable run: the spool of dead owners is still moved into the DLQ
+        (acknowledged events never stay stranded), without owning a spool of our own."""
+        self._dlq_root = dlq_root
+        self._stores = dict(stores)
+        try:
+            return await self.recover_dead()
+        finally:
+            self._pool.shutdown(wait=False)
+
     async def recover_dead(self) -> int:
         """Claim the spool of every dead owner of SPOOL_DIR and move its batches into the DLQ.
         Returns the events moved."""

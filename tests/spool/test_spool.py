@@ -344,3 +344,22 @@ async def test_with_no_traffic_nothing_is_written(tmp_path: Path, monkeypatch: p
         assert [f.name for f in Path(p.spool.dir).rglob("*") if f.is_file()] == ["lease.json"]
     finally:
         await p.drain(5)
+
+
+@run_async
+async def test_memory_mode_after_a_durable_run_still_delivers_the_dead_spool(tmp_path: Path) -> None:
+    """Switching ACK_MODE back to memory must not strand what a crashed durable run acknowledged."""
+    d = dead_owner(tmp_path / "dlq" / "spool", "t-0a0b0c")
+    (d / "memory" / spool_name("dt=2026-09-22/hr=02", "1790000000_t-0a0b0c_000001.jsonl.gz")).write_bytes(
+        compress(b"".join(line(i) for i in range(6)), "gzip", 1))
+    sink = MemorySink()
+    m = Metrics()
+    p = Pipeline(settings(tmp_path, ack_mode="memory"), m, [sink])
+    assert p.spool is None
+    await p.start()
+    try:
+        await wait_for(lambda: len(sink.lines()) == 6, 20, "the dead spool's events to be replayed")
+    finally:
+        await p.drain(5)
+    assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in range(6)]
+    assert counter_value(m, "spool_events_recovered_total", how="restart") == 6
