@@ -41,6 +41,30 @@ def ids_of(lines: list[bytes]) -> list[str]:
     return [orjson.loads(x)["id"] for x in lines]
 
 
+class DiskFull:
+    """A stand-in for a disk that fills up and is freed again: while `on`, os.pwrite (the spool's
+    appends) and os.write (its probe, the DLQ's and the file sink's writes) fail with ENOSPC."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on = False
+        real_pwrite, real_write = os.pwrite, os.write
+
+        def pwrite(fd: int, data: Any, off: int) -> int:
+            self._check()
+            return real_pwrite(fd, data, off)
+
+        def write(fd: int, data: Any) -> int:
+            self._check()
+            return real_write(fd, data)
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "write", write)
+
+    def _check(self) -> None:
+        if self.on:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
 @run_async
 async def test_no_answer_before_the_fsync_that_covers_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every ticket is answered after an fdatasync of its file returned with the file already
@@ -109,19 +133,11 @@ async def test_a_failed_round_answers_503_and_keeps_nothing_of_it(tmp_path: Path
     m = Metrics()
     p = Pipeline(settings(tmp_path, batch_max_events=1000), m, [sink])
     await p.start()
-    real = os.pwrite
-    fail = {"on": False}
-
-    def pwrite(fd: int, data: Any, off: int) -> int:
-        if fail["on"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, off)
-
-    monkeypatch.setattr(os, "pwrite", pwrite)
+    disk = DiskFull(monkeypatch)
     acked: list[int] = []
     try:
         for phase, bad in ((0, False), (1, True), (2, False)):
-            fail["on"] = bad
+            disk.on = bad
             tickets = []
             for i in range(phase * 10, phase * 10 + 10):
                 assert p.queue.offer((time.time(), line(i)))
@@ -232,22 +248,7 @@ async def test_through_http_a_failing_spool_answers_503_and_turns_ready_off_unti
 
     s = settings(tmp_path, http_front="fast", file_sink_dir=str(tmp_path / "data"), sinks=("file",),
                  spool_adopt_after_s=2)  # the lease watcher (and its probe) runs every 0.5 s
-    real = os.pwrite
-    fail = {"on": False}
-
-    def pwrite(fd: int, data: Any, off: int) -> int:
-        if fail["on"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data, off)
-
-    def probe_write(fd: int, data: Any) -> int:  # the probe writes with os.write
-        if fail["on"]:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(fd, data)
-
-    real_write = os.write
-    monkeypatch.setattr(os, "pwrite", pwrite)
-    monkeypatch.setattr(os, "write", probe_write)
+    disk = DiskFull(monkeypatch)
     sock = make_socket("127.0.0.1", 0, listen=False)
     port = sock.getsockname()[1]
     stop = asyncio.Event()
@@ -271,7 +272,7 @@ async def test_through_http_a_failing_spool_answers_503_and_turns_ready_off_unti
                 status, _, _ = await post(i)
                 assert status == 200
                 acked.append(i)
-            fail["on"] = True
+            disk.on = True
             status, headers, text = await post(100)
             assert status == 503 and headers["Retry-After"] == "1" and "spool disk is full" in text
             async with http.get("/ready") as r:
@@ -280,7 +281,7 @@ async def test_through_http_a_failing_spool_answers_503_and_turns_ready_off_unti
                 metrics = await r.text()
             assert 'http_requests_rejected_total{reason="spool_no_space"} 1.0' in metrics
             assert "http_requests_accepted_total 5.0" in metrics
-            fail["on"] = False
+            disk.on = False
             for _ in range(500):  # the probe finds the disk writable again
                 async with http.get("/ready") as r:
                     if r.status == 200:
