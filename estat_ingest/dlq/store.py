@@ -17,6 +17,9 @@ Invariants
   evicts the oldest files to make room, counted as `capacity`.
 - The index (scan.Index) knows every file this process wrote plus what the start-up scan and the
   rotating partial scans found; the gauges are computed from it, so they are exact after restarts.
+  With `serve --workers N` each directory under DLQ_DIR belongs to one worker's index (its own
+  root, and the roots no running worker owns shared out by `sibling_dirs`), so the gauges summed
+  over the group count every file once.
 - TTL trusts no single clock: a file expires only when both its name's time (its first event) and
   the time it has spent on this disk exceed DLQ_MAX_AGE. The disk time is measured on the monotonic
   clock from when this process first saw the file (plus, for a file found by a scan, its mtime's age
@@ -130,12 +133,25 @@ class _Sweep:
     present: set[str] = field(default_factory=set)
 
 
-def sibling_dirs(top: str, sink: str, own: str) -> list[str]:
-    """The same sink's directory under DLQ_DIR and under every worker root `DLQ_DIR/w<N>/`."""
-    out = [os.path.join(top, sink)]
+def worker_root_index(name: str) -> int | None:
+    """<i> of a worker root's name `w<i>`, else None."""
+    return int(name[1:]) if name.startswith("w") and name[1:].isdigit() else None
+
+
+def sibling_dirs(top: str, sink: str, own: str, slot: tuple[int, int] | None = None) -> list[str]:
+    """The same sink's directory under DLQ_DIR and under every worker root `DLQ_DIR/w<j>/`.
+
+    For worker i of `serve --workers N` (`slot` = (i, N)) only the directories no running worker
+    owns, each to exactly one worker: `DLQ_DIR/<sink>` to worker 0, `w<j>/<sink>` for j ≥ N (a run
+    with more workers) to worker j mod N. Every file of the group is then indexed — replayed and
+    counted in the dlq_* gauges — by one worker only, so the group's sums are true."""
+    out = [os.path.join(top, sink)] if slot is None or slot[0] == 0 else []
     with contextlib.suppress(FileNotFoundError), os.scandir(top) as it:
         for e in it:
-            if e.name.startswith("w") and e.name[1:].isdigit() and e.is_dir(follow_symlinks=False):
+            j = worker_root_index(e.name)
+            if j is None or not e.is_dir(follow_symlinks=False):
+                continue
+            if slot is None or (j >= slot[1] and j % slot[1] == slot[0]):
                 out.append(os.path.join(top, e.name, sink))
     return sorted(d for d in out if os.path.abspath(d) != os.path.abspath(own) and os.path.isdir(d))
 
@@ -173,11 +189,17 @@ class DlqStore:
         # DLQ_DIR itself when `root` is DLQ_DIR or a worker root in it (an unrelated root, as in
         # tests, never reaches into the configured DLQ_DIR)
         top = None
+        self._slot: tuple[int, int] | None = None  # (i, N): worker i of serve --workers N
         if settings is not None:
             r, t = os.path.abspath(root), os.path.abspath(settings.dlq_dir)
             top = t if r == t or os.path.dirname(r) == t else None
-        # v1 pairs lie directly in DLQ_DIR; only the sink whose spec says so (s3) replays them
-        v1_dirs = tuple(dict.fromkeys([root] + ([top] if top else []))) if reads_v1 else ()
+            index = worker_root_index(os.path.basename(r)) if top is not None and r != t else None
+            if index is not None and settings.workers > 1:
+                self._slot = (index, settings.workers)
+        # v1 pairs lie directly in DLQ_DIR; only the sink whose spec says so (s3) replays them (with
+        # workers, worker 0: one reader per directory, see sibling_dirs)
+        top_v1 = [top] if top and (self._slot is None or self._slot[0] == 0) else []
+        v1_dirs = tuple(dict.fromkeys([root, *top_v1])) if reads_v1 else ()
         self.sources: tuple[str, ...] = (self.dir, *v1_dirs)
         self._top = top
         self.index = Index()
@@ -202,7 +224,7 @@ class DlqStore:
         """Create the directory, clean crash leftovers, build the index by a full scan in chunks."""
         await asyncio.to_thread(os.makedirs, self.dir, exist_ok=True)
         if self._top is not None:
-            siblings = await asyncio.to_thread(sibling_dirs, self._top, self.sink, self.dir)
+            siblings = await asyncio.to_thread(sibling_dirs, self._top, self.sink, self.dir, self._slot)
             new = [d for d in siblings if d not in self.sources]
             if new:  # e.g. `serve` after `serve --workers 4`: the other roots' files are not orphaned
                 self.sources = (*self.sources, *new)
