@@ -1,8 +1,9 @@
 """Wiring: serve(), the one lifecycle of a server process, for either HTTP front.
 
-`serve()` enters its parts with an AsyncExitStack, in order — the signal handlers, the pipeline
-(sinks, DLQ stores, the durable spool and its recovery, the loops), the Collector's acceptance,
-the HTTP front (`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/) — and
+`serve()` enters its parts with an AsyncExitStack, in order — the signal handlers, how the
+metrics are read (a worker's snapshot socket for its parent), the
+pipeline (sinks, DLQ stores, the durable spool and its recovery, the loops), the Collector's
+acceptance, the HTTP front (`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/) — and
 leaves them in reverse, only what was entered: a part that fails to start undoes what started
 before it. Leaving is the shutdown of DESIGN.md §7: the first signal turns /ready 503 → the front
 stops listening → serve() waits (bounded) for requests inside /collect (in durable mode, for their
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -28,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from estat_ingest.config import Settings
+from estat_ingest.groupmetrics import PARENT_TIMEOUT_S, GroupLink, SnapshotServer, fetch
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.fronts import HttpFront, make_front
 from estat_ingest.metrics import Metrics
@@ -117,9 +120,13 @@ async def serve(
     worker: int | None = None,
     dlq_root: str | None = None,
     sock: socket.socket | None = None,
+    group: GroupLink | None = None,
     install_signals: bool = True,
 ) -> int:
-    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code."""
+    """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code.
+
+    `group`: this process is worker `worker` of `serve --workers N` (its parent reads its registry,
+    its /metrics answers the group's)."""
     lifecycle = Lifecycle(settings)
     metrics = metrics or Metrics()
     loop = asyncio.get_running_loop()
@@ -150,6 +157,8 @@ async def serve(
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig.name)
                 stack.callback(loop.remove_signal_handler, sig)
+        # before the pipeline, left after its drain: the start-up and the whole drain can be scraped
+        await _expose_metrics(stack, metrics, group, worker)
         await pipeline.start()  # sinks, DLQ, spool recovery, replayers; undoes itself if it fails
         stack.push_async_callback(_drain, pipeline, lifecycle)
         collector.accepting = True
@@ -163,6 +172,18 @@ async def serve(
                                      "http_front": settings.http_front, "ack_mode": settings.ack_mode})
         await lifecycle.wait_for_stop(shutdown_trigger)
     return 0
+
+
+async def _expose_metrics(stack: contextlib.AsyncExitStack, metrics: Metrics, group: GroupLink | None,
+                          worker: int | None) -> None:
+    """How this process's metrics are read. A worker of `serve --workers N` answers its parent's
+    requests for a snapshot of its registry, and its /metrics answers the group's merge, which the
+    parent makes (groupmetrics.py)."""
+    if group is not None and worker is not None:
+        snapshots = SnapshotServer(metrics, group, worker)
+        await snapshots.start()
+        stack.push_async_callback(snapshots.close)
+        metrics.group = functools.partial(fetch, group.parent_socket, PARENT_TIMEOUT_S)
 
 
 async def _stop_http(front: HttpFront, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> None:

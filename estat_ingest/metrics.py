@@ -15,11 +15,14 @@ What is always true of a scrape:
   renders the same way.
 - `process_*` (CPU, memory, file descriptors, start time of this process, from /proc) and
   `python_info` are on the same registry as the rest.
+- One process is a group of one (`estat_ingest_workers` = `estat_ingest_workers_scraped` = 1); with
+  `serve --workers N`, /metrics answers the merge of every worker's registry (groupmetrics.py), which
+  sets both. A worker reads the group through `group` (set by `app.serve`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +41,11 @@ from estat_ingest import __version__
 # The classic text format every Prometheus version parses (generate_latest's output is valid 0.0.4
 # for our metric names, which need no escaping).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# shared with groupmetrics.py, which writes these three for a merged scrape
+READY_HELP = "1 while /ready answers 200 (serve --workers: every worker's)"
+WORKERS_HELP = "Processes serving the port: 1, or N with serve --workers N"
+SCRAPED_HELP = "Workers whose registry this scrape read now (the others count with their last values, or are down)"
 
 _EVENT_BUCKETS = (1, 10, 100, 500, 1000, 2000, 5000, 10_000, 50_000)
 _BYTE_BUCKETS = tuple(float(2**p) for p in range(10, 31, 2))  # 1 KiB … 1 GiB
@@ -123,6 +131,9 @@ class LoopCounter(Counter):
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
+        # how /metrics is answered (http/policy.py `metrics_answer`): a worker of `serve --workers N`
+        # reads the whole group through `group` (the parent's merge)
+        self.group: Callable[[], Awaitable[bytes]] | None = None
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 
@@ -156,7 +167,11 @@ class Metrics:
         # --- new
         self.build_info = Gauge("estat_ingest_build_info", "Build information", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
-        self.ready = Gauge("ingest_ready", "1 while /ready answers 200", registry=r)
+        self.ready = Gauge("ingest_ready", READY_HELP, registry=r)
+        self.workers = Gauge("estat_ingest_workers", WORKERS_HELP, registry=r)
+        self.workers.set(1)
+        self.workers_scraped = Gauge("estat_ingest_workers_scraped", SCRAPED_HELP, registry=r)
+        self.workers_scraped.set(1)
         self.rejected = Counter(
             "http_requests_rejected_total", "Requests to /collect answered 4xx/5xx, by reason", ["reason"],
             registry=r)

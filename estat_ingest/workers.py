@@ -16,6 +16,10 @@ Invariants
   growing delay if it keeps dying). After it, nothing is restarted; the parent exits 0 only when
   every worker exited 0 (drained), 1 otherwise. A worker that outlives SHUTDOWN_TIMEOUT by the
   grace margin is killed and the parent exits 1.
+- /metrics reports the whole group, merged by the parent (groupmetrics.py) over unix sockets in a
+  run directory it creates and removes. The parent's asyncio side (`_GroupMetrics`, that merge)
+  runs in a thread of its own with the stop signals blocked, so the supervising loop below stays a
+  blocking wait on its children and its wake-up fd.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from estat_ingest.config import Settings
+from estat_ingest.groupmetrics import Aggregator, GroupLink, make_run_dir, remove_run_dir
 from estat_ingest.sockets import make_socket
 
 log = logging.getLogger("estat_ingest.workers")
@@ -72,7 +78,7 @@ class _EarlyStop:
         if self.trigger is not None:
             self.trigger.set()  # nothing awaits it yet: this only sets its flag
 
-    async def serve(self, settings: Settings, index: int, sock: socket.socket) -> int:
+    async def serve(self, settings: Settings, index: int, sock: socket.socket, link: GroupLink) -> int:
         from estat_ingest.app import serve
         from estat_ingest.pipeline.engine import dlq_root_for
 
@@ -80,10 +86,10 @@ class _EarlyStop:
         if self.signals:
             self.trigger.set()
         return await serve(settings, worker=index, dlq_root=dlq_root_for(settings, index), sock=sock,
-                           shutdown_trigger=self.trigger)
+                           group=link, shutdown_trigger=self.trigger)
 
 
-def worker_main(settings: Settings, index: int) -> None:
+def worker_main(settings: Settings, index: int, link: GroupLink) -> None:
     """Entry point of one worker process (runs in a freshly spawned interpreter)."""
     early = _EarlyStop()
     for sig in STOP_SIGNALS:
@@ -97,7 +103,7 @@ def worker_main(settings: Settings, index: int) -> None:
     logsetup.setup(settings.log_level, settings.log_format, redact=settings.secret_values(),
                    service="estat-ingest", instance=settings.instance_id, worker=index)
     sock = make_socket(settings.http_host, settings.http_port, reuse_port=True, listen=False)
-    code = run(early.serve(settings, index, sock))
+    code = run(early.serve(settings, index, sock, link))
     sys.exit(code)
 
 
@@ -111,9 +117,45 @@ class _Slot:
     exitcode: int | None = None
 
 
+class _GroupMetrics(threading.Thread):
+    """The parent's event loop: the group's metrics merge, answered on `parent.sock`."""
+
+    def __init__(self, link: GroupLink) -> None:
+        super().__init__(name="estat-ingest-group-metrics", daemon=True)
+        self.link = link
+        self.started_up = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._quit: asyncio.Event | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop, self._quit = asyncio.get_running_loop(), asyncio.Event()
+        aggregator = Aggregator(self.link)
+        try:
+            await aggregator.start()
+        except Exception:  # the workers still serve; their /metrics answers 503 without the parent
+            log.exception("group metrics could not start")
+        finally:
+            self.started_up.set()
+        try:
+            await self._quit.wait()
+        finally:
+            await aggregator.close()
+
+    def stop(self) -> None:
+        loop, quit_ = self._loop, self._quit
+        if loop is not None and quit_ is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(quit_.set)
+        self.join(5)
+
+
 class Supervisor:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, link: GroupLink) -> None:
         self.settings = settings
+        self.link = link
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [_Slot(i) for i in range(settings.workers)]
         self.signals = 0
@@ -125,7 +167,7 @@ class Supervisor:
     # ------------------------------------------------------------------ processes
 
     def _start(self, slot: _Slot) -> None:
-        proc = self.ctx.Process(target=worker_main, args=(self.settings, slot.index),
+        proc = self.ctx.Process(target=worker_main, args=(self.settings, slot.index, self.link),
                                 name=f"estat-ingest-w{slot.index}")
         # The child inherits a mask that blocks SIGTERM/SIGINT until worker_main has its handler:
         # a signal forwarded while the new interpreter is still starting waits instead of killing.
@@ -169,6 +211,13 @@ class Supervisor:
         # multiprocessing starts its resource tracker on the first spawn and, doing so, UNBLOCKS
         # SIGTERM/SIGINT (resource_tracker.ensure_running): start it before we block them.
         multiprocessing.resource_tracker.ensure_running()
+        group = _GroupMetrics(self.link)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread never takes them
+        try:
+            group.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        group.started_up.wait(10)
         old = self._install()
         handled = 0
         try:
@@ -206,6 +255,7 @@ class Supervisor:
                 signal.signal(sig, handler)  # type: ignore[arg-type]
             self._wake_r.close()
             self._wake_w.close()
+            group.stop()
         codes = {str(s.index): s.exitcode for s in self.slots}
         ok = all(c == 0 for c in codes.values())
         log.info("all workers stopped", extra={"exit_codes": codes, "ok": ok})
@@ -256,11 +306,13 @@ def run_workers(settings: Settings, holder: socket.socket | None = None) -> int:
     # its socket bound (never listening) so the port stays ours while workers restart.
     if holder is None:
         holder = make_socket(settings.http_host, settings.http_port, reuse_port=True, listen=False)
+    link = GroupLink(make_run_dir(), settings.workers)
     try:
         port = holder.getsockname()[1]
         settings = dataclasses.replace(settings, http_port=port)
-        log.info("starting workers", extra={"workers": settings.workers,
-                                            "addr": f"{settings.http_host}:{port}"})
-        return Supervisor(settings).run()
+        log.info("starting workers", extra={"workers": settings.workers, "addr": f"{settings.http_host}:{port}",
+                                            "run_dir": link.run_dir})
+        return Supervisor(settings, link).run()
     finally:
         holder.close()
+        remove_run_dir(link.run_dir)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +159,37 @@ def ready_reply(ready: bool) -> Reply:
 
 
 def metrics_reply(metrics: Metrics) -> Reply:
+    """This process's registry."""
     return Reply(200, {"Content-Type": CONTENT_TYPE}, metrics.render())
+
+
+# /metrics of a worker whose parent did not answer in time: a failed scrape (Prometheus: up 0), not
+# the figures of one worker passed off as the group's
+GROUP_UNAVAILABLE = Reply(503, TEXT_HEADERS, b"group metrics unavailable: the supervisor did not answer\n")
+_group_log = RateLimitedLog(LOG_EVERY_S)
+
+
+def metrics_answer(metrics: Metrics) -> Reply | asyncio.Future[Reply]:
+    """/metrics on the public port: this process's registry, or — a worker of `serve --workers N`
+    — a future of the whole group's (`metrics.group`: the parent gathers and merges every worker's;
+    never blocks the loop)."""
+    if metrics.group is None:
+        return metrics_reply(metrics)
+    return asyncio.ensure_future(group_reply(metrics.group))
+
+
+async def group_reply(group: Callable[[], Awaitable[bytes]]) -> Reply:
+    try:
+        body = await group()
+    except (OSError, TimeoutError) as err:
+        suppressed = _group_log.allow("group")
+        if suppressed is not None:
+            logging.getLogger("estat_ingest.http").error(
+                "group metrics: the supervisor did not answer", extra={"error": repr(err), "suppressed": suppressed})
+        return GROUP_UNAVAILABLE
+    if not body:  # the parent closed without an answer (its merge failed: it logged why)
+        return GROUP_UNAVAILABLE
+    return Reply(200, {"Content-Type": CONTENT_TYPE}, body)
 
 
 # ------------------------------------------------------------------------------------ admission

@@ -16,7 +16,7 @@ from estat_ingest.http.policy import (
     OVERLOADED,
     READ_TIMEOUT,
     Reply,
-    metrics_reply,
+    metrics_answer,
     ready_reply,
 )
 from estat_ingest.metrics import Metrics
@@ -115,7 +115,8 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     served(request)
-    return to_response(metrics_reply(request.app[METRICS]))
+    answer = metrics_answer(request.app[METRICS])  # the worker group's is gathered by the parent
+    return to_response(answer if isinstance(answer, Reply) else await answer)
 
 
 def served(request: web.Request) -> None:

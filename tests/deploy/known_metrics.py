@@ -47,6 +47,8 @@ GAUGES: dict[str, frozenset[str]] = {
     # new
     "estat_ingest_build_info": frozenset({"version"}),
     "ingest_ready": frozenset(),
+    "estat_ingest_workers": frozenset(),
+    "estat_ingest_workers_scraped": frozenset(),
     "ingest_queue_depth_events": frozenset(),
     "ingest_queue_capacity_events": frozenset(),
     "ingest_buffer_bytes": frozenset(),

@@ -28,7 +28,7 @@ from estat_ingest.http.policy import (
     PLAIN_PATHS,
     READ_TIMEOUT,
     Reply,
-    metrics_reply,
+    metrics_answer,
     ready_reply,
 )
 
@@ -74,10 +74,11 @@ class HttpConn(asyncio.Protocol):
         self.head_line = 0
         self.head_total = 0
         self.paused = False
-        # ACK_MODE=durable: answers not written yet, in request order, as (reply, data, keep, head):
-        # an accepted /collect waiting for its ticket (reply; it holds its in-flight count), or the
-        # bytes of an answer queued behind one (reply None); keep False closes after it
-        self.waiting: deque[tuple[Reply | None, bytes, bool, bool]] | None = None
+        # answers not written yet, in request order, as (pending, data, keep, head): an accepted
+        # /collect waiting for its ticket (ACK_MODE=durable; a Reply, holding its in-flight count), a
+        # /metrics of the worker group still being gathered (a Future of its Reply), or the bytes of
+        # an answer queued behind one (pending None); keep False closes after it
+        self.waiting: deque[tuple[Reply | asyncio.Future[Reply] | None, bytes, bool, bool]] | None = None
 
     # ------------------------------------------------------------------ transport events
 
@@ -95,7 +96,9 @@ class HttpConn(asyncio.Protocol):
         self._leave()
         if self.waiting:  # the client is gone: its events are durable (or not) all the same
             for reply, _data, _keep, _head in self.waiting:
-                if reply is not None:
+                if isinstance(reply, asyncio.Future):
+                    reply.cancel()
+                elif reply is not None:
                     front.collector.inflight.leave()
             self.waiting.clear()
         if front._all_closed is not None and not front.conns:
@@ -316,7 +319,11 @@ class HttpConn(asyncio.Protocol):
             elif path == "/ready":
                 self._send(ready_reply(collector.ready and collector.healthy()), keep, head)
             else:
-                self._send(metrics_reply(front.metrics), keep, head)
+                answer = metrics_answer(front.metrics)
+                if isinstance(answer, Reply):
+                    self._send(answer, keep, head)
+                else:  # the worker group's, gathered by the parent: written when it comes, in order
+                    self._wait(answer, keep, head)
         else:
             self._send(NOT_FOUND, keep, head)
         if not keep:
@@ -341,12 +348,13 @@ class HttpConn(asyncio.Protocol):
             return self.front.ok_bytes(not keep)
         return render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head)
 
-    def _wait(self, reply: Reply, keep: bool, head: bool) -> None:
+    def _wait(self, reply: Reply | asyncio.Future[Reply], keep: bool, head: bool) -> None:
         if self.waiting is None:
             self.waiting = deque()
         self.waiting.append((reply, b"", keep, head))
-        assert reply.ticket is not None
-        reply.ticket.add_done_callback(self._flush)
+        ticket = reply if isinstance(reply, asyncio.Future) else reply.ticket
+        assert ticket is not None
+        ticket.add_done_callback(self._flush)
 
     def _flush(self, _done: object = None) -> None:
         """Write the waiting answers whose turn has come: in request order, each accepted /collect
@@ -355,7 +363,11 @@ class HttpConn(asyncio.Protocol):
         collector = self.front.collector
         while waiting:
             reply, data, keep, head = waiting[0]
-            if reply is not None:
+            if isinstance(reply, asyncio.Future):  # /metrics of the group (never raises; cancelled only
+                if not reply.done():               # with its connection, which empties `waiting`)
+                    return
+                data = self._bytes(reply.result(), keep, head)
+            elif reply is not None:
                 assert reply.ticket is not None
                 if not reply.ticket.done():
                     return
