@@ -1,7 +1,7 @@
 """Wiring: serve(), the one lifecycle of a server process, for either HTTP front.
 
 `serve()` enters its parts with an AsyncExitStack, in order — the signal handlers, how the
-metrics are read (a worker's snapshot socket for its parent), the
+metrics are read (a worker's snapshot socket for its parent; the METRICS_ADDR listener), the
 pipeline (sinks, DLQ stores, the durable spool and its recovery, the loops), the Collector's
 acceptance, the HTTP front (`http.fronts.make_front`: aiohttp, or the httptools front of http/fast/) — and
 leaves them in reverse, only what was entered: a part that fails to start undoes what started
@@ -33,6 +33,7 @@ from estat_ingest.config import Settings
 from estat_ingest.groupmetrics import PARENT_TIMEOUT_S, GroupLink, SnapshotServer, fetch
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.fronts import HttpFront, make_front
+from estat_ingest.http.policy import Reply, metrics_reply
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks import build_sink
@@ -120,18 +121,27 @@ async def serve(
     worker: int | None = None,
     dlq_root: str | None = None,
     sock: socket.socket | None = None,
+    metrics_sock: socket.socket | None = None,
     group: GroupLink | None = None,
     install_signals: bool = True,
 ) -> int:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code.
 
     `group`: this process is worker `worker` of `serve --workers N` (its parent reads its registry,
-    its /metrics answers the group's)."""
+    its /metrics answers the group's). `metrics_sock`: METRICS_ADDR, bound (one process only)."""
     lifecycle = Lifecycle(settings)
     metrics = metrics or Metrics()
     loop = asyncio.get_running_loop()
     # a port in use fails here, before anything else started (the CLI binds it even earlier)
     own_sock = sock or make_socket(settings.http_host, settings.http_port, listen=False)
+    own_metrics_sock = metrics_sock
+    if own_metrics_sock is None and settings.metrics_host and group is None:
+        try:
+            own_metrics_sock = make_socket(settings.metrics_host, settings.metrics_port, listen=False)
+        except BaseException:
+            if sock is None:
+                own_sock.close()
+            raise
     pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
     collector = Collector(settings, pipeline.queue, metrics)
     spool = pipeline.spool
@@ -153,12 +163,14 @@ async def serve(
     async with contextlib.AsyncExitStack() as stack:
         if sock is None:
             stack.callback(own_sock.close)
+        if own_metrics_sock is not None and metrics_sock is None:
+            stack.callback(own_metrics_sock.close)
         if install_signals:  # entered first, left last: a second signal still works during the drain
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, on_signal, sig.name)
                 stack.callback(loop.remove_signal_handler, sig)
         # before the pipeline, left after its drain: the start-up and the whole drain can be scraped
-        await _expose_metrics(stack, metrics, group, worker)
+        await _expose_metrics(stack, settings, metrics, collector, group, worker, own_metrics_sock)
         await pipeline.start()  # sinks, DLQ, spool recovery, replayers; undoes itself if it fails
         stack.push_async_callback(_drain, pipeline, lifecycle)
         collector.accepting = True
@@ -167,23 +179,46 @@ async def serve(
         stack.push_async_callback(_stop_http, front, collector, metrics, lifecycle)
         _set_ready(collector, metrics, True)
         host, port = own_sock.getsockname()[:2]
-        log.info("listening", extra={"addr": f"{host}:{port}", "sinks": list(settings.sinks),
+        if own_metrics_sock is not None:
+            mhost, mport = own_metrics_sock.getsockname()[:2]
+            extra_addr = {"metrics_addr": f"{mhost}:{mport}"}
+        else:
+            extra_addr = {}
+        log.info("listening", extra={"addr": f"{host}:{port}", **extra_addr, "sinks": list(settings.sinks),
                                      "dlq_dir": pipeline.dlq_root, "instance": pipeline.namer.instance,
                                      "http_front": settings.http_front, "ack_mode": settings.ack_mode})
         await lifecycle.wait_for_stop(shutdown_trigger)
     return 0
 
 
-async def _expose_metrics(stack: contextlib.AsyncExitStack, metrics: Metrics, group: GroupLink | None,
-                          worker: int | None) -> None:
+async def _expose_metrics(stack: contextlib.AsyncExitStack, settings: Settings, metrics: Metrics,
+                          collector: Collector, group: GroupLink | None, worker: int | None,
+                          metrics_sock: socket.socket | None) -> None:
     """How this process's metrics are read. A worker of `serve --workers N` answers its parent's
     requests for a snapshot of its registry, and its /metrics answers the group's merge, which the
-    parent makes (groupmetrics.py)."""
+    parent makes (groupmetrics.py). With METRICS_ADDR the public port answers /metrics 404, and one
+    process serves /metrics, /health and /ready on METRICS_ADDR itself (with workers, the parent)."""
     if group is not None and worker is not None:
         snapshots = SnapshotServer(metrics, group, worker)
         await snapshots.start()
         stack.push_async_callback(snapshots.close)
         metrics.group = functools.partial(fetch, group.parent_socket, PARENT_TIMEOUT_S)
+    if not settings.metrics_host:
+        return
+    metrics.public = False
+    if metrics_sock is None:
+        return  # a worker: its parent listens on METRICS_ADDR
+    from estat_ingest.http.metrics_listener import MetricsListener
+
+    async def scrape() -> Reply:
+        return metrics_reply(metrics)
+
+    async def ready() -> bool:
+        return collector.ready and collector.healthy()
+
+    listener = MetricsListener(scrape, ready)
+    await listener.start(metrics_sock)
+    stack.push_async_callback(listener.close)
 
 
 async def _stop_http(front: HttpFront, collector: Collector, metrics: Metrics, lifecycle: Lifecycle) -> None:

@@ -58,14 +58,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from estat_ingest import preflight
 
     problems = preflight.directory_problems(settings)
-    sock = None
+    sock = metrics_sock = None
     try:
         sock = preflight.bind(settings, reuse_port=settings.workers > 1)
     except preflight.StartupError as err:
         problems.append(str(err))
+    try:
+        metrics_sock = preflight.bind_metrics(settings)
+    except preflight.StartupError as err:
+        problems.append(str(err))
     if problems:
-        if sock is not None:
-            sock.close()
+        for s in (sock, metrics_sock):
+            if s is not None:
+                s.close()
         _say("cannot start: ", problems)
         return EXIT_STARTUP
     assert sock is not None
@@ -77,14 +82,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from estat_ingest.workers import run_workers
 
-        return run_workers(settings, holder=sock)
+        return run_workers(settings, holder=sock, metrics_sock=metrics_sock)
 
     from estat_ingest.app import serve
     from estat_ingest.runtime import run
 
     logging.getLogger("estat_ingest").info("starting", extra={"version": __version__,
                                                               "config": settings.describe()})
-    return run(serve(settings, sock=sock))
+    return run(serve(settings, sock=sock, metrics_sock=metrics_sock))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -265,6 +265,10 @@ def _show_addr(value: tuple[str, int]) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _show_opt_addr(value: tuple[str, int]) -> str:
+    return _show_addr(value) if value[0] else ""
+
+
 def _show_api_keys(value: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{name}:***" for name, _ in value)
 
@@ -294,6 +298,7 @@ _SHOW_FOR: dict[Callable[..., Any], Callable[[Any], str]] = {
 }
 
 MiB = 1024 * 1024
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +359,7 @@ def _ms(text: str) -> float:
 VARIABLES: tuple[Var, ...] = (
     # HTTP
     Var("HTTP_ADDR", ("http_host", "http_port"), parse_addr),
+    Var("METRICS_ADDR", ("metrics_host", "metrics_port"), parse_addr, show=_show_opt_addr),
     Var("MAX_BODY_SIZE", "max_body_bytes", parse_size, _range(1, 64 * MiB), "1 byte to 64MiB"),
     Var("VALIDATE_JSON", "validate_json", parse_bool),
     Var("MAX_JSON_DEPTH", "max_json_depth", parse_int, _range(1, 512), "1 to 512 levels"),
@@ -496,6 +502,8 @@ class Settings:
     # HTTP
     http_host: str = "0.0.0.0"
     http_port: int = 8080
+    metrics_host: str = ""  # METRICS_ADDR: "" = unset (/metrics on the public port)
+    metrics_port: int = 0
     max_body_bytes: int = 16384
     validate_json: bool = True
     http_front: str = "fast"
@@ -659,6 +667,11 @@ class Settings:
         if self.opensearch_aws_sigv4 and self.opensearch_username:
             rule("OPENSEARCH_AWS_SIGV4 OPENSEARCH_USERNAME",
                  "OPENSEARCH_AWS_SIGV4='true' is invalid: expected either SigV4 or basic auth, not both")
+        if self.metrics_host and self.metrics_port and self.metrics_port == self.http_port and (
+                self.metrics_host == self.http_host or {self.metrics_host, self.http_host} & WILDCARD_HOSTS):
+            rule("METRICS_ADDR HTTP_ADDR",
+                 f"METRICS_ADDR={_show_addr((self.metrics_host, self.metrics_port))!r} is invalid: expected another "
+                 "port than HTTP_ADDR's")
         if self.opensearch_aws_sigv4 and not self.aws_region:
             rule("OPENSEARCH_AWS_SIGV4 AWS_REGION",
                  "AWS_REGION='' is invalid: expected a region when OPENSEARCH_AWS_SIGV4=true")

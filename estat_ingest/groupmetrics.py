@@ -7,6 +7,7 @@ parent, which holds the only state that outlives a worker:
     Prometheus ─GET /metrics─▶ any worker (SO_REUSEPORT) ─unix socket─▶ parent (`Aggregator`)
         parent ─unix socket, all at once, GATHER_TIMEOUT_S─▶ every worker's `SnapshotServer`
         parent: merge (`merge`) + render ─▶ the worker ─▶ the HTTP answer
+    (with METRICS_ADDR the parent's own listener calls the same `Aggregator`)
 
 The sockets live in a run directory the parent creates (mode 0700) and removes: `w<i>.sock` per
 worker, `parent.sock`. Every exchange is one connection: connect, read until EOF.

@@ -17,7 +17,7 @@ What is always true of a scrape:
   `python_info` are on the same registry as the rest.
 - One process is a group of one (`estat_ingest_workers` = `estat_ingest_workers_scraped` = 1); with
   `serve --workers N`, /metrics answers the merge of every worker's registry (groupmetrics.py), which
-  sets both. A worker reads the group through `group` (set by `app.serve`).
+  sets both. How this registry is served is said by `group` and `public` (set by `app.serve`).
 """
 
 from __future__ import annotations
@@ -132,8 +132,10 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = r = registry if registry is not None else CollectorRegistry()
         # how /metrics is answered (http/policy.py `metrics_answer`): a worker of `serve --workers N`
-        # reads the whole group through `group` (the parent's merge)
+        # reads the whole group through `group` (the parent's merge); with METRICS_ADDR, `public` is
+        # False and the public port answers /metrics 404 (the separate listener serves it)
         self.group: Callable[[], Awaitable[bytes]] | None = None
+        self.public = True
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
 

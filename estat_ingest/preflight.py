@@ -1,5 +1,5 @@
 """Start-up checks against the machine, before anything starts: the directories the server writes
-(a real create + write + fsync + delete in each) and the listening socket.
+(a real create + write + fsync + delete in each) and the listening sockets (HTTP_ADDR, METRICS_ADDR).
 
 `serve` runs both before it builds the pipeline, so a server that cannot work fails with one line
 per problem instead of a traceback after half a start; `validate` runs the directory probes.
@@ -108,7 +108,18 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
     """The server's socket, bound to HTTP_ADDR but not listening yet (the HTTP front listens once
     the pipeline runs, so no connection waits in the backlog of a server still starting).
     Raises `StartupError` naming HTTP_ADDR when the address cannot be had."""
-    host, port = settings.http_host, settings.http_port
+    return _bind("HTTP_ADDR", settings.http_host, settings.http_port, reuse_port)
+
+
+def bind_metrics(settings: Settings) -> socket.socket | None:
+    """The METRICS_ADDR listener's socket (bound, not listening), None when it is not set; one
+    process binds it (`serve`, or the parent of `serve --workers N`), so no SO_REUSEPORT."""
+    if not settings.metrics_host:
+        return None
+    return _bind("METRICS_ADDR", settings.metrics_host, settings.metrics_port, False)
+
+
+def _bind(name: str, host: str, port: int, reuse_port: bool) -> socket.socket:
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         return make_socket(host, port, reuse_port, listen=False)  # closed again when it fails
@@ -123,4 +134,4 @@ def bind(settings: Settings, *, reuse_port: bool = False) -> socket.socket:
             why = f"port {port} needs root or CAP_NET_BIND_SERVICE (running as {_as_whom()})"
         else:
             why = err.strerror or str(err)
-        raise StartupError(f"HTTP_ADDR={shown!r} is not usable: {why}") from None
+        raise StartupError(f"{name}={shown!r} is not usable: {why}") from None

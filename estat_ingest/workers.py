@@ -17,9 +17,9 @@ Invariants
   every worker exited 0 (drained), 1 otherwise. A worker that outlives SHUTDOWN_TIMEOUT by the
   grace margin is killed and the parent exits 1.
 - /metrics reports the whole group, merged by the parent (groupmetrics.py) over unix sockets in a
-  run directory it creates and removes. The parent's asyncio side (`_GroupMetrics`, that merge)
-  runs in a thread of its own with the stop signals blocked, so the supervising loop below stays a
-  blocking wait on its children and its wake-up fd.
+  run directory it creates and removes. The parent's asyncio side (`_GroupMetrics`: that merge and,
+  with METRICS_ADDR, the metrics listener) runs in a thread of its own with the stop signals
+  blocked, so the supervising loop below stays a blocking wait on its children and its wake-up fd.
 """
 
 from __future__ import annotations
@@ -40,10 +40,14 @@ import threading
 import time
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from estat_ingest.config import Settings
 from estat_ingest.groupmetrics import Aggregator, GroupLink, make_run_dir, remove_run_dir
 from estat_ingest.sockets import make_socket
+
+if TYPE_CHECKING:
+    from estat_ingest.http.metrics_listener import MetricsListener
 
 log = logging.getLogger("estat_ingest.workers")
 
@@ -118,11 +122,15 @@ class _Slot:
 
 
 class _GroupMetrics(threading.Thread):
-    """The parent's event loop: the group's metrics merge, answered on `parent.sock`."""
+    """The parent's event loop: the group's metrics merge on `parent.sock` and, with METRICS_ADDR,
+    the listener for /metrics (the group's), /health and /ready (200 while at least one worker is
+    ready and no stop signal came: what the shared port offers a load balancer)."""
 
-    def __init__(self, link: GroupLink) -> None:
+    def __init__(self, link: GroupLink, metrics_sock: socket.socket | None, stopping: threading.Event) -> None:
         super().__init__(name="estat-ingest-group-metrics", daemon=True)
         self.link = link
+        self.metrics_sock = metrics_sock
+        self.stopping = stopping
         self.started_up = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._quit: asyncio.Event | None = None
@@ -133,8 +141,11 @@ class _GroupMetrics(threading.Thread):
     async def _main(self) -> None:
         self._loop, self._quit = asyncio.get_running_loop(), asyncio.Event()
         aggregator = Aggregator(self.link)
+        listener = None
         try:
             await aggregator.start()
+            if self.metrics_sock is not None:
+                listener = await self._listen(aggregator, self.metrics_sock)
         except Exception:  # the workers still serve; their /metrics answers 503 without the parent
             log.exception("group metrics could not start")
         finally:
@@ -142,7 +153,24 @@ class _GroupMetrics(threading.Thread):
         try:
             await self._quit.wait()
         finally:
+            if listener is not None:
+                await listener.close()
             await aggregator.close()
+
+    async def _listen(self, aggregator: Aggregator, sock: socket.socket) -> MetricsListener:
+        from estat_ingest.http.metrics_listener import MetricsListener
+        from estat_ingest.http.policy import Reply
+        from estat_ingest.metrics import CONTENT_TYPE
+
+        async def scrape() -> Reply:
+            return Reply(200, {"Content-Type": CONTENT_TYPE}, await aggregator.render())
+
+        async def ready() -> bool:
+            return not self.stopping.is_set() and await aggregator.ready_workers() > 0
+
+        listener = MetricsListener(scrape, ready)
+        await listener.start(sock)
+        return listener
 
     def stop(self) -> None:
         loop, quit_ = self._loop, self._quit
@@ -153,9 +181,11 @@ class _GroupMetrics(threading.Thread):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, link: GroupLink) -> None:
+    def __init__(self, settings: Settings, link: GroupLink, metrics_sock: socket.socket | None = None) -> None:
         self.settings = settings
         self.link = link
+        self.metrics_sock = metrics_sock
+        self.stopping = threading.Event()  # the first signal came (the metrics listener's /ready: 503)
         self.ctx = multiprocessing.get_context("spawn")
         self.slots = [_Slot(i) for i in range(settings.workers)]
         self.signals = 0
@@ -211,7 +241,7 @@ class Supervisor:
         # multiprocessing starts its resource tracker on the first spawn and, doing so, UNBLOCKS
         # SIGTERM/SIGINT (resource_tracker.ensure_running): start it before we block them.
         multiprocessing.resource_tracker.ensure_running()
-        group = _GroupMetrics(self.link)
+        group = _GroupMetrics(self.link, self.metrics_sock, self.stopping)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # the thread never takes them
         try:
             group.start()
@@ -231,6 +261,7 @@ class Supervisor:
                                         "budget_seconds": self.settings.shutdown_timeout_s})
                         budget = self.settings.shutdown_timeout_s + KILL_GRACE_S
                         self.stop_deadline = time.monotonic() + budget
+                        self.stopping.set()
                     else:
                         log.warning("second signal: workers spill to the dlq now")
                     handled = self.signals
@@ -298,21 +329,35 @@ class Supervisor:
                 self._start(slot)
 
 
-def run_workers(settings: Settings, holder: socket.socket | None = None) -> int:
+def run_workers(settings: Settings, holder: socket.socket | None = None,
+                metrics_sock: socket.socket | None = None) -> int:
     """Run `settings.workers` server processes on one port until SIGTERM/SIGINT; the exit code.
     `holder`: the port, already bound with SO_REUSEPORT (the CLI binds it before anything starts,
-    so a port in use is one line, not a traceback); closed on return."""
+    so a port in use is one line, not a traceback); `metrics_sock`: METRICS_ADDR, bound, served
+    by this process. Both closed on return."""
     # Port 0 means "any": pick it once here so every worker binds the same one. The parent keeps
     # its socket bound (never listening) so the port stays ours while workers restart.
     if holder is None:
         holder = make_socket(settings.http_host, settings.http_port, reuse_port=True, listen=False)
+    if metrics_sock is None and settings.metrics_host:
+        try:
+            metrics_sock = make_socket(settings.metrics_host, settings.metrics_port, listen=False)
+        except BaseException:
+            holder.close()
+            raise
     link = GroupLink(make_run_dir(), settings.workers)
     try:
         port = holder.getsockname()[1]
         settings = dataclasses.replace(settings, http_port=port)
-        log.info("starting workers", extra={"workers": settings.workers, "addr": f"{settings.http_host}:{port}",
-                                            "run_dir": link.run_dir})
-        return Supervisor(settings, link).run()
+        extra: dict[str, object] = {"workers": settings.workers, "addr": f"{settings.http_host}:{port}",
+                                    "run_dir": link.run_dir}
+        if metrics_sock is not None:
+            mhost, mport = metrics_sock.getsockname()[:2]
+            extra["metrics_addr"] = f"{mhost}:{mport}"
+        log.info("starting workers", extra=extra)
+        return Supervisor(settings, link, metrics_sock).run()
     finally:
         holder.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         remove_run_dir(link.run_dir)

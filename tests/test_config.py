@@ -83,6 +83,7 @@ BAD = [
     ("SINKS", "file,file", "invalid"),
     ("HTTP_ADDR", "localhost", "invalid"),
     ("HTTP_ADDR", ":70000", "invalid"),
+    ("METRICS_ADDR", "9090", "invalid"),
     ("DLQ_MAX_AGE", "forever", "invalid"),
     ("DLQ_MAX_SIZE_BYTES", "lots", "invalid"),
     ("DLQ_SCAN_LIMIT", "0", "out of range"),
@@ -312,3 +313,16 @@ def test_validate_directory_problem_alone_exits_1(tmp_path: Path) -> None:
     assert proc.stderr.splitlines() == [
         f"estat-ingest: cannot start: DLQ_DIR={str(tmp_path / 'file')!r} is not usable: "
         f"{tmp_path / 'file'} is a file, not a directory"]
+
+
+def test_metrics_addr_is_optional_and_not_the_public_port() -> None:
+    unset = Settings.from_env({})
+    assert unset.metrics_host == "" and unset.describe()["METRICS_ADDR"] == ""
+    s = Settings.from_env({"METRICS_ADDR": ":9090"})
+    assert (s.metrics_host, s.metrics_port) == ("0.0.0.0", 9090) and s.describe()["METRICS_ADDR"] == "0.0.0.0:9090"
+    assert Settings.from_env({"METRICS_ADDR": "127.0.0.1:8080", "HTTP_ADDR": "10.0.0.5:8080"}).metrics_port == 8080
+    for http_addr, metrics_addr in ((":8080", "127.0.0.1:8080"), ("127.0.0.1:9000", "127.0.0.1:9000"),
+                                    ("127.0.0.1:9000", ":9000")):
+        with pytest.raises(ConfigError) as info:
+            Settings.from_env({"HTTP_ADDR": http_addr, "METRICS_ADDR": metrics_addr})
+        assert str(info.value).startswith("METRICS_ADDR=") and "another port than HTTP_ADDR's" in str(info.value)

@@ -170,9 +170,11 @@ _group_log = RateLimitedLog(LOG_EVERY_S)
 
 
 def metrics_answer(metrics: Metrics) -> Reply | asyncio.Future[Reply]:
-    """/metrics on the public port: this process's registry, or — a worker of `serve --workers N`
-    — a future of the whole group's (`metrics.group`: the parent gathers and merges every worker's;
-    never blocks the loop)."""
+    """/metrics on the public port: 404 when METRICS_ADDR serves it instead (`metrics.public`),
+    this process's registry, or — a worker of `serve --workers N` — a future of the whole group's
+    (`metrics.group`: the parent gathers and merges every worker's; never blocks the loop)."""
+    if not metrics.public:
+        return NOT_FOUND
     if metrics.group is None:
         return metrics_reply(metrics)
     return asyncio.ensure_future(group_reply(metrics.group))

@@ -82,6 +82,16 @@ def test_port_in_use_is_one_line_and_nothing_starts(tmp_path: Path, listening: b
     assert "shutdown complete" not in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("workers", [None, "2"], ids=["one-process", "workers"])
+def test_metrics_addr_in_use_is_one_line_and_nothing_starts(tmp_path: Path, workers: str | None) -> None:
+    with held_port(True) as port:
+        args = ("--workers", workers) if workers else ()
+        proc = serve(base_env(tmp_path, HTTP_ADDR="127.0.0.1:0", METRICS_ADDR=f"127.0.0.1:{port}"), *args)
+    [line] = refused(proc)
+    assert line == (f"estat-ingest: cannot start: METRICS_ADDR='127.0.0.1:{port}' is not usable: "
+                    f"127.0.0.1:{port} is already in use by another program")
+
+
 # ------------------------------------------------------------------------------------ directories
 
 

@@ -1,7 +1,8 @@
 """Metrics that tell the truth with `serve --workers 2` (real subprocesses, both HTTP fronts):
 /metrics on the shared port reports the whole group on every scrape, whichever worker answers it;
 each worker really served traffic (read from its own registry through the group's socket); promtool
-accepts the merged text."""
+accepts the merged text; METRICS_ADDR moves /metrics, /health and /ready to a port of their own,
+with and without workers, and the public port then answers /metrics 404."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from estat_ingest.groupmetrics import GroupLink, decode
 from tests.e2e.test_workers import _listening, wait_for
-from tests.helpers import ServerProcess, http
+from tests.helpers import ServerProcess, free_port, http
 
 FRONTS = ("aiohttp", "fast")
 
@@ -31,6 +32,12 @@ def samples(text: str) -> Samples:
 
 def value(got: Samples, name: str, **labels: str) -> float | None:
     return got.get((name, frozenset(labels.items())))
+
+
+def scrape(url: str) -> Samples:
+    status, headers, body = http("GET", url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4"), (status, body)
+    return samples(body.decode())
 
 
 def traffic(url: str, threads: int = 6, per_thread: int = 60) -> tuple[int, int]:
@@ -78,9 +85,9 @@ def worker_registry(link: GroupLink, index: int) -> Samples:
     return {(n, frozenset(lab)): v for f in snap.families for (n, lab), v in f.samples.items()}
 
 
-def start_workers(tmp_path: Path) -> ServerProcess:
-    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq")},
-                        tmp_path, args=("--workers", "2"))
+def start_workers(tmp_path: Path, env: dict[str, str] | None = None) -> ServerProcess:
+    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
+                         **(env or {})}, tmp_path, args=("--workers", "2"))
     srv.start()
     wait_for(lambda: _listening(srv) == [0, 1], what="two workers listening")
     return srv
@@ -117,6 +124,55 @@ def test_every_scrape_of_the_shared_port_reports_the_whole_group(tmp_path: Path)
         out = subprocess.run([promtool, "check", "metrics"], input=texts[-1], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        code = srv.stop()
+        srv.kill()
+    assert code == 0, srv.log()
+
+
+def test_metrics_addr_serves_the_group_and_the_public_port_hides_metrics(tmp_path: Path) -> None:
+    mport = free_port()
+    srv = start_workers(tmp_path, {"METRICS_ADDR": f"127.0.0.1:{mport}"})
+    murl = f"http://127.0.0.1:{mport}"
+    try:
+        ok, bad = traffic(srv.url, threads=4, per_thread=30)
+        assert http("GET", srv.url + "/metrics")[0] == 404  # not on the public port
+        assert http("GET", srv.url + "/ready")[0] == 200  # the load balancer's probes stay there
+        for _ in range(3):
+            got = scrape(murl)
+            assert value(got, "http_requests_accepted_total") == ok
+            assert value(got, "http_requests_rejected_total", reason="invalid_json") == bad
+            assert value(got, "estat_ingest_workers_scraped") == 2
+        assert http("GET", murl + "/health")[:3:2] == (200, b"ok")
+        assert http("GET", murl + "/ready")[0] == 200
+        assert http("GET", murl + "/collect")[0] == 404  # only the three routes
+        starting = [r for r in srv.log_records() if r.get("message") == "starting workers"]
+        assert starting[0]["metrics_addr"] == f"127.0.0.1:{mport}"
+    finally:
+        code = srv.stop()
+        srv.kill()
+    assert code == 0, srv.log()
+
+
+def test_metrics_addr_without_workers(tmp_path: Path) -> None:
+    mport = free_port()
+    srv = ServerProcess({"FILE_SINK_DIR": str(tmp_path / "data"), "DLQ_DIR": str(tmp_path / "dlq"),
+                         "METRICS_ADDR": f"127.0.0.1:{mport}"}, tmp_path)
+    murl = f"http://127.0.0.1:{mport}"
+    try:
+        srv.start()
+        ok, bad = traffic(srv.url, threads=2, per_thread=30)
+        assert http("GET", srv.url + "/metrics")[0] == 404
+        assert http("GET", srv.url + "/health")[0] == 200
+        got = scrape(murl)
+        assert value(got, "http_requests_accepted_total") == ok
+        assert value(got, "http_requests_rejected_total", reason="invalid_json") == bad
+        assert value(got, "estat_ingest_workers") == 1 and value(got, "estat_ingest_workers_scraped") == 1
+        assert value(got, "process_cpu_seconds_total") is not None  # one process: no worker label
+        assert http("GET", murl + "/health")[:3:2] == (200, b"ok")
+        assert http("GET", murl + "/ready")[:3:2] == (200, b"ready")
+        [listening] = [r for r in srv.log_records() if r.get("message") == "listening"]
+        assert listening["metrics_addr"] == f"127.0.0.1:{mport}"
     finally:
         code = srv.stop()
         srv.kill()
