@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,76 @@ class ServerProcess:
     def post(self, body: bytes, headers: Mapping[str, str] | None = None, path: str = "/collect"
              ) -> tuple[int, dict[str, str], bytes]:
         return http("POST", self.url + path, body, headers)
+
+
+@contextlib.contextmanager
+def running(env: Mapping[str, str], cwd: Path) -> Iterator[ServerProcess]:
+    """A started server for a `with` block (a module fixture's lifetime); stopped with SIGTERM at the
+    end, killed if it does not stop, and its exit status must be 0."""
+    srv = ServerProcess(env, cwd)
+    code: int | None = None
+    try:
+        srv.start()
+        yield srv
+    finally:
+        if srv.proc is not None and srv.proc.poll() is None:
+            code = srv.stop()
+        srv.kill()
+    assert code == 0, srv.log()[-3000:]
+
+
+class SinkReader:
+    """The events a server's file sink stored, in receive order (record ids sort by it).
+
+    `sync()` is a barrier: it POSTs a sentinel event on a new connection and waits (bounded) until
+    the sentinel is stored. That proves every event accepted before the sentinel is stored too, when
+    the server runs with `SERVER_ENV`: the queue is FIFO, one dispatcher hands batches to the
+    upload queue in order, and with one uploader they reach the sink in that order
+    (estat_ingest/pipeline/engine.py). A test must therefore let the server finish with its own
+    connection (read the answers, or wait for the close) before it calls `sync()`.
+    """
+
+    SERVER_ENV = {"BATCH_SIZE": "1", "UPLOAD_CONCURRENCY": "1", "FLUSH_INTERVAL": "20ms"}
+    SENTINEL = "sync-sentinel-"
+
+    def __init__(self, srv: ServerProcess, root: Path, dlq: Path | None = None) -> None:
+        self.srv = srv
+        self.root = root
+        self.dlq = dlq
+        self._seen: set[Path] = set()
+        self._records: list[dict[str, Any]] = []
+
+    def _read_new(self) -> None:
+        if not self.root.exists():
+            return
+        fresh = []
+        for p in self.root.rglob("*"):
+            if p in self._seen or not p.is_file() or p.name.startswith(".") or p.name.endswith(".meta.json"):
+                continue
+            self._seen.add(p)
+            fresh += decode_object(p.name, p.read_bytes())
+        if fresh:
+            self._records = sorted(self._records + fresh, key=lambda r: r["id"])
+
+    def sync(self, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Every record stored so far (sentinels left out), after a barrier."""
+        marker = self.SENTINEL + uuid.uuid4().hex
+        status = self.srv.post(orjson.dumps({"s": marker}), {"Content-Type": "application/json"})[0]
+        assert status == 200, f"sentinel refused: {status}"
+        deadline = time.monotonic() + timeout
+        while True:
+            self._read_new()
+            if any(marker in r["body"] for r in self._records):
+                break
+            assert time.monotonic() < deadline, "sentinel event not stored in time"
+            time.sleep(0.005)
+        if self.dlq is not None and self.dlq.exists():
+            assert not [p for p in self.dlq.rglob("*") if p.is_file()], "a batch went to the DLQ"
+        return [r for r in self._records if self.SENTINEL not in r["body"]]
+
+    def bodies(self) -> list[str]:
+        """The bodies of every stored event (after a barrier)."""
+        return [r["body"] for r in self.sync()]
 
 
 def s3_client(endpoint: str) -> Any:
