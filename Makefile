@@ -12,7 +12,7 @@ HELM    := $(BIN)/helm
 # the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
 
-.PHONY: run test lint bench bench-quick setup clean
+.PHONY: run test lint fuzz bench bench-quick setup clean
 
 # `make run` installs the server only; `make test`/`lint` add the dev tools (the `dev` extra)
 $(RUNTIME): pyproject.toml
@@ -54,6 +54,15 @@ run: $(RUNTIME)
 
 test: $(DEV) $(TOOLS) $(HELM)
 	$(BIN)/python -m pytest -q
+
+# the framing fuzzer (tests/http/test_framing_fuzz.py) at length, shrinking what it finds; `make test`
+# runs it with FRAMING_FUZZ_EXAMPLES=40 and no shrinking; FUZZ_ONLY=<kind> hunts one kind of bug
+FUZZ_EXAMPLES ?= 3000
+FUZZ_ONLY ?=
+fuzz: $(DEV)
+	FRAMING_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FRAMING_FUZZ_SHRINK=1 FRAMING_FUZZ_ONLY=$(FUZZ_ONLY) \
+	  $(BIN)/python -m pytest -q -o timeout=0 \
+	  tests/http/test_framing_fuzz.py $(FUZZ_ARGS)
 
 lint: $(DEV)
 	$(BIN)/ruff check estat_ingest tests
