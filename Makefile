@@ -7,9 +7,9 @@ RUNTIME := $(VENV)/.installed-runtime
 DEV     := $(VENV)/.installed-dev
 TOOLS   := $(VENV)/.test-tools
 HELM    := $(BIN)/helm
-# Debian packages some tests use: promtool (alert rules), chromium (browser test) and libfaketime (a
-# wall clock that jumped, tests/e2e/test_dlq_fail_closed.py); those tests skip with a message when
-# the package cannot be installed
+# Debian packages some tests use: promtool (alert rules), chromium (browser test), libfaketime (a
+# wall clock that jumped, tests/e2e/test_dlq_fail_closed.py) and haproxy (proxy test); those tests
+# skip with a message when the package cannot be installed
 export DLQ_DIR ?= ./data/dlq
 
 .PHONY: run test lint fuzz bench bench-quick setup clean
@@ -29,10 +29,11 @@ $(DEV): pyproject.toml
 	@$(BIN)/python -m pip install -q -e '.[dev]'
 	@touch $@ $(RUNTIME)
 
-$(TOOLS): $(DEV)
+$(TOOLS): $(DEV) Makefile
 	@missing=""; command -v promtool >/dev/null || missing="prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v faketime >/dev/null || missing="$$missing faketime"; \
+	command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing test tools:$$missing"; \
