@@ -41,13 +41,18 @@ from tests.http.rawhttp import Answer
 COLLECT_PATHS = frozenset({"/collect", "/collect.gif", "/pixel.gif"})
 # headers whose second line changes how the server frames or reads the request: refused (issue 15)
 FRAMING_HEADERS = ("host", "content-length", "transfer-encoding", "content-type", "content-encoding")
+# not lists (RFC 9110 §5.3), outside FRAMING_HEADERS: a second line may be refused
+SINGLETON_HEADERS = ("user-agent", "authorization", "content-location", "content-range", "etag", "max-forwards",
+                     "server", "referer", "from")
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines")
 
 MAY_REFUSE = {
     "bare_lf": "a line ended by LF alone (RFC 9112 §2.2: a recipient MAY accept it; llhttp strict does not)",
     "obs_fold": "obsolete line folding (RFC 9112 §5.2: a server MUST reject it with 400 or unfold it)",
-    "empty_line_before_request": "CRLF before a request line (RFC 9112 §2.2: SHOULD ignore; h11 refuses, "
-                                 "so the oracle skips it itself)",
+    "empty_line_before_request": "an empty line (CRLF, or LF) before a request line (RFC 9112 §2.2: SHOULD "
+                                 "ignore; h11 refuses, so the oracle skips it itself)",
+    "duplicate_singleton_header": "a second line of a header that is not a list, e.g. User-Agent (RFC 9110 "
+                                  "§5.3: a sender MUST NOT send it; aiohttp's parser refuses it)",
     "chunk_size_whitespace": "whitespace after a chunk size without an extension (not in RFC 9112 §7.1's "
                              "grammar; h11 tolerates it)",
     "body_over_limit_unused": "a body over MAX_BODY_SIZE that the server does not use (not a POST to /collect):"
@@ -123,6 +128,7 @@ def _scan_head(head: bytes) -> _Head:
     return out
 
 
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]+)([^\r\n]*)\r?\n")
 
 
@@ -186,10 +192,12 @@ def judge(raw: bytes, leading: int, req: h11.Request, body: bytes, max_body: int
     may: list[str] = []
     if leading:
         may.append("empty_line_before_request")
-    if scan.bare_lf:
+    if scan.bare_lf or re.search(rb"(?<!\r)\n", raw[:leading]):
         may.append("bare_lf")
     if scan.obs_fold:
         may.append("obs_fold")
+    if any(scan.names.count(n) > 1 for n in SINGLETON_HEADERS):
+        may.append("duplicate_singleton_header")
     te = hmap.get("transfer-encoding")
     if te and any(re.match(rb"[0-9A-Fa-f]+[ \t]+$", line) for line in _chunk_lines(raw[cut:])):
         may.append("chunk_size_whitespace")
@@ -249,9 +257,8 @@ def frame(stream: bytes, max_body: int) -> Oracle:
     while True:
         if not rest:
             return Oracle(tuple(out), "open")
-        leading = 0
-        while rest[leading:leading + 2] == b"\r\n":
-            leading += 2
+        empty = _EMPTY_LINES.match(rest)
+        leading = empty.end() if empty else 0
         if leading == len(rest):
             return Oracle(tuple(out), "open", rest=rest)
         conn = h11.Connection(h11.SERVER)
