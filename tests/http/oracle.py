@@ -111,6 +111,7 @@ class Oracle:
 @dataclass
 class _Head:
     names: list[str] = field(default_factory=list)
+    values: list[str] = field(default_factory=list)  # raw, as sent (h11 normalizes some)
     bare_lf: bool = False
     obs_fold: bool = False
 
@@ -124,7 +125,9 @@ def _scan_head(head: bytes) -> _Head:
         if line[:1] in (b" ", b"\t"):
             out.obs_fold = True
             continue
-        out.names.append(line.split(b":", 1)[0].strip().decode("latin-1").lower())
+        name, _, value = line.partition(b":")
+        out.names.append(name.strip().decode("latin-1").lower())
+        out.values.append(value.decode("latin-1"))
     return out
 
 
@@ -210,8 +213,8 @@ def judge(raw: bytes, leading: int, req: h11.Request, body: bytes, max_body: int
                       tuple(may), closes)
 
     dups = [n for n in FRAMING_HEADERS if scan.names.count(n) > 1]
-    if any("," in v for v in hmap.get("content-length", [])):
-        dups.append("content-length")  # `Content-Length: 5, 5` is the list form of two lines
+    if any("," in v for n, v in zip(scan.names, scan.values, strict=True) if n == "content-length"):
+        dups.append("content-length")  # `Content-Length: 5, 5` is the list form of two lines (h11 merges it)
     if dups:
         return verdict(Kind.REFUSE, "duplicate_" + dups[0])
     if te is not None and "content-length" in hmap:

@@ -204,7 +204,7 @@ def _mutate(headers: list[list[str]], m: Mutation, body_len: int) -> tuple[list[
     elif m.op == "cl_delta":
         for h in headers:
             if h[0].lower() == "content-length" and h[2].strip().isdigit():
-                h[2] = m.arg + "0" if m.arg == "+0" else str(max(0, int(h[2]) + int(m.arg)))
+                h[2] = "+" + h[2] if m.arg == "+0" else str(max(0, int(h[2]) + int(m.arg)))  # +0: a sign
     elif m.op == "add_te":
         headers.append(["Transfer-Encoding", ": ", m.arg])
     elif m.op == "add_cl":
