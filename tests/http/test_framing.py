@@ -361,3 +361,23 @@ def test_new_connect_with_a_body_is_refused(served: Served, framing: str) -> Non
         assert c.wait_closed()
         assert len(finals(c.received)) == 1, f"served what followed the CONNECT: {show(c.received)}"
     assert served.stored(marker) == []
+
+
+def test_new_answer_before_a_broken_body_announces_the_close(served: Served) -> None:
+    """A request whose body the server does not need (GET /health, chunked), the body's framing
+    broken in a later segment. A server may answer before the body is complete, but then it cannot
+    know whether the connection survives: its answer must say `Connection: close`, or it must wait
+    for the body and refuse it (400, close). Either way, never a 200 without `Connection: close`
+    followed by a silent close — what a proxy's pool turns into another client's failure."""
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with Conn(served.srv.port) as c:
+        c.send(head)
+        early = finals(c.answers(1, timeout=0.5))  # a bounded look: answered before the body?
+        c.send(b"zz\r\nnot a chunk\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = early + finals(c.answers(2 - len(early)))
+        assert c.wait_closed(), f"kept the connection after a broken chunk: {show(c.received)}"
+    assert got, "closed without an answer"
+    first = got[0]
+    assert first.announces_close, f"answered {first}, then closed the connection (no Connection: close)"
+    assert first.status == 200 or 400 <= first.status < 500, first
+    assert len(got) == 1, f"served a request after the broken body: {show(got)}"
