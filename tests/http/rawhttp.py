@@ -111,7 +111,8 @@ class Conn:
         self.buf = b""
         self.closed = False
         self.half_closed = False
-        self.received: list[Answer] = []  # every answer so far, 1xx included
+        self.received: list[Answer] = []  # every answer handed out so far, 1xx included
+        self._ready: list[Answer] = []  # parsed, not handed out yet (arrived with earlier ones)
 
     def __enter__(self) -> Conn:
         return self
@@ -155,26 +156,36 @@ class Conn:
         self.buf += chunk
         return True
 
-    def _take(self) -> list[Answer]:
+    def _hand_out(self, n: int | None) -> list[Answer]:
+        """Parse what arrived; hand out up to `n` final answers (and the 1xx before them), all if None."""
         got, self.buf = parse_answers(self.buf)
-        self.received += got
-        return got
-
-    def answers(self, n: int, timeout: float | None = None) -> list[Answer]:
-        """Read until `n` more final answers arrived (1xx before them are returned too), or the
-        server closed, or `timeout` passed."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        out = self._take()
-        while len(finals(out)) < n and self._recv(deadline):
-            out += self._take()
+        self._ready += got
+        out: list[Answer] = []
+        while self._ready and (n is None or len(finals(out)) < n):
+            out.append(self._ready.pop(0))
+        self.received += out
         return out
 
-    def wait_closed(self, timeout: float | None = None) -> bool:
-        """Read (answers included) until the server closes the connection; True if it did in time."""
+    def answers(self, n: int, timeout: float | None = None) -> list[Answer]:
+        """The next `n` final answers (and the 1xx before them): fewer if the server closed first or
+        `timeout` passed. Answers that arrived with them wait for the next call."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._take()
+        out = self._hand_out(n)
+        while len(finals(out)) < n and self._recv(deadline):
+            out += self._hand_out(n - len(finals(out)))
+        return out
+
+    def take_all(self) -> list[Answer]:
+        """Every answer that has arrived and was not handed out yet, without reading more."""
+        return self._hand_out(None)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Read until the server closes the connection (every answer is handed out, into
+        `received`); True if it closed in time."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        self._hand_out(None)
         while self._recv(deadline):
-            self._take()
+            self._hand_out(None)
         return self.closed
 
     def finish(self, timeout: float | None = None) -> list[Answer]:

@@ -289,9 +289,11 @@ def run_example(f: Fuzzed, stream: bytes, parts: list[bytes], o: Oracle) -> Seen
     with Conn(f.srv.port, timeout=WAIT_S) as c:
         c.send_parts(parts)
         c.answers(o.answers_owed)
+        c.take_all()  # answers beyond the owed ones that came with them count too
         if o.end in ("closed", "refused", "error"):
             c.wait_closed()
         before_probe = len(c.received)
+        closed_early = c.closed
         last = finals(c.received)[-1:] or None
         probe = "not_sent"
         if (o.end == "open" and not c.closed and len(finals(c.received)) >= o.answers_owed
@@ -299,7 +301,6 @@ def run_example(f: Fuzzed, stream: bytes, parts: list[bytes], o: Oracle) -> Seen
             c.send(PROBE)
             probe = "answered" if finals(c.answers(1)) else "unanswered"
         answers = tuple(c.received[:before_probe])
-        closed_early = c.closed
         c.finish()
     records = f.store.sync()
     fresh = records[f.seen:]
