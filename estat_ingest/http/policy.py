@@ -34,13 +34,34 @@ already inside /collect finish.
 Requests refused before /collect runs (malformed HTTP, header limits) are counted in
 `http_requests_rejected_total{reason}` and logged at most once per reason per LOG_EVERY_S
 (`ProtocolErrors`), without a traceback unless it is our bug (`server_error`).
+
+Framing (below; docs/security.md "HTTP/1.1 framing"): what both fronts do so that a proxy that
+reuses a connection for other clients' requests (ALB, CloudFront, haproxy `http-reuse always`)
+never reads a request boundary differently from the server, and never meets a close it was not
+told about:
+- an Upgrade request (or CONNECT) is a plain request: answered in HTTP/1.1, no protocol is ever
+  switched to, its body (the h2c POST of `curl --http2`) read by its Content-Length or chunked
+  framing and stored, and the connection goes on with the bytes after it;
+- refused with 400 and a close: a second line of a framing-relevant header (`FRAMING_HEADERS`; RFC
+  9112 §3.2 for Host, and a proxy may keep the other line), CONNECT with Content-Length or
+  Transfer-Encoding (RFC 9110 §9.3.6: CONNECT has no content, so proxies disagree on where the next
+  request starts), a percent-encoded path (never decoded: `/%6Detrics` would pass a proxy rule that
+  blocks `/metrics`), a chunked body whose framing (chunk-size lines, extensions, trailers) takes
+  more than `Limits.chunk_framing_bytes`;
+- the connection is closed after an HTTP/1.0 request with Transfer-Encoding (RFC 9112 §6.1), after
+  `Connection: close`, after HTTP/1.0 without keep-alive, after every refusal, while draining;
+  whatever follows such a request on the connection is discarded, never parsed into a request;
+- every answer after which the server closes says `Connection: close`; an HTTP/1.0 connection kept
+  open is answered `Connection: keep-alive` (RFC 9112 appendix C.2.2);
+- `100 Continue` only to an HTTP/1.1 `Expect: 100-continue` whose announced body is within
+  MAX_BODY_SIZE, after every refusal that needs no body (RFC 9110 §10.1.1).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +73,9 @@ KEEPALIVE_S = 75.0  # above an ALB's 60 s idle timeout
 LINGER_S = 2.0  # aiohttp's default lingering_time (10 s) would let a trickling client hold a socket
 CLOSE_FLUSH_S = 1.0  # a client that does not read its last answer must not hold the shutdown
 LOG_EVERY_S = 10.0  # one log line per rejection reason per interval
+# what a chunked body may spend on its framing beyond MAX_BODY_SIZE: llhttp reads chunk extensions
+# and trailers without a bound, so without this one a 20 MB extension was accepted
+CHUNK_FRAMING_SLACK = 16 * 1024
 
 # ------------------------------------------------------------------------------------ routes
 
@@ -81,6 +105,12 @@ class Limits:
                    header_line_bytes=s.max_header_bytes, headers=s.max_headers,
                    header_read_s=s.header_read_timeout_s, body_read_s=s.request_read_timeout_s,
                    in_flight=s.max_in_flight)
+
+    @property
+    def chunk_framing_bytes(self) -> int:
+        """Bytes a chunked body may spend on its framing (size lines, extensions, trailers): as many
+        as its content may have (MAX_BODY_SIZE), plus CHUNK_FRAMING_SLACK."""
+        return self.body_bytes + CHUNK_FRAMING_SLACK
 
 
 # ------------------------------------------------------------------------------------ answers
@@ -192,6 +222,55 @@ async def group_reply(group: Callable[[], Awaitable[bytes]]) -> Reply:
     if not body:  # the parent closed without an answer (its merge failed: it logged why)
         return GROUP_UNAVAILABLE
     return Reply(200, {"Content-Type": CONTENT_TYPE}, body)
+
+
+# ------------------------------------------------------------------------------------ framing
+
+# lower-case names of the headers a second line of which changes how a request is framed or read
+FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-type", "content-encoding"})
+ENCODED_PATH = "percent-encoded path"  # the refusal's detail (logged, never the client's bytes)
+CONNECT_WITH_BODY = "CONNECT with Content-Length or Transfer-Encoding"
+CHUNK_FRAMING_TOO_LARGE = "chunked framing (size lines, extensions, trailers) over the limit"
+
+
+def duplicate_framing_header(names: Iterable[str]) -> str | None:
+    """The first of `FRAMING_HEADERS` that `names` (a request's header names, one per line, any
+    case) holds twice, else None: the request is refused (400, close)."""
+    seen: set[str] = set()
+    for name in names:
+        key = name.lower()
+        if key in FRAMING_HEADERS:
+            if key in seen:
+                return key
+            seen.add(key)
+    return None
+
+
+def connect_with_body(method: str, headers: Mapping[str, str]) -> bool:
+    """A CONNECT that announces a body: refused (400, close), never read."""
+    return method == "CONNECT" and ("Content-Length" in headers or "Transfer-Encoding" in headers)
+
+
+def closes_after(http10: bool, transfer_encoding: bool) -> bool:
+    """RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing, whatever its
+    Connection header says; it is processed and the connection closed after it (the sender may have
+    kept part of it back)."""
+    return http10 and transfer_encoding
+
+
+def announces_keep_alive(connection: str) -> bool:
+    """Whether a request's `Connection` value asks for keep-alive: an HTTP/1.0 client keeps the
+    connection only if the answer says `Connection: keep-alive` (RFC 9112 appendix C.2.2); to an
+    HTTP/1.1 client it is harmless."""
+    return "keep-alive" in connection.lower()
+
+
+def send_continue(expect: str, http11: bool, length: int | None, limits: Limits) -> bool:
+    """`100 Continue` before reading the body: only to HTTP/1.1 (RFC 9110 §10.1.1: an HTTP/1.0
+    client does not know 1xx answers), only for `100-continue`, only when the announced body is
+    within MAX_BODY_SIZE (it is answered 413 without being invited). The fronts ask this after
+    every other refusal that needs no body (header limits, duplicates, admission)."""
+    return http11 and expect.strip().lower() == "100-continue" and (length is None or length <= limits.body_bytes)
 
 
 # ------------------------------------------------------------------------------------ admission

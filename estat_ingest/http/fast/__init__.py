@@ -31,9 +31,14 @@ What it does; the limits, answers, admission and draining close are the edge pol
   (`header_too_large`; the aiohttp front answers 400). httptools accumulates a header without a
   bound until it is complete, so the bytes of a header section still in progress are bounded too;
 - malformed HTTP (llhttp in strict mode: smuggling shapes, bad framing, non-HTTP bytes, raw
-  non-ASCII bytes in the request target, an HTTP/1.1 request without Host, an upgrade before
-  the request is complete) is 400 `bad_http`; both counted in `http_requests_rejected_total{reason}`
-  and logged at most once per reason per 10 s (`policy.ProtocolErrors`, shared with the aiohttp front);
+  non-ASCII bytes in the request target, an HTTP/1.1 request without Host) and what the edge
+  policy refuses on top (a repeated framing header, CONNECT with a body, a percent-encoded path,
+  chunked framing over its bound) is 400 `bad_http`; both counted in
+  `http_requests_rejected_total{reason}` and logged at most once per reason per 10 s
+  (`policy.ProtocolErrors`, shared with the aiohttp front);
+- an Upgrade request or CONNECT is a plain request (policy.py, "Framing"): llhttp stops parsing at
+  it and skips its body, so a new parser goes on with the bytes after its head, first fed a head
+  with the request's framing when its body is still to be read (`HttpConn._after_upgrade`);
 - HEADER_READ_TIMEOUT: a connection's first request must complete its headers within it from
   the connection's start, a later request from its first byte; else the connection is closed
   without an answer (`header_timeout`); REQUEST_READ_TIMEOUT: a body not complete within it
@@ -41,7 +46,9 @@ What it does; the limits, answers, admission and draining close are the edge pol
 - after a refusal the connection stops parsing, sends the answer, half-closes and discards what
   the client still sends for at most the linger time (so the client reads the answer instead of a
   reset), then closes; an idle keep-alive connection is closed after the keep-alive time;
-- `Expect: 100-continue`, chunked bodies, pipelined requests answered in order, `Connection:
-  close` on every answer once the server is draining, header values decoded as UTF-8 with
-  surrogate escapes (as aiohttp does, so non-UTF-8 bytes are stored as U+FFFD by `/collect`).
+- `Expect: 100-continue` (HTTP/1.1 only, never before a refusal), chunked bodies, pipelined
+  requests answered in order, `Connection: close` on every answer after which the connection ends
+  (also once the server is draining), `Connection: keep-alive` when the request asked for it,
+  header values decoded as UTF-8 with surrogate escapes (as aiohttp does, so non-UTF-8 bytes are
+  stored as U+FFFD by `/collect`).
 """

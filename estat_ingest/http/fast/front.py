@@ -29,7 +29,7 @@ class Front:
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
-        self._ok_cache: tuple[bytes, bytes, bytes] = (b"", b"", b"")  # (date, keep-alive, close)
+        self._ok_cache: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")  # date, kept, close, announced
         self.max_url = limits.request_line_bytes  # read once per request: one attribute away
         # Bounds on a header section still arriving (httptools keeps a header until it is
         # complete): the line in progress, and the whole section. The estimate may include the
@@ -38,14 +38,16 @@ class Front:
         self.head_cap = self.max_url + limits.headers * (limits.header_line_bytes + 4) + limits.body_bytes + 4096
         self.sweep_s = max(0.05, min(1.0, limits.header_read_s / 4, limits.body_read_s / 4))
 
-    def ok_bytes(self, close: bool) -> bytes:
-        """The 200 reply, re-rendered only when the Date second changes."""
+    def ok_bytes(self, close: bool, keep_alive: bool = False) -> bytes:
+        """The 200 reply (`render`'s `close` and `keep_alive`), re-rendered only when the Date second
+        changes."""
         date = self.date.get()
         cache = self._ok_cache
         if cache[0] is not date:
             cache = self._ok_cache = (date, render(200, OK_REPLY.headers, b"", date, False),
-                                      render(200, OK_REPLY.headers, b"", date, True))
-        return cache[2] if close else cache[1]
+                                      render(200, OK_REPLY.headers, b"", date, True),
+                                      render(200, OK_REPLY.headers, b"", date, False, keep_alive=True))
+        return cache[2] if close else cache[3] if keep_alive else cache[1]
 
     async def start(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

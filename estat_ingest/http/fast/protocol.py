@@ -9,7 +9,6 @@ import logging
 import time
 from collections import deque
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -17,7 +16,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from estat_ingest.http.collect import OK_REPLY
 from estat_ingest.http.fast.render import render
 from estat_ingest.http.policy import (
+    CHUNK_FRAMING_TOO_LARGE,
     COLLECT_PATHS,
+    CONNECT_WITH_BODY,
+    ENCODED_PATH,
     HEADER_TOO_LARGE,
     HEALTH,
     INTERNAL_ERROR,
@@ -28,8 +30,13 @@ from estat_ingest.http.policy import (
     PLAIN_PATHS,
     READ_TIMEOUT,
     Reply,
+    announces_keep_alive,
+    closes_after,
+    connect_with_body,
+    duplicate_framing_header,
     metrics_answer,
     ready_reply,
+    send_continue,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +45,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("estat_ingest.fastfront")  # a stable name for log filters, whatever the module path
 _now = time.monotonic  # every timer of this front (uvloop's loop.time() has another origin)
 
-IDLE, HEAD, BODY = 0, 1, 2  # where a connection is in its current request
+# where a connection is in its current request; UPGRADE: llhttp took it for a protocol switch and
+# skipped its body, which a parser replaying its framing reads next (HttpConn._after_upgrade)
+IDLE, HEAD, BODY, UPGRADE = 0, 1, 2, 3
+# what follows an answer: the close (`Connection: close`), the next request, or the next request and
+# the answer says `Connection: keep-alive` (the request asked for it; an HTTP/1.0 client needs it)
+CLOSE, KEEP, KEEP_SAID = 0, 1, 2
+
+# header names as received -> their lower-case str: one dict look-up per header instead of a decode,
+# and lower-case names let a plain dict show a repeated name. Bounded: clients choose the names.
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX, _NAME_MAX_LEN = 512, 64
+
+
+def _name(raw: bytes) -> str:
+    name = raw.decode("latin-1").lower()
+    if len(raw) <= _NAME_MAX_LEN:
+        if len(_NAMES) >= _NAMES_MAX:
+            _NAMES.clear()
+        _NAMES[raw] = name
+    return name
 
 
 class _Stop(Exception):
@@ -46,9 +72,10 @@ class _Stop(Exception):
 
 
 class HttpConn(asyncio.Protocol):
-    __slots__ = ("began_here", "body", "body_size", "closing", "counted", "front", "hdrs", "head_line", "head_total",
-                 "headers", "is_collect", "last_active", "linger_until", "method", "opened", "parser",
-                 "path", "paused", "peer", "phase", "query", "served", "started", "transport", "url", "waiting")
+    __slots__ = ("began_here", "body", "body_size", "body_wire", "closing", "counted", "front", "hdrs", "head_line",
+                 "head_total", "headers", "is_collect", "keep", "last_active", "linger_until", "method", "opened",
+                 "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started", "transport",
+                 "url", "waiting")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -70,6 +97,9 @@ class HttpConn(asyncio.Protocol):
         self.counted = False  # inside Collector.inflight
         self.body: list[bytes] = []
         self.body_size = 0
+        self.body_wire = 0  # bytes received while the body was arriving (chunked framing bound)
+        self.keep = CLOSE  # whether the connection goes on after this request: llhttp's verdict, less the policy's
+        self.replay = b""  # an Upgrade request's framing, for the parser that reads its body
         self.began_here = False
         self.head_line = 0
         self.head_total = 0
@@ -78,7 +108,7 @@ class HttpConn(asyncio.Protocol):
         # /collect waiting for its ticket (ACK_MODE=durable; a Reply, holding its in-flight count), a
         # /metrics of the worker group still being gathered (a Future of its Reply), or the bytes of
         # an answer queued behind one (pending None); keep False closes after it
-        self.waiting: deque[tuple[Reply | asyncio.Future[Reply] | None, bytes, bool, bool]] | None = None
+        self.waiting: deque[tuple[Reply | asyncio.Future[Reply] | None, bytes, int, bool]] | None = None
 
     # ------------------------------------------------------------------ transport events
 
@@ -131,16 +161,11 @@ class HttpConn(asyncio.Protocol):
             return  # lingering after a refusal: discard
         self.last_active = _now()
         self.began_here = False
+        phase = self.phase
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            if self.closing:
-                return
-            if self.phase == IDLE:  # the request was answered; no protocol switch follows
-                self.closing = True
-                self.close()
-            else:
-                self._protocol_error(MALFORMED, "bad_http", "protocol upgrades are not supported")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._after_upgrade(memoryview(data), upgrade.args[0])
             return
         except httptools.HttpParserError as err:
             if self.closing:
@@ -149,6 +174,46 @@ class HttpConn(asyncio.Protocol):
             return
         if self.phase == HEAD:
             self._bound_head(data)
+        elif phase == BODY == self.phase and not self.began_here:  # all of `data` is this body's
+            self._bound_body(len(data))
+
+    def _after_upgrade(self, data: memoryview, at: int) -> None:
+        """llhttp stopped at a request it takes for a protocol switch (`Connection: Upgrade` with
+        `Upgrade:`, or CONNECT) and `data[at:]` is what follows its head. An ingest server switches
+        to nothing (http/policy.py): a new parser goes on with those bytes, after replaying the
+        request's framing when its body is still to be read (the h2c POST of `curl --http2`)."""
+        while not self.closing:
+            replaying = self.phase == UPGRADE
+            if replaying:
+                self.phase = BODY
+            self.parser = parser = httptools.HttpRequestParser(_Resumed(self, replaying))
+            rest = data[at:]
+            phase = self.phase
+            self.began_here = False
+            try:
+                if replaying:
+                    parser.feed_data(self.replay)
+                parser.feed_data(rest)
+            except httptools.HttpParserUpgrade as upgrade:
+                data, at = rest, upgrade.args[0]
+                continue
+            except httptools.HttpParserError as err:
+                if not self.closing:
+                    self._protocol_error(MALFORMED, "bad_http", f"malformed request: {err}")
+                return
+            if self.phase == HEAD:
+                self._bound_head(bytes(rest))
+            elif phase == BODY == self.phase and not self.began_here:
+                self._bound_body(len(rest))
+            return
+
+    def _bound_body(self, n: int) -> None:
+        """A body still arriving may not spend more than the policy's bound on its framing: llhttp
+        reads chunk extensions and trailers without one. Counted over the segments that held
+        nothing but this body (the first and last may also hold other requests)."""
+        self.body_wire += n
+        if self.body_wire - self.body_size > self.front.limits.chunk_framing_bytes:
+            self._protocol_error(MALFORMED, "bad_http", CHUNK_FRAMING_TOO_LARGE)
 
     def _bound_head(self, data: bytes) -> None:
         """A header section still arriving may not grow past the caps (in bytes received)."""
@@ -222,15 +287,17 @@ class HttpConn(asyncio.Protocol):
         if len(name) + len(value) > limits.header_line_bytes or len(self.headers) >= limits.headers:
             self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request header too large, or too many")
             raise _Stop
-        self.headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        self.headers.append((_NAMES.get(name) or _name(name), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self.phase = BODY
         self.served = True
         self.started = _now()
+        self.body_wire = 0
         front = self.front
         collector = front.collector
-        self.method = self.parser.get_method().decode("ascii", "replace")
+        parser = self.parser
+        self.method = method = parser.get_method().decode("ascii", "replace")
         raw = self.url
         if raw[:1] != b"/":  # absolute form (`http://host/path?q`) or `*`
             try:
@@ -242,31 +309,56 @@ class HttpConn(asyncio.Protocol):
             raw = raw[:raw.find(b"#")]
         q = raw.find(b"?")
         path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
-        if "%" in path:
-            path = unquote(path, errors="surrogateescape")
+        if "%" in path:  # routed as sent, never decoded: refused (http/policy.py)
+            self._protocol_error(MALFORMED, "bad_http", ENCODED_PATH)
+            raise _Stop
         self.path = path
         self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
-        self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(self.headers))
-        if "Host" not in hdrs and self.parser.get_http_version() == "1.1":
+        headers = self.headers
+        self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(headers))
+        names = dict(headers)  # the names are lower-case (on_header): fewer keys = a name repeated
+        if len(names) != len(headers) and (dup := duplicate_framing_header(n for n, _ in headers)):
+            self._protocol_error(MALFORMED, "bad_http", f"duplicate {dup} header")
+            raise _Stop
+        if "host" not in names and parser.get_http_version() == "1.1":
             self._protocol_error(MALFORMED, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
             raise _Stop
+        length = names.get("content-length")
+        size = None
+        if length is not None:
+            try:
+                size = int(length)
+            except ValueError:  # llhttp has validated it: unreachable
+                size = None
+        te = names.get("transfer-encoding")
+        keep = parser.should_keep_alive()
+        if te is not None and keep and closes_after(parser.get_http_version() == "1.0", True):
+            keep = False
+        if ("upgrade" in names or method == "CONNECT") and parser.should_upgrade():  # its body: _after_upgrade
+            if connect_with_body(method, hdrs):
+                self._protocol_error(MALFORMED, "bad_http", CONNECT_WITH_BODY)
+                raise _Stop
+            if te is not None or size:  # the framing the parser that reads the body is first fed
+                self.phase = UPGRADE
+                self.replay = b"".join([b"POST / HTTP/1.1\r\n",
+                                        b"" if size is None else b"Content-Length: %d\r\n" % size,
+                                        b"" if te is None else b"Transfer-Encoding: %s\r\n"
+                                        % te.encode("utf-8", "surrogateescape"), b"\r\n"])
+        conn = names.get("connection")  # browsers send exactly `keep-alive`: no call for them
+        self.keep = (CLOSE if not keep else KEEP_SAID if conn is not None and (
+            conn == "keep-alive" or announces_keep_alive(conn)) else KEEP)
         self.is_collect = path in COLLECT_PATHS
         if self.is_collect:
             self.counted = True  # admitted or not, counted until it is answered
             if not collector.inflight.admit():
                 self._refuse(self._cors(collector.refuse(OVERLOADED)))
                 raise _Stop
-        length = hdrs.get("Content-Length")
-        if length is not None:
-            try:
-                over = int(length) > front.limits.body_bytes
-            except ValueError:  # llhttp has validated it: unreachable
-                over = False
-            if over:
-                self._refuse(self._cors(collector.too_large()))
-                raise _Stop
-        expect = hdrs.get("Expect")
-        if expect is not None and expect.strip().lower() == "100-continue" and self.transport is not None:
+        if size is not None and size > front.limits.body_bytes:
+            self._refuse(self._cors(collector.too_large()))
+            raise _Stop
+        expect = names.get("expect")
+        if (expect is not None and self.transport is not None
+                and send_continue(expect, parser.get_http_version() == "1.1", size, front.limits)):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
@@ -278,6 +370,8 @@ class HttpConn(asyncio.Protocol):
             self.body.append(chunk)
 
     def on_message_complete(self) -> None:
+        if self.phase == UPGRADE:  # llhttp skipped this request's body: it completes after _after_upgrade
+            return
         self.phase = IDLE
         transport = self.transport
         if transport is None:
@@ -286,7 +380,7 @@ class HttpConn(asyncio.Protocol):
         collector = front.collector
         method = self.method
         head = method == "HEAD"
-        keep = collector.ready and self.parser.should_keep_alive()
+        keep = collector.ready and self.keep
         path = self.path
         if self.is_collect:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
@@ -308,9 +402,10 @@ class HttpConn(asyncio.Protocol):
             if self.waiting:
                 self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
             elif reply is OK_REPLY:
-                transport.write(front.ok_bytes(not keep))
+                transport.write(front.ok_bytes(not keep, keep == KEEP_SAID))
             else:
-                transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head))
+                transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
+                                       keep == KEEP_SAID))
         elif path in PLAIN_PATHS:
             if method != "GET" and not head:
                 self._send(PLAIN_NOT_ALLOWED, keep, head)
@@ -337,18 +432,19 @@ class HttpConn(asyncio.Protocol):
     def _cors(self, reply: Reply) -> Reply:
         return self.front.collector.with_cors(reply, self.hdrs) if self.hdrs is not None else reply
 
-    def _send(self, reply: Reply, keep: bool, head: bool) -> None:
+    def _send(self, reply: Reply, keep: int, head: bool) -> None:
         if self.waiting:  # behind an answer that waits for the spool
             self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
         elif self.transport is not None:
-            self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head))
+            self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head,
+                                        keep == KEEP_SAID))
 
-    def _bytes(self, reply: Reply, keep: bool, head: bool) -> bytes:
+    def _bytes(self, reply: Reply, keep: int, head: bool) -> bytes:
         if reply is OK_REPLY:
-            return self.front.ok_bytes(not keep)
-        return render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head)
+            return self.front.ok_bytes(not keep, keep == KEEP_SAID)
+        return render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head, keep == KEEP_SAID)
 
-    def _wait(self, reply: Reply | asyncio.Future[Reply], keep: bool, head: bool) -> None:
+    def _wait(self, reply: Reply | asyncio.Future[Reply], keep: int, head: bool) -> None:
         if self.waiting is None:
             self.waiting = deque()
         self.waiting.append((reply, b"", keep, head))
@@ -411,3 +507,39 @@ class HttpConn(asyncio.Protocol):
             return
         self.front.protocol_errors.note(reason, detail)
         self._refuse(reply)
+
+
+class _Resumed:
+    """The protocol of a parser that goes on after llhttp stopped at an Upgrade or CONNECT request
+    (HttpConn._after_upgrade): the connection's own callbacks, except for the head it is first fed
+    to learn the stopped request's framing (`replaying`), which belongs to a request already read."""
+
+    __slots__ = ("conn", "replaying")
+
+    def __init__(self, conn: HttpConn, replaying: bool) -> None:
+        self.conn = conn
+        self.replaying = replaying
+
+    def on_message_begin(self) -> None:
+        if not self.replaying:
+            self.conn.on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        if not self.replaying:
+            self.conn.on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.replaying:
+            self.conn.on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.replaying:
+            self.replaying = False
+        else:
+            self.conn.on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.on_body(body)
+
+    def on_message_complete(self) -> None:
+        self.conn.on_message_complete()

@@ -1,5 +1,6 @@
 """Response bytes of the fast front: the status line, Date (formatted once per second), Server,
-Content-Length, the reply's headers, Connection: close when the connection ends."""
+Content-Length, the reply's headers, `Connection: close` when the connection ends (else
+`Connection: keep-alive` when the request asked for it)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ class DateHeader:
 
 
 def render(status: int, headers: Mapping[str, str], body: bytes, date: bytes, close: bool,
-           head: bool = False) -> bytes:
-    """One HTTP/1.1 response; `head`: the headers of this answer without its body."""
+           head: bool = False, keep_alive: bool = False) -> bytes:
+    """One HTTP/1.1 response; `head`: the headers of this answer without its body; `close`: the
+    connection ends after it (`Connection: close`), else `keep_alive`: it says `Connection:
+    keep-alive` (asked for by the request; an HTTP/1.0 client needs it to keep the connection)."""
     out = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n".encode(),
            b"Date: ", date, b"\r\nServer: estat-ingest\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
     has_type = False
@@ -43,6 +46,8 @@ def render(status: int, headers: Mapping[str, str], body: bytes, date: bytes, cl
         out.append(b"Content-Type: text/plain; charset=utf-8\r\n")
     if close:
         out.append(b"Connection: close\r\n")
+    elif keep_alive:
+        out.append(b"Connection: keep-alive\r\n")
     out.append(b"\r\n")
     if not head:
         out.append(body)

@@ -241,9 +241,12 @@ def test_pipelined_chunked_and_100_continue_bodies_are_stored_once(tmp_path: Pat
         # a non-UTF-8 User-Agent byte is stored as U+FFFD; a fragment is not part of the event
         raw = f"GET /collect?tag={tag}&n=5#frag HTTP/1.1\r\nHost: x\r\nUser-Agent: a\xffb\r\n\r\n".encode("latin-1")
         assert [a[0] for a in talk(srv, raw)[0]] == [200]
-        # absolute-form target and a percent-encoded path reach /collect
-        absolute = f"GET http://x/%63ollect?tag={tag}&n=6 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        # an absolute-form target reaches /collect; a percent-encoded path is refused, never decoded
+        # (tests/http/test_framing.py::test_percent_encoded_path_is_refused)
+        absolute = f"GET http://x/collect?tag={tag}&n=6 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         assert [a[0] for a in talk(srv, absolute)[0]] == [200]
+        encoded = f"GET http://x/%63ollect?tag={tag}&n=encoded HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        assert [a[0] for a in talk(srv, encoded)[0]] == [400]
         # nothing after `Connection: close` is read: the second event is never stored
         lost = orjson.dumps({"tag": tag, "n": "after-close"})
         answers, closed = talk(srv, post(orjson.dumps({"tag": tag, "n": 7}), b"Connection: close\r\n") + post(lost), 2)
