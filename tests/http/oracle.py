@@ -57,6 +57,9 @@ MAY_REFUSE = {
                              "grammar; h11 tolerates it)",
     "body_over_limit_unused": "a body over MAX_BODY_SIZE that the server does not use (not a POST to /collect):"
                               " the fast front answers 413, the aiohttp front reads and drops it",
+    "transfer_encoding_htab": "an HTAB in the whitespace of a Transfer-Encoding line (valid OWS, RFC 9110 §5.6.3, "
+                              "but a classic obfuscation of that header: llhttp refuses a trailing one, and "
+                              "docs/security.md refuses obfuscated Transfer-Encoding)",
 }
 
 
@@ -201,6 +204,8 @@ def judge(raw: bytes, leading: int, req: h11.Request, body: bytes, max_body: int
         may.append("obs_fold")
     if any(scan.names.count(n) > 1 for n in SINGLETON_HEADERS):
         may.append("duplicate_singleton_header")
+    if any(n == "transfer-encoding" and "\t" in v for n, v in zip(scan.names, scan.values, strict=True)):
+        may.append("transfer_encoding_htab")
     te = hmap.get("transfer-encoding")
     if te and any(re.match(rb"[0-9A-Fa-f]+[ \t]+$", line) for line in _chunk_lines(raw[cut:])):
         may.append("chunk_size_whitespace")
