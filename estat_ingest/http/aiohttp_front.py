@@ -1,5 +1,6 @@
 """The aiohttp front (`HTTP_FRONT=aiohttp`): routes.py's handlers behind aiohttp's runner, with the
-parser limits, protocol-error accounting and the connection guard (http/guard.py)."""
+parser limits, protocol-error accounting, the connection guard (http/guard.py) and connections
+that keep the edge policy's framing rules (http/aiohttp_conn.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
+from estat_ingest.http.aiohttp_conn import FramingRunner
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.policy import LOG_EVERY_S, ProtocolErrors
 from estat_ingest.http.routes import COLLECTOR, GUARD, METRICS, build_app
@@ -22,8 +24,9 @@ class AiohttpFront:
 
     def __init__(self, collector: Collector, metrics: Metrics, *, handler_grace_s: float) -> None:
         self.app = build_app(collector, metrics)
-        self.runner = web.AppRunner(
+        self.runner = FramingRunner(
             self.app,
+            collector,
             handle_signals=False,
             access_log=None,
             # a handler still running after serve()'s wait for in-flight requests gets this long

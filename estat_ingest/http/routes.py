@@ -6,6 +6,8 @@ import asyncio
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import HttpVersion11
 
 from estat_ingest.http.collect import Collector
 from estat_ingest.http.guard import ConnectionGuard
@@ -18,6 +20,7 @@ from estat_ingest.http.policy import (
     Reply,
     metrics_answer,
     ready_reply,
+    send_continue,
 )
 from estat_ingest.metrics import Metrics
 
@@ -73,7 +76,8 @@ async def collect(request: web.Request) -> web.StreamResponse:
                 resp = to_response(collector.with_cors(collector.refuse(READ_TIMEOUT), request.headers))
                 resp.force_close()  # the rest of the body is never read
                 return resp
-            except (web.HTTPException, OSError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            except (web.HTTPException, OSError, HttpProcessingError, aiohttp.ClientPayloadError,
+                    aiohttp.ClientConnectionError):
                 # broken chunked framing or a client gone mid-body: the body is unusable, not too large
                 resp = to_response(collector.refuse(BAD_BODY))
                 resp.force_close()
@@ -119,6 +123,17 @@ async def metrics(request: web.Request) -> web.Response:
     return to_response(answer if isinstance(answer, Reply) else await answer)
 
 
+async def expect_continue(request: web.Request) -> None:
+    """`Expect` under the edge policy (http/policy.py `send_continue`): `100 Continue` only to
+    HTTP/1.1 and never before a 413; any other expectation is ignored, as the fast front does
+    (aiohttp's default sends 100 to an over-limit body and answers 417 to other expectations)."""
+    limits = request.app[COLLECTOR].limits
+    if send_continue(request.headers.get("Expect", ""), request.version >= HttpVersion11, request.content_length,
+                     limits):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own bytes start after it (as aiohttp's default)
+
+
 def served(request: web.Request) -> None:
     """A request reached a handler: its connection met the header-read deadline."""
     guard = request.app.get(GUARD)
@@ -140,8 +155,8 @@ def add_routes(app: web.Application) -> None:
         guard = ConnectionGuard(app[COLLECTOR].limits, app[METRICS])
         app[GUARD] = guard
         app.cleanup_ctx.append(guard.ctx)
-    for path in sorted(COLLECT_PATHS):
-        app.router.add_route("*", path, collect)  # any method: Collector.handle answers 405 itself
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics)
+    for path in sorted(COLLECT_PATHS):  # any method: Collector.handle answers 405 itself
+        app.router.add_route("*", path, collect, expect_handler=expect_continue)
+    app.router.add_get("/health", health, expect_handler=expect_continue)
+    app.router.add_get("/ready", ready, expect_handler=expect_continue)
+    app.router.add_get("/metrics", metrics, expect_handler=expect_continue)
