@@ -63,7 +63,9 @@ async def collect(request: web.Request) -> web.StreamResponse:
             resp.force_close()
             return resp
         body = b""
-        if request.method == "POST":
+        # a body is read whatever the method: a GET event is stored only once its request is complete
+        # (a broken body after it makes it a malformed request, and nothing of one is stored)
+        if request.method == "POST" or request.body_exists:
             try:
                 if request.content.is_eof():
                     # the whole body came with the headers (the common small POST): nothing to
