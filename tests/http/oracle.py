@@ -97,6 +97,9 @@ class Oracle:
     end: str  # "open" | "closed" (a request ended it) | "refused" | "incomplete" | "error"
     error: str = ""  # h11's message when end == "error"
     rest: bytes = b""  # bytes after the last framed request
+    # end == "incomplete" after a complete head (its body has not all come): that head, judged; a
+    # `100 Continue` may be its due (RFC 9110 §10.1.1: the client may be waiting for it to send the body)
+    pending: Judged | None = None
 
     @property
     def answers_owed(self) -> int:
@@ -106,6 +109,8 @@ class Oracle:
     def summary(self) -> str:
         lines = [f"  [{i}] {j.summary()}" for i, j in enumerate(self.requests)]
         tail = f"end={self.end}" + (f" ({self.error})" if self.error else "")
+        if self.pending is not None:
+            tail += f", its head: {self.pending.summary()}"
         if self.rest:
             tail += f", then {len(self.rest)} unframed bytes {self.rest[:60]!r}"
         return "\n".join([*lines, "  " + tail])
@@ -277,7 +282,8 @@ def frame(stream: bytes, max_body: int) -> Oracle:
             while True:
                 ev = conn.next_event()
                 if ev is h11.NEED_DATA:
-                    return Oracle(tuple(out), "incomplete", rest=rest)
+                    pending = None if req is None else judge(rest, leading, req, bytes(body), max_body)
+                    return Oracle(tuple(out), "incomplete", rest=rest, pending=pending)
                 if isinstance(ev, h11.Request):
                     req = ev
                 elif isinstance(ev, h11.Data):
@@ -365,19 +371,21 @@ def violations(o: Oracle, seen: Seen) -> list[tuple[str, str]]:
         if len(finals) > t + 1 or seen.probe == "answered":
             out.append(("served_after_refusal", f"served requests after request {t} ({why})"))
 
-    # 1xx: only to an HTTP/1.1 request that asked for it and is not refused
+    # 1xx: only to an HTTP/1.1 request that asked for it and is not refused (also to the last one
+    # when its body has not all come: the client may be waiting for the 100 to send it)
+    heads = [*reqs, o.pending] if o.pending is not None else list(reqs)
     idx = 0
     for a in seen.answers:
         if not a.interim:
             idx += 1
             continue
-        if idx >= len(reqs):
+        if idx >= len(heads):
             out.append(("continue_before_refusal", f"{a} before the answer to the malformed request {idx}"))
-        elif reqs[idx].version == "1.0":
+        elif heads[idx].version == "1.0":
             out.append(("continue_http10", f"{a} to HTTP/1.0 request {idx} (RFC 9110 §10.1.1: ignore Expect)"))
-        elif reqs[idx].kind is Kind.REFUSE:
-            out.append(("continue_before_refusal", f"{a} before refusing request {idx} ({reqs[idx].reason})"))
-        elif "expect" not in reqs[idx].head_names:
+        elif heads[idx].kind is Kind.REFUSE:
+            out.append(("continue_before_refusal", f"{a} before refusing request {idx} ({heads[idx].reason})"))
+        elif "expect" not in heads[idx].head_names:
             out.append(("continue_unasked", f"{a} to request {idx}, which has no Expect"))
 
     # an HTTP/1.0 connection the server kept serving must have been announced with keep-alive
