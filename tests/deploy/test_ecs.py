@@ -418,9 +418,9 @@ def test_collector_config_reaches_the_collector_through_ssm() -> None:
 
 
 def test_only_collect_reaches_the_tasks_through_the_load_balancer() -> None:
-    """/metrics (and /health, /ready) must not be public. Both HTTP fronts percent-decode the path
-    before routing (`/%6Detrics` is /metrics), so the listener allows /collect instead of denying
-    /metrics: everything else gets the listener's fixed 404."""
+    """/metrics (and /health, /ready) must not be public. The listener allows /collect instead of
+    denying /metrics (a deny rule holds only while the ALB and the server read a path alike; the
+    fronts used to decode `/%6Detrics` into /metrics): everything else gets the listener's fixed 404."""
     rule, default = load("listener-rule-collect.json"), load("listener-default-action.json")
     assert rule["ListenerArn"] == default["ListenerArn"]
     (cond,) = rule["Conditions"]
