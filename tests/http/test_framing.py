@@ -385,3 +385,39 @@ def test_new_answer_before_a_broken_body_announces_the_close(served: Served) -> 
     assert first.announces_close, f"answered {first}, then closed the connection (no Connection: close)"
     assert first.status == 200 or 400 <= first.status < 500, first
     assert len(got) == 1, f"served a request after the broken body: {show(got)}"
+
+
+# ---------------------------------------------------------------- ACK_MODE=durable: answers that wait
+
+@pytest.fixture(scope="module")
+def durable(tmp_path_factory: pytest.TempPathFactory, front: str) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp(f"framing-durable-{front}")
+    env = {**SinkReader.SERVER_ENV, "FILE_SINK_DIR": str(tmp / "data"), "DLQ_DIR": str(tmp / "dlq"),
+           "MAX_BODY_SIZE": str(MAX), "REQUEST_READ_TIMEOUT": "2s", "HEADER_READ_TIMEOUT": "2s", "ACK_MODE": "durable",
+           "SPOOL_DIR": str(tmp / "spool")}  # not under DLQ_DIR, which SinkReader asserts stays empty
+    with running(env, tmp) as srv:
+        yield Served(srv, SinkReader(srv, tmp / "data", tmp / "dlq"))
+
+
+REFUSED_AFTER = {
+    "not-http": b"NOT HTTP AT ALL\r\n\r\n",
+    "duplicate-host": b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "over-limit": b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (MAX * 8),
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSED_AFTER))
+def test_durable_answers_stay_in_request_order_before_a_refusal(durable: Served, refused: str) -> None:
+    """With ACK_MODE=durable an accepted POST is answered once the spool fsync covering it returned,
+    later than a refusal of the request pipelined behind it could be written. The answers must still
+    come in request order (a proxy matches answers to requests by their order): 200, 200, then the
+    4xx with `Connection: close`, and both events stored."""
+    events = [event() for _ in range(2)]
+    with Conn(durable.srv.port) as c:
+        c.send(b"".join(post(b) for _, b in events) + REFUSED_AFTER[refused])
+        got = finals(c.answers(3))
+        assert c.wait_closed()
+    assert statuses(got)[:2] == [200, 200] and len(got) == 3 and 400 <= got[2].status < 500, show(got)
+    assert got[2].announces_close and not any(a.announces_close for a in got[:2])
+    stored = durable.store.bodies()
+    assert [b for b in stored if any(m in b for m, _ in events)] == [b.decode() for _, b in events]

@@ -476,7 +476,7 @@ class HttpConn(asyncio.Protocol):
             transport.write(data)
             if not keep:
                 waiting.clear()
-                transport.close()
+                self._end(transport)
 
     def _leave(self) -> None:
         if self.counted:
@@ -494,7 +494,16 @@ class HttpConn(asyncio.Protocol):
         if transport is None:
             return
         head = self.method == "HEAD" and self.hdrs is not None
-        transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), True, head))
+        data = render(reply.status, reply.headers, reply.body, self.front.date.get(), True, head)
+        if self.waiting:  # answers to earlier requests still wait for the spool: this one goes after them
+            self.waiting.append((None, data, CLOSE, head))
+            return
+        transport.write(data)
+        self._end(transport)
+
+    def _end(self, transport: asyncio.Transport) -> None:
+        """After the last answer: half-close, so the client reads it rather than a reset caused by
+        bytes it still sends (RFC 9112 §9.6), then discard what comes until the linger time ends."""
         self.linger_until = _now() + self.front.limits.linger_s
         if transport.can_write_eof():
             transport.write_eof()  # the client sees the end of the answer; we still read what it sends
