@@ -63,6 +63,10 @@ MAY_REFUSE = {
 }
 
 
+# the reason of a refusal the head does not show: a chunked body that turns out over MAX_BODY_SIZE
+UNANNOUNCED_TOO_LARGE = "too_large_chunked"
+
+
 class Kind(Enum):
     STORE = "store"  # answered 2xx and stored: `events`
     ANSWER = "answer"  # answered, nothing stored, the connection goes on
@@ -235,8 +239,8 @@ def judge(raw: bytes, leading: int, req: h11.Request, body: bytes, max_body: int
     collect = path in COLLECT_PATHS
     announced = int(hmap["content-length"][0]) if "content-length" in hmap else 0
     if max(announced, len(body)) > max_body:
-        if collect and method == "POST":
-            return verdict(Kind.REFUSE, "too_large")
+        if collect and method == "POST":  # chunked: known only once the body has come (a 100 may precede)
+            return verdict(Kind.REFUSE, "too_large" if announced > max_body else UNANNOUNCED_TOO_LARGE)
         may.append("body_over_limit_unused")
     if not collect:
         return verdict(Kind.ANSWER, "not_collect")
@@ -371,8 +375,9 @@ def violations(o: Oracle, seen: Seen) -> list[tuple[str, str]]:
         if len(finals) > t + 1 or seen.probe == "answered":
             out.append(("served_after_refusal", f"served requests after request {t} ({why})"))
 
-    # 1xx: only to an HTTP/1.1 request that asked for it and is not refused (also to the last one
-    # when its body has not all come: the client may be waiting for the 100 to send it)
+    # 1xx: only to an HTTP/1.1 request that asked for it and is not refused from its head (also to
+    # the last one when its body has not all come: the client may be waiting for the 100 to send it;
+    # and before the 413 of a chunked body, whose size the server learns only by reading it)
     heads = [*reqs, o.pending] if o.pending is not None else list(reqs)
     idx = 0
     for a in seen.answers:
@@ -383,7 +388,7 @@ def violations(o: Oracle, seen: Seen) -> list[tuple[str, str]]:
             out.append(("continue_before_refusal", f"{a} before the answer to the malformed request {idx}"))
         elif heads[idx].version == "1.0":
             out.append(("continue_http10", f"{a} to HTTP/1.0 request {idx} (RFC 9110 §10.1.1: ignore Expect)"))
-        elif heads[idx].kind is Kind.REFUSE:
+        elif heads[idx].kind is Kind.REFUSE and heads[idx].reason != UNANNOUNCED_TOO_LARGE:
             out.append(("continue_before_refusal", f"{a} before refusing request {idx} ({heads[idx].reason})"))
         elif "expect" not in heads[idx].head_names:
             out.append(("continue_unasked", f"{a} to request {idx}, which has no Expect"))
