@@ -387,6 +387,44 @@ def test_new_answer_before_a_broken_body_announces_the_close(served: Served) -> 
     assert len(got) == 1, f"served a request after the broken body: {show(got)}"
 
 
+@pytest.mark.parametrize("version", [b"2.0", b"0.9"])
+def test_new_only_http10_and_http11_are_served(served: Served, version: bytes) -> None:
+    """llhttp reads `HTTP/2.0` and `HTTP/0.9` request lines like HTTP/1.0 ones; aiohttp answered
+    them with an `HTTP/2.0 200 OK` status line on an HTTP/1 connection. RFC 9110 §15.6.6: 505, and
+    the connection closed; nothing of the request (a POST /collect here) is stored."""
+    marker, body = event()
+    with Conn(served.srv.port) as c:
+        c.send(b"POST /collect HTTP/" + version + b"\r\nHost: x\r\nConnection: keep-alive\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        got = finals(c.answers(1))
+        assert c.wait_closed()
+    assert statuses(got) == [505], show(got)
+    assert got[0].version in ("HTTP/1.0", "HTTP/1.1") and got[0].announces_close, got[0]
+    assert served.stored(marker) == []
+
+
+@pytest.mark.parametrize("target", [b"/%6Detrics", b"/c%6Fllect?m={m}", b"http://x/%63ollect?m={m}", b"/health%2F"])
+def test_percent_encoded_path_is_refused(served: Served, target: bytes) -> None:
+    """Both fronts used to percent-decode the path before routing: `GET /%6Detrics` served /metrics,
+    past a proxy rule that blocks /metrics by its bytes. A path is routed as sent and an encoded one
+    refused (400, close; docs/security.md); nothing is stored. The query is not the path: `%` there
+    is part of the event, stored as sent."""
+    marker, _ = event()
+    with Conn(served.srv.port) as c:
+        c.send(b"GET " + target.replace(b"{m}", marker.encode()) + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = finals(c.answers(1))
+        assert c.wait_closed()
+    assert statuses(got) == [400] and got[0].announces_close, show(got)
+    assert b"http_requests_total" not in got[0].body
+    with Conn(served.srv.port) as c:
+        c.send(b"GET /collect?m=" + marker.encode() + b"&u=%2Fhome%20x HTTP/1.1\r\nHost: x\r\n\r\n"
+               b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = finals(c.answers(2))
+        c.finish()
+    assert statuses(got) == [200, 200] and b"http_requests_total" in got[1].body, show(got)
+    assert served.stored(marker) == [f"m={marker}&u=%2Fhome%20x"]
+
+
 # ---------------------------------------------------------------- ACK_MODE=durable: answers that wait
 
 @pytest.fixture(scope="module")
