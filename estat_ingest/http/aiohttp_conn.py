@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
 from aiohttp.http_parser import HttpRequestParser
-from aiohttp.http_writer import HttpVersion, HttpVersion10
+from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
 
@@ -47,7 +47,6 @@ from estat_ingest.http.policy import (
     CHUNK_FRAMING_TOO_LARGE,
     CONNECT_WITH_BODY,
     ENCODED_PATH,
-    SERVED_VERSIONS,
     Limits,
     closes_after,
     connect_with_body,
@@ -56,7 +55,7 @@ from estat_ingest.http.policy import (
 
 MAX_PER_FEED = 32  # requests one segment may queue (aiohttp's own bound: web_protocol.MAX_MSG_QUEUE_SIZE)
 _NOTHING: tuple[Any, bool, bytes] = ((), False, b"")
-SERVED = frozenset(HttpVersion(*map(int, v.split("."))) for v in SERVED_VERSIONS)  # policy.SERVED_VERSIONS
+SPOKEN = frozenset({HttpVersion10, HttpVersion11})
 
 
 def refusal(detail: str) -> tuple[_ErrInfo, StreamReader]:
@@ -130,11 +129,6 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
         """Queue `msg` as the policy says; True when it is refused (nothing after it is parsed)."""
         headers = msg.headers
         refused = None
-        if msg.version not in SERVED:
-            self.done = True
-            exc = BadHttpMessage(f"HTTP/{msg.version.major}.{msg.version.minor} request")
-            out.append((_ErrInfo(status=505, exc=exc, message=exc.message), EMPTY_PAYLOAD))
-            return True
         if "%" in msg.url.raw_path:
             refused = ENCODED_PATH
         elif dup := duplicate_framing_header(k for k, _ in headers.items()):
@@ -145,6 +139,8 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
             self.done = True
             out.append(refusal(refused))
             return True
+        if msg.version not in SPOKEN:  # llhttp's HTTP/0.9 and 2.0: framed as 1.0, answered so (not "HTTP/2.0 200")
+            msg = msg._replace(version=HttpVersion10)
         if msg.chunked and not msg.should_close and closes_after(msg.version <= HttpVersion10, True):
             msg = msg._replace(should_close=True)
         out.append((msg, payload))

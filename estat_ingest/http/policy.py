@@ -42,8 +42,6 @@ told about:
 - an Upgrade request (or CONNECT) is a plain request: answered in HTTP/1.1, no protocol is ever
   switched to, its body (the h2c POST of `curl --http2`) read by its Content-Length or chunked
   framing and stored, and the connection goes on with the bytes after it;
-- refused with 505 and a close: an HTTP version other than 1.0 and 1.1 (llhttp also reads `HTTP/0.9`
-  and `HTTP/2.0` request lines; aiohttp answered them as `HTTP/2.0 200 OK`);
 - refused with 400 and a close: a second line of a framing-relevant header (`FRAMING_HEADERS`; RFC
   9112 §3.2 for Host, and a proxy may keep the other line), CONNECT with Content-Length or
   Transfer-Encoding (RFC 9110 §9.3.6: CONNECT has no content, so proxies disagree on where the next
@@ -53,6 +51,8 @@ told about:
 - the connection is closed after an HTTP/1.0 request with Transfer-Encoding (RFC 9112 §6.1), after
   `Connection: close`, after HTTP/1.0 without keep-alive, after every refusal, while draining;
   whatever follows such a request on the connection is discarded, never parsed into a request;
+- llhttp reads `HTTP/0.9` and `HTTP/2.0` request lines like HTTP/1.0 ones (keep-alive only when asked
+  for, no Host needed); they are answered in HTTP/1.x, never with the version they claim;
 - every answer after which the server closes says `Connection: close`; an HTTP/1.0 connection kept
   open is answered `Connection: keep-alive` (RFC 9112 appendix C.2.2);
 - `100 Continue` only to an HTTP/1.1 `Expect: 100-continue` whose announced body is within
@@ -184,7 +184,6 @@ PLAIN_NOT_ALLOWED = Reply(405, {"Content-Type": TEXT, "Allow": "GET,HEAD"}, b"40
 INTERNAL_ERROR = Reply(500, {}, b"internal error\n")
 HEADER_TOO_LARGE = Reply(431, TEXT_HEADERS, b"request header fields too large\n")
 MALFORMED = Reply(400, TEXT_HEADERS, b"malformed request\n")
-VERSION_NOT_SUPPORTED = Reply(505, TEXT_HEADERS, b"HTTP version not supported\n")
 
 
 def ready_reply(ready: bool) -> Reply:
@@ -232,8 +231,6 @@ async def group_reply(group: Callable[[], Awaitable[bytes]]) -> Reply:
 # lower-case names of the headers a second line of which changes how a request is framed or read
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-type", "content-encoding"})
 ENCODED_PATH = "percent-encoded path"  # the refusal's detail (logged, never the client's bytes)
-# the HTTP versions served; llhttp also reads `HTTP/0.9` and `HTTP/2.0` heads, which are answered 505
-SERVED_VERSIONS = frozenset({"1.0", "1.1"})
 CONNECT_WITH_BODY = "CONNECT with Content-Length or Transfer-Encoding"
 CHUNK_FRAMING_TOO_LARGE = "chunked framing (size lines, extensions, trailers) over the limit"
 

@@ -29,8 +29,6 @@ from estat_ingest.http.policy import (
     PLAIN_NOT_ALLOWED,
     PLAIN_PATHS,
     READ_TIMEOUT,
-    SERVED_VERSIONS,
-    VERSION_NOT_SUPPORTED,
     Reply,
     announces_keep_alive,
     closes_after,
@@ -322,16 +320,7 @@ class HttpConn(asyncio.Protocol):
         if len(names) != len(headers) and (dup := duplicate_framing_header(n for n, _ in headers)):
             self._protocol_error(MALFORMED, "bad_http", f"duplicate {dup} header")
             raise _Stop
-        keep = parser.should_keep_alive()
-        conn = names.get("connection")  # browsers send exactly `keep-alive`: no call for them
-        said = keep and conn is not None and (conn == "keep-alive" or announces_keep_alive(conn))
-        # llhttp reads HTTP/0.9, 1.0, 1.1 and 2.0 heads, and keeps a connection whose minor version is 0
-        # only when it asked for keep-alive: one kept without asking is HTTP/1.1 (no call for it)
-        version = parser.get_http_version() if not keep or said else "1.1"
-        if version not in SERVED_VERSIONS:
-            self._protocol_error(VERSION_NOT_SUPPORTED, "bad_http", f"HTTP/{version[:8]} request")
-            raise _Stop
-        if "host" not in names and version == "1.1":
+        if "host" not in names and parser.get_http_version() == "1.1":
             self._protocol_error(MALFORMED, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
             raise _Stop
         length = names.get("content-length")
@@ -342,8 +331,9 @@ class HttpConn(asyncio.Protocol):
             except ValueError:  # llhttp has validated it: unreachable
                 size = None
         te = names.get("transfer-encoding")
-        if te is not None and keep and closes_after(version == "1.0", True):
-            keep = said = False
+        keep = parser.should_keep_alive()
+        if te is not None and keep and closes_after(parser.get_http_version() == "1.0", True):
+            keep = False
         if ("upgrade" in names or method == "CONNECT") and parser.should_upgrade():  # its body: _after_upgrade
             if connect_with_body(method, hdrs):
                 self._protocol_error(MALFORMED, "bad_http", CONNECT_WITH_BODY)
@@ -354,7 +344,9 @@ class HttpConn(asyncio.Protocol):
                                         b"" if size is None else b"Content-Length: %d\r\n" % size,
                                         b"" if te is None else b"Transfer-Encoding: %s\r\n"
                                         % te.encode("utf-8", "surrogateescape"), b"\r\n"])
-        self.keep = KEEP_SAID if said else KEEP if keep else CLOSE
+        conn = names.get("connection")  # browsers send exactly `keep-alive`: no call for them
+        self.keep = (CLOSE if not keep else KEEP_SAID if conn is not None and (
+            conn == "keep-alive" or announces_keep_alive(conn)) else KEEP)
         self.is_collect = path in COLLECT_PATHS
         if self.is_collect:
             self.counted = True  # admitted or not, counted until it is answered
@@ -366,7 +358,7 @@ class HttpConn(asyncio.Protocol):
             raise _Stop
         expect = names.get("expect")
         if (expect is not None and self.transport is not None
-                and send_continue(expect, version == "1.1", size, front.limits)):
+                and send_continue(expect, parser.get_http_version() == "1.1", size, front.limits)):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
            405: "Method Not Allowed", 408: "Request Timeout", 413: "Payload Too Large",
            415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
-           500: "Internal Server Error", 503: "Service Unavailable", 505: "HTTP Version Not Supported"}
+           500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class DateHeader:
