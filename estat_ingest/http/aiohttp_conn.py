@@ -33,11 +33,12 @@ per request on top of aiohttp's own work, no extra syscall.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError
-from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_parser import SINGLETON_HEADERS, HttpRequestParser
 from aiohttp.http_writer import HttpVersion10, HttpVersion11
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError, _ErrInfo
@@ -47,14 +48,19 @@ from estat_ingest.http.policy import (
     CHUNK_FRAMING_TOO_LARGE,
     CONNECT_WITH_BODY,
     ENCODED_PATH,
+    FRAMING_HEADERS,
     Limits,
     closes_after,
     connect_with_body,
-    duplicate_framing_header,
 )
 
 MAX_PER_FEED = 32  # requests one segment may queue (aiohttp's own bound: web_protocol.MAX_MSG_QUEUE_SIZE)
 _NOTHING: tuple[Any, bool, bytes] = ((), False, b"")
+_feed = HttpRequestParser.feed_data
+_finish = RequestHandler.finish_response
+# policy.FRAMING_HEADERS that aiohttp's parser does not refuse a second line of by itself (its
+# SINGLETON_HEADERS: Host, Content-Length, Transfer-Encoding, Content-Type...): Content-Encoding
+UNCHECKED = tuple(sorted(FRAMING_HEADERS - {name.lower() for name in SINGLETON_HEADERS}))
 SPOKEN = frozenset({HttpVersion10, HttpVersion11})
 
 
@@ -76,16 +82,19 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
         self.stopped_at: Any = None  # the last request handed out when llhttp took it for an upgrade
         self.body: StreamReader | None = None  # the body still arriving (of the last request handed out)
         self.body_wire = 0  # bytes received while that body was arriving
+        self.held = False  # requests may be left unparsed (MAX_PER_FEED were handed out)
 
     def feed_data(self, data: bytes, *args: Any, **kwargs: Any) -> tuple[Any, bool, bytes]:
-        if self.done:
-            return _NOTHING
+        if self.done or not (data or self.held or self.body is not None or self.stopped_at is not None):
+            return _NOTHING  # (aiohttp's resume, b"", with nothing left unparsed: once per request)
+        self.held = False
         size = len(data)
         arriving = self.body  # a body that was arriving before this segment
         out: list[Any] = []
+        feed = _feed
         while True:
             try:
-                msgs, upgraded, tail = super().feed_data(data)
+                msgs, upgraded, tail = feed(self, data)
             except HttpProcessingError as exc:
                 self.done = True
                 self.fail_body(exc)
@@ -116,6 +125,7 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
             elif paused and len(out) < MAX_PER_FEED:
                 data = b""  # the next request may be complete already
             else:
+                self.held = paused  # the rest waits for aiohttp's resume (its queue is full)
                 break
         body = self.body
         if body is not None and body is arriving and not out:  # the whole segment was this body's
@@ -129,20 +139,23 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
         """Queue `msg` as the policy says; True when it is refused (nothing after it is parsed)."""
         headers = msg.headers
         refused = None
-        if "%" in msg.url.raw_path:
+        if "%" in msg.path and "%" in msg.url.raw_path:  # (msg.path is the whole target, query included)
             refused = ENCODED_PATH
-        elif dup := duplicate_framing_header(k for k, _ in headers.items()):
-            refused = f"duplicate {dup} header"
-        elif connect_with_body(msg.method, headers):
+        elif msg.method == "CONNECT" and connect_with_body(msg.method, headers):
             refused = CONNECT_WITH_BODY
+        for name in UNCHECKED:
+            if name in headers and len(headers.getall(name)) > 1:
+                refused = f"duplicate {name} header"
         if refused is not None:
             self.done = True
             out.append(refusal(refused))
             return True
-        if msg.version not in SPOKEN:  # llhttp's HTTP/0.9 and 2.0: framed as 1.0, answered so (not "HTTP/2.0 200")
-            msg = msg._replace(version=HttpVersion10)
-        if msg.chunked and not msg.should_close and closes_after(msg.version <= HttpVersion10, True):
-            msg = msg._replace(should_close=True)
+        version = msg.version
+        if version is not HttpVersion11:  # (the parser's own HttpVersion11, as a rule)
+            if version not in SPOKEN:  # llhttp's HTTP/0.9 and 2.0: framed as 1.0, answered so (not "HTTP/2.0 200")
+                msg = msg._replace(version=HttpVersion10)
+            if msg.chunked and not msg.should_close and closes_after(msg.version <= HttpVersion10, True):
+                msg = msg._replace(should_close=True)
         out.append((msg, payload))
         if msg.upgrade:
             self.stopped_at = payload
@@ -187,18 +200,17 @@ class FramingHandler(RequestHandler):
             self.close()  # the request being answered is the last
         return True  # keep the transport to write the answers; start() closes it after the last
 
-    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
-                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
-        try:
-            if isinstance(resp, web.StreamResponse) and (
-                    not request.content.is_eof() or not self.collector.ready
-                    or (self.peer_eof and not self._messages)):
-                # the connection ends after this answer: the rest of the body is not read (or cannot
-                # be trusted), the server is draining, or the client has half-closed
-                resp.force_close()
-            return await super().finish_response(request, resp, start_time)
-        finally:
-            self.answered += 1
+    def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                        start_time: float | None) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        # not a coroutine itself (no frame more per request): aiohttp's, awaited at once, writes the
+        # answer before the loop can deliver the client's FIN to eof_received
+        self.answered += 1
+        if (not request.content.is_eof() or not self.collector.ready or (self.peer_eof and not self._messages)) \
+                and isinstance(resp, web.StreamResponse):  # (isinstance is slow: StreamResponse is an ABC)
+            # the connection ends after this answer: the rest of the body is not read (or cannot be
+            # trusted), the server is draining, or the client has half-closed
+            resp.force_close()
+        return _finish(self, request, resp, start_time)
 
 
 class FramingServer(web.Server):
