@@ -26,8 +26,9 @@ before a handler runs. So:
   draining.
 - `FramingRunner` is aiohttp's AppRunner with connections of that handler.
 
-Cost (bench/run.py's POST /collect through this front): one Python call per received segment and
-per request on top of aiohttp's own work, no extra syscall.
+Cost (bench/aiohttp_conn_instructions.py, callgrind): POST /collect 312.6k instructions per request
+with aiohttp's own handler, 328.6k with this one (+5.1%): a Python call per segment and per request,
+a second (empty) llhttp call after each request's pause, the policy's checks; no extra system call.
 """
 
 from __future__ import annotations
