@@ -55,6 +55,16 @@ from estat_ingest.http.policy import (
     connect_with_body,
 )
 
+# what this module stands on: aiohttp's C parser (its pure-Python one frames in its own way) with the
+# per-request pause (`max_msg_queue_size`, aiohttp 3.14.5); at import, so `serve` stops with the reason
+if HttpRequestParser.__module__ != "aiohttp._http_parser":  # pragma: no cover - AIOHTTP_NO_EXTENSIONS
+    raise ImportError("HTTP_FRONT=aiohttp needs aiohttp's C HTTP parser (llhttp); AIOHTTP_NO_EXTENSIONS is set "
+                      "or the extension is missing")
+try:
+    HttpRequestParser(None, None, 1, max_msg_queue_size=1)
+except TypeError as _err:  # pragma: no cover - an older aiohttp
+    raise ImportError("HTTP_FRONT=aiohttp needs aiohttp >= 3.14.5 (its parser's max_msg_queue_size)") from _err
+
 MAX_PER_FEED = 32  # requests one segment may queue (aiohttp's own bound: web_protocol.MAX_MSG_QUEUE_SIZE)
 _NOTHING: tuple[Any, bool, bytes] = ((), False, b"")
 _feed = HttpRequestParser.feed_data
