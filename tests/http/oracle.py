@@ -101,8 +101,9 @@ class Oracle:
     end: str  # "open" | "closed" (a request ended it) | "refused" | "incomplete" | "error"
     error: str = ""  # h11's message when end == "error"
     rest: bytes = b""  # bytes after the last framed request
-    # end == "incomplete" after a complete head (its body has not all come): that head, judged; a
-    # `100 Continue` may be its due (RFC 9110 §10.1.1: the client may be waiting for it to send the body)
+    # end == "incomplete" or "error" after a complete head (its body has not all come, or is
+    # malformed): that head, judged; a `100 Continue` may be its due (RFC 9110 §10.1.1: the client may
+    # be waiting for it to send the body, and a malformed body is found only by reading it)
     pending: Judged | None = None
 
     @property
@@ -294,8 +295,9 @@ def frame(stream: bytes, max_body: int) -> Oracle:
                     body += ev.data
                 elif isinstance(ev, h11.EndOfMessage):
                     break
-        except h11.RemoteProtocolError as err:
-            return Oracle(tuple(out), "error", str(err), rest)
+        except h11.RemoteProtocolError as err:  # in the body, after a good head: that head, judged
+            pending = None if req is None else judge(rest, leading, req, bytes(body), max_body)
+            return Oracle(tuple(out), "error", str(err), rest, pending=pending)
         assert req is not None
         left = conn.trailing_data[0]
         raw = rest[:len(rest) - len(left)]
