@@ -99,24 +99,26 @@ SPOOL_RECOVERY_HOWS = ("restart", "adoption")
 
 
 class LoopCounter(Counter):
-    """A Counter for the per-request hot path (measured: `inc` 0.33 µs → ≈0.05 µs).
+    """A Counter for the per-request hot path (measured: `inc` 0.33 µs → ≈0.05 µs; `pending += 1`
+    cheaper still, no call).
 
-    `inc` adds to a plain int without prometheus_client's lock; the sum is folded into the real
-    counter whenever the value is read (scrape, `get_sample_value`). Increment it from the event
-    loop's thread only (every /collect counter is). Unlabelled counters only.
+    `inc` adds to `pending`, a plain number without prometheus_client's lock; the hot path may also
+    add to `pending` directly. The sum is folded into the real counter whenever the value is read
+    (scrape, `get_sample_value`). Increment it from the event loop's thread only (every /collect
+    counter is). Unlabelled counters only.
     """
 
     def _metric_init(self) -> None:
         super()._metric_init()
-        self._pending: float = 0
+        self.pending: float = 0
 
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
-        self._pending += amount
+        self.pending += amount
 
     def _fold(self) -> None:
-        pending = self._pending
+        pending = self.pending
         if pending:
-            self._pending = 0
+            self.pending = 0
             super().inc(pending)
 
     def _child_samples(self) -> Iterable[Sample]:
@@ -124,7 +126,7 @@ class LoopCounter(Counter):
         return super()._child_samples()
 
     def reset(self) -> None:
-        self._pending = 0
+        self.pending = 0
         super().reset()
 
 

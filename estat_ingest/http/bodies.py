@@ -49,6 +49,7 @@ class BodyReader:
         self.validate_json = settings.validate_json
         self.max_depth = settings.max_json_depth
         self._json_parser = simdjson.Parser()
+        self._is_ndjson: dict[str, bool] = {}  # Content-Type → NDJSON? (a few values in practice; bounded)
 
     def post(self, payload: bytes, content_type: str, content_encoding: str | None, room: int) -> list[str] | Refusal:
         """A POST body's events, or its refusal. `room`: how many events the caller can take; an
@@ -59,7 +60,23 @@ class BodyReader:
                 payload = decode(content_encoding, payload, self.max_bytes)
             except BodyError as bad:
                 return Refusal(bad.status, bad.reason, str(bad))
-        if not content_type or content_type.split(";", 1)[0].strip().lower() not in NDJSON_TYPES:
+        nd = self._is_ndjson.get(content_type)
+        if nd is None:
+            nd = bool(content_type) and content_type.split(";", 1)[0].strip().lower() in NDJSON_TYPES
+            if len(self._is_ndjson) < 64:
+                self._is_ndjson[content_type] = nd
+        if not nd:
+            # one event: a simdjson parse (≈ 3x cheaper than orjson.loads) accepts the common case;
+            # anything it refuses, a BOM, or more openers than MAX_JSON_DEPTH goes to `validate`
+            # (orjson), which alone decides every refusal — as for NDJSON lines below
+            if self.validate_json and _BOM not in payload:
+                try:
+                    self._json_parser.parse(payload)  # dropped at once: the parser is reused
+                except (ValueError, RuntimeError):
+                    pass
+                else:
+                    if payload.count(b"[") + payload.count(b"{") <= self.max_depth:
+                        return [payload.decode("utf-8")]
             text, err = self.validate(payload, True)
             if text is None:
                 return Refusal(400, err, err.replace("_", " "))

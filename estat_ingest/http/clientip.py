@@ -79,14 +79,15 @@ class ClientIp:
         self.networks = tuple(ipaddress.ip_network(c, strict=False) for c in trusted_cidrs)
         self.trusted = lru_cache(maxsize=8192)(self._trusted)
         # whole decisions keyed by the header strings (their hashes are cached by str): the hot
-        # path is one dict lookup; a client varying its headers only churns a bounded cache
-        self._resolve = lru_cache(maxsize=16384)(self.resolve)
+        # path is one dict lookup (`lookup`, which /collect calls directly; calling the ClientIp is
+        # the same); a client varying its headers only churns a bounded cache
+        self.lookup = lru_cache(maxsize=16384)(self.resolve)
 
     def _trusted(self, addr: IPAddress) -> bool:
         return any(addr.version == n.version and addr in n for n in self.networks)
 
     def __call__(self, peer: str | None, xff: str | None = None, cloudfront: str | None = None) -> str:
-        return self._resolve(peer, xff, cloudfront)
+        return self.lookup(peer, xff, cloudfront)
 
     def resolve(self, peer: str | None, xff: str | None = None, cloudfront: str | None = None) -> str:
         peer_addr = parse_ip(peer) if peer else None

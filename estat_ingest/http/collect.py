@@ -52,7 +52,7 @@ from estat_ingest.http.policy import (
 from estat_ingest.log import RateLimitedLog
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
-from estat_ingest.pipeline.record import IdGen, encode_records
+from estat_ingest.pipeline.record import IdGen, encode_line, encode_records
 
 ALLOW = "GET, POST, OPTIONS"
 # the smallest transparent 1x1 GIF (43 bytes), for <img> pixels
@@ -88,12 +88,18 @@ class Collector:
         self.clock = clock
         self.ids = IdGen()
         self.client_ip = ClientIp(settings.trusted_proxies)
+        self._client_ip = self.client_ip.lookup
+        # the per-request counters (metrics.LoopCounter: added to on the loop, folded when read)
+        self._requests = metrics.http_requests
+        self._accepted_requests = metrics.http_accepted
+        self._accepted_events = metrics.events_accepted
         self.accepting = False  # True from pipeline start until the pipeline drains (else 503)
         self.ready = False  # /ready: False before start-up completes and from the first signal
         self.limits = Limits.of(settings)  # what both HTTP fronts enforce (http/policy.py)
         self.inflight = InFlight(self.limits.in_flight)
         self._too_large = too_large(self.limits)
         self._cookie_allow = frozenset(settings.cookie_allowlist)
+        self._cookie_rules = bool(self._cookie_allow) or not settings.store_cookies  # else the Cookie header as sent
         self.cors = Cors(settings.cors_allow_origins)
         self.keys = ApiKeys(settings.api_keys)
         self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
@@ -142,11 +148,10 @@ class Collector:
         return Reply(reply.status, reply.headers, reply.body)
 
     def _accepted(self, n: int, key_name: str) -> None:
-        m = self.metrics
-        m.http_accepted.inc()
-        m.events_accepted.inc(n)
+        self._accepted_requests.pending += 1
+        self._accepted_events.pending += n
         if key_name:
-            m.api_key_requests.labels(key_name).inc()
+            self.metrics.api_key_requests.labels(key_name).inc()
 
     def _durable(self, ticket: asyncio.Future[None], n: int, key_name: str) -> None:
         """Counted as accepted only when the spool kept the events (a 503 is counted as refused)."""
@@ -218,45 +223,58 @@ class Collector:
         if room <= 0:
             # full: answer before decoding, validating and encoding anything (an overloaded server
             # should not spend its CPU on events it will refuse)
-            self.metrics.http_requests.inc()
+            self._requests.pending += 1
             return self.refuse(self.full())
 
         events = (self.bodies.post(payload, headers.get("Content-Type", ""), headers.get("Content-Encoding"), room)
                   if method == "POST" else self.bodies.query(payload))
         if isinstance(events, Refusal):
             if events is QUEUE_FULL:  # an NDJSON body with more events than the queue has room for
-                self.metrics.http_requests.inc()
+                self._requests.pending += 1
                 return self.refuse(self.full())
             return self.refuse(events)
 
         now = self.clock()
-        xff = headers.get("X-Forwarded-For")
+        get = headers.get
+        xff = get("X-Forwarded-For")
         if xff is not None:
             getall = getattr(headers, "getall", None)
             if getall is not None:  # several header lines are one list (RFC 9110 §5.3)
                 xff = ",".join(getall("X-Forwarded-For"))
-        ip = self.client_ip(peer, xff, headers.get("CloudFront-Viewer-Address"))
-        ua = headers.get("User-Agent", "")
-        cookie = self._cookie(headers.get("Cookie", ""))
+        ip = self._client_ip(peer, xff, get("CloudFront-Viewer-Address"))
+        ua = get("User-Agent", "")
+        cookie = get("Cookie", "")
+        if cookie and self._cookie_rules:
+            cookie = self._cookie(cookie)
         # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key
         extra = b',"api_key_name":' + orjson.dumps(key_name) if key_name and settings.record_api_key_name else b""
-        try:
-            records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
-        except TypeError:
-            # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
-            # replaced by U+FFFD, as v1 did, instead of failing the request
-            records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
-
-        self.metrics.http_requests.inc()
         queue = self.queue
-        ok = queue.offer(records[0]) if len(records) == 1 else queue.offer_many(records)
+        n = len(events)
+        if n == 1:  # most requests: one record, no head shared with others
+            try:
+                line = encode_line(now, ip, ua, cookie, events[0], self.ids, extra)
+            except TypeError:
+                # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
+                # replaced by U+FFFD, as v1 did, instead of failing the request
+                line = encode_line(now, ip, _printable(ua), _printable(cookie), events[0], self.ids, extra)
+            ok = queue.offer((now, line))
+        else:
+            try:
+                records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
+            except TypeError:  # as above
+                records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
+            ok = queue.offer_many(records)
+        self._requests.pending += 1  # http_requests_total: reached the enqueue step
         if not ok:
             return self.refuse(self.full() if not queue.closed else DRAINING)
         if self.durable:  # answered once the spool round that covers these events is fsynced
             ticket = queue.ticket()
-            ticket.add_done_callback(functools.partial(self._durable, n=len(records), key_name=key_name))
+            ticket.add_done_callback(functools.partial(self._durable, n=n, key_name=key_name))
             return Reply(200, PIXEL_REPLY.headers, PIXEL_REPLY.body, ticket) if pixel else Reply(200, ticket=ticket)
-        self._accepted(len(records), key_name)
+        self._accepted_requests.pending += 1
+        self._accepted_events.pending += n
+        if key_name:
+            self.metrics.api_key_requests.labels(key_name).inc()
         return PIXEL_REPLY if pixel else OK_REPLY
 
     def _cookie(self, raw: str) -> str:

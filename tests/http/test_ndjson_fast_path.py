@@ -1,4 +1,4 @@
-"""The NDJSON fast path of /collect (one split, one orjson.loads per line, one bracket count per body,
+"""The NDJSON fast path of /collect (one split, one simdjson check per line, one bracket count per body,
 records from a per-request head) answers and enqueues exactly what the per-line path did: same
 records byte for byte, same 400 reasons and line numbers, all-or-nothing."""
 
@@ -229,3 +229,50 @@ def test_property_simdjson_never_accepts_a_line_orjson_refuses(edits: list[tuple
         return
     if b"\xef\xbb\xbf" not in raw:
         orjson.loads(raw)  # must not raise
+
+
+# ---------------------------------------------------------------- one JSON event (not NDJSON)
+
+def check_one(c: Collector, q: EventQueue[tuple[float, bytes]], payload: bytes, ctype: str = "application/json") -> int:
+    """A single-event POST answers and enqueues what the orjson check (`validate`) alone decides."""
+    twin = copy.copy(c.ids)
+    before = q.snapshot()
+    r = c.handle("POST", "/collect", "", CIMultiDict({"Content-Type": ctype, "User-Agent": "u"}), payload, "127.0.0.1")
+    text, err = c.bodies.validate(payload, True)
+    if text is None:
+        assert (r.status, r.body) == (400, err.replace("_", " ").encode() + b"\n")
+        assert q.snapshot() == before
+    else:
+        assert r.status == 200
+        assert q.snapshot() == [*before, (TS, encode_record(TS, "127.0.0.1", "u", "", text, twin.next(TS)))]
+    return r.status
+
+
+@pytest.mark.parametrize("payload", [
+    EVENT, DEEP, BRACKETS_IN_STRINGS, b'{"a":' * 8 + b"1" + b"}" * 8, b"\xef\xbb\xbf{}", b' {"a":"\xef\xbb\xbf"} ',
+    b"123456789012345678901234567890", b'"\\ud800"', b'"\xed\xa0\x80"', b"1e400", b"", b" \t", b"{bad", b"{}\x00",
+    b"[" * 1100 + b"]" * 1100, b'{"a":"\xff"}', b"null",
+])
+@pytest.mark.parametrize("ctype", ["application/json", "", "text/plain;charset=UTF-8", "Application/JSON; x=1"])
+def test_one_event_is_decided_as_orjson_decides(payload: bytes, ctype: str) -> None:
+    c, q, _ = make()
+    check_one(c, q, payload, ctype)
+    assert check_one(c, q, EVENT, ctype) == 200  # the parser is reused by the next request
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(EVENT)), mutations, st.integers(0, 3)), min_size=1, max_size=3))
+def test_property_one_mutated_event_is_decided_as_orjson_decides(edits: list[tuple[int, bytes, int]]) -> None:
+    c, q, _ = make()
+    line = bytearray(EVENT)
+    for pos, ins, cut in edits:
+        line[pos:pos + cut] = ins
+    check_one(c, q, bytes(line))
+
+
+def test_ndjson_content_types_are_still_told_apart_once_remembered() -> None:
+    c, q, _ = make()
+    for _ in range(2):
+        assert check(c, q, EVENT + b"\n" + EVENT) == 200
+        assert check_one(c, q, EVENT, "application/json") == 200
+    assert len(q.snapshot()) == 6

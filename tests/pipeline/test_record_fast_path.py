@@ -1,5 +1,6 @@
-"""`encode_records` (one head per request, one orjson call + one bytes format per event) produces
-exactly the bytes and ids of the per-event `encode_record` + `IdGen.next` it replaced."""
+"""`encode_records` (one head per request, one orjson call + one bytes format per event) and
+`encode_line` (a request's one event) produce exactly the bytes and ids of the per-event
+`encode_record` + `IdGen.next` they replaced."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from estat_ingest.pipeline.record import IdGen, encode_record, encode_records, record_format, record_head
+from estat_ingest.pipeline.record import IdGen, encode_line, encode_record, encode_records, record_format, record_head
 
 NOW = 1764821594.4567
 
@@ -110,3 +111,33 @@ def test_property_same_bytes_as_encode_record(ip: str, ua: str, cookie: str, bod
     g = IdGen()
     twin = copy.copy(g)
     assert encode_records(ts, ip, ua, cookie, bodies, g) == reference(ts, ip, ua, cookie, bodies, twin)
+
+
+@pytest.mark.parametrize(("ip", "ua", "cookie"), HEADERS)
+@pytest.mark.parametrize("key", [None, "partner-a", 'we"ird %s \u00e9'])
+def test_one_line_is_the_record_of_encode_records(ip: str, ua: str, cookie: str, key: str | None) -> None:
+    g = IdGen()
+    twin = copy.copy(g)
+    extra = b"" if key is None else b',"api_key_name":' + orjson.dumps(key)
+    for ts, body in zip([NOW, NOW, NOW + 0.003, NOW - 2.0], BODIES, strict=False):
+        assert encode_line(ts, ip, ua, cookie, body, g, extra) == reference(ts, ip, ua, cookie, [body], twin, key)[0][1]
+    assert encode_records(NOW + 1, ip, ua, cookie, BODIES[:2], g, extra) == \
+        reference(NOW + 1, ip, ua, cookie, BODIES[:2], twin, key)  # one sequence of ids with the NDJSON path
+
+
+def test_one_line_surrogates_raise_before_the_id_is_taken_and_the_counter_wraps() -> None:
+    g = IdGen()
+    g._counter = 0xFFFFFF
+    twin = copy.copy(g)
+    with pytest.raises(TypeError):
+        encode_line(NOW, "ip", "bad \udcff ua", "", '{"a":1}', g)
+    assert encode_line(NOW, "ip", "ua", "", "{}", g) == encode_record(NOW, "ip", "ua", "", "{}", twin.next(NOW))
+    assert g._counter == twin._counter == 0
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ip=texts, ua=texts, cookie=texts, body=texts, ts=st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_property_one_line_same_bytes_as_encode_record(ip: str, ua: str, cookie: str, body: str, ts: float) -> None:
+    g = IdGen()
+    twin = copy.copy(g)
+    assert encode_line(ts, ip, ua, cookie, body, g) == encode_record(ts, ip, ua, cookie, body, twin.next(ts))
