@@ -144,6 +144,7 @@ async def serve(
             raise
     pipeline = _pipeline(settings, metrics, sinks, worker, dlq_root)
     collector = Collector(settings, pipeline.queue, metrics)
+    collector.relieve = pipeline.relieve
     spool = pipeline.spool
     if spool is not None:  # /ready: the spool must be able to write (DESIGN.md §10)
         collector.healthy = lambda: spool.healthy

@@ -27,6 +27,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import orjson
 
@@ -105,7 +106,11 @@ class Collector:
         self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
         self.bodies = BodyReader(settings)  # payload → events or refusal
         self.durable = settings.ack_mode == "durable"
+        self._tally: list[Any] | None = None  # durable: [ticket, requests, events, reply] of the open ticket
         self.healthy: Callable[[], bool] = lambda: True  # /ready also needs this (durable: the spool writes)
+        # the pipeline's dispatcher step, run now when the queue is full (Pipeline.relieve): True
+        # when it made room
+        self.relieve: Callable[[], bool] = lambda: False
 
     # ------------------------------------------------------------------ replies
 
@@ -153,10 +158,35 @@ class Collector:
         if key_name:
             self.metrics.api_key_requests.labels(key_name).inc()
 
-    def _durable(self, ticket: asyncio.Future[None], n: int, key_name: str) -> None:
-        """Counted as accepted only when the spool kept the events (a 503 is counted as refused)."""
+    def _durable(self, ticket: asyncio.Future[None], key_name: str) -> None:
+        """A request with an API key name: counted under it once the spool kept its events."""
         if not ticket.cancelled() and ticket.exception() is None:
-            self._accepted(n, key_name)
+            self.metrics.api_key_requests.labels(key_name).inc()
+
+    def _durable_ticket(self, n: int, key_name: str) -> Reply:
+        """The 200 that waits for the spool round covering this request's events (just offered).
+
+        Requests of one loop iteration share their ticket (EventQueue.ticket) and so one Reply and
+        one tally, counted as accepted only when the spool kept the events (a 503 is counted as
+        refused): per request, a tally update instead of a future, a callback and a Reply."""
+        ticket = self.queue.ticket()
+        tally = self._tally
+        if tally is None or tally[0] is not ticket:
+            tally = self._tally = [ticket, 0, 0, Reply(200, OK_REPLY.headers, b"", ticket)]
+            ticket.add_done_callback(functools.partial(self._durable_tally, tally))
+        tally[1] += 1
+        tally[2] += n
+        if key_name:
+            ticket.add_done_callback(functools.partial(self._durable, key_name=key_name))
+        reply: Reply = tally[3]
+        return reply
+
+    def _durable_tally(self, tally: list[Any], ticket: asyncio.Future[None]) -> None:
+        if self._tally is tally:
+            self._tally = None
+        if not ticket.cancelled() and ticket.exception() is None:
+            self._accepted_requests.pending += tally[1]
+            self._accepted_events.pending += tally[2]
 
     def too_large(self) -> Reply:
         return self.refuse(self._too_large)
@@ -220,14 +250,19 @@ class Collector:
         if not self.accepting:
             return self.refuse(DRAINING)
         room = self.queue.room()
-        if room <= 0:
+        if room <= 0 and not (self.relieve() and (room := self.queue.room()) > 0):
             # full: answer before decoding, validating and encoding anything (an overloaded server
             # should not spend its CPU on events it will refuse)
             self._requests.pending += 1
             return self.refuse(self.full())
 
-        events = (self.bodies.post(payload, headers.get("Content-Type", ""), headers.get("Content-Encoding"), room)
-                  if method == "POST" else self.bodies.query(payload))
+        if method == "POST":
+            get = headers.get
+            events = self.bodies.post(payload, get("Content-Type", ""), get("Content-Encoding"), room)
+            if events is QUEUE_FULL and self.relieve():  # more events than room: the dispatcher's step, once
+                events = self.bodies.post(payload, get("Content-Type", ""), get("Content-Encoding"), self.queue.room())
+        else:
+            events = self.bodies.query(payload)
         if isinstance(events, Refusal):
             if events is QUEUE_FULL:  # an NDJSON body with more events than the queue has room for
                 self._requests.pending += 1
@@ -257,7 +292,7 @@ class Collector:
                 # non-UTF-8 header bytes (aiohttp keeps them as surrogates, which JSON cannot hold):
                 # replaced by U+FFFD, as v1 did, instead of failing the request
                 line = encode_line(now, ip, _printable(ua), _printable(cookie), events[0], self.ids, extra)
-            ok = queue.offer((now, line))
+            ok = queue.offer((now, line), len(line))  # its size as the pipeline charges it (a line)
         else:
             try:
                 records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
@@ -268,9 +303,8 @@ class Collector:
         if not ok:
             return self.refuse(self.full() if not queue.closed else DRAINING)
         if self.durable:  # answered once the spool round that covers these events is fsynced
-            ticket = queue.ticket()
-            ticket.add_done_callback(functools.partial(self._durable, n=n, key_name=key_name))
-            return Reply(200, PIXEL_REPLY.headers, PIXEL_REPLY.body, ticket) if pixel else Reply(200, ticket=ticket)
+            reply = self._durable_ticket(n, key_name)
+            return Reply(200, PIXEL_REPLY.headers, PIXEL_REPLY.body, reply.ticket) if pixel else reply
         self._accepted_requests.pending += 1
         self._accepted_events.pending += n
         if key_name:

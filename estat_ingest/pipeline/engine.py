@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 from collections import deque
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,10 @@ from estat_ingest.spool.writer import Spool
 log = logging.getLogger("estat_ingest.engine")
 
 Item = tuple[float, bytes]  # (receive time, JSONL line)
-TAKE_MAX = 1024
+# The dispatcher takes everything queued at each wake-up: it runs once per loop iteration, and a
+# bound per take (it was 1024) capped the events accepted per iteration, so at 64 NDJSON
+# connections most requests met a full queue (CHANNEL_SIZE bounds a take anyway).
+TAKE_ALL = None
 # Overflow spills (fan-out) run beside the dispatcher so a down sink's DLQ writes do not hold up
 # the healthy sinks; at most this many per lane, then the dispatcher waits (memory stays bounded).
 MAX_PENDING_SPILLS = 2
@@ -84,6 +88,10 @@ class UploadQueue:
 
     def qsize(self) -> int:
         return self._q.qsize()
+
+    @property
+    def maxsize(self) -> int:
+        return self._q.maxsize
 
     def full(self) -> bool:
         return self._q.full()
@@ -190,6 +198,8 @@ class Pipeline:
                                  + (MAX_PENDING_SPILLS * len(self.lanes) if self.fan_out else 0) + 1)
         self.report = DrainReport()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: list[tuple[Lane, Batch]] = []  # closed by `relieve`, handed over by the dispatcher
         self._background: set[asyncio.Task[None]] = set()
         # one per lane, started last, stopped first; each gets the lane's delivery and its room event
         self.replayers = [Replayer(lane.store, lane.delivery, lane.upload_q.room, settings) for lane in self.lanes]
@@ -229,6 +239,7 @@ class Pipeline:
                         adopt_after_s=self.settings.spool_adopt_after_s).recover_only(self.dlq_root, stores)
         for lane in self.lanes:
             self._spawn(self._probe(lane.sink))
+        self._loop = asyncio.get_running_loop()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="dispatcher")
         for lane in self.lanes:
             for i in range(lane.concurrency):
@@ -300,7 +311,8 @@ class Pipeline:
 
     async def flush_and_wait(self) -> None:
         """Burst mode: close every open batch now and wait until all are delivered or spilled."""
-        while len(self.queue) or any(lane.batcher.pending for lane in self.lanes) or self._open_batches:
+        while (len(self.queue) or any(lane.batcher.pending for lane in self.lanes) or self._open_batches
+               or self._handoff):
             self._force_flush = True
             self.queue.wake()
             await asyncio.sleep(0)
@@ -315,7 +327,10 @@ class Pipeline:
         while True:
             deadlines = [lane.batcher.deadline for lane in lanes if lane.batcher.deadline is not None]
             timeout = None if not deadlines else max(0.0, min(deadlines) - loop.time())
-            items = await queue.take(TAKE_MAX, timeout)
+            items = await queue.take(TAKE_ALL, timeout)
+            while self._handoff:  # batches `relieve` closed while this task was parked in `take`: first
+                lane, b = self._handoff.pop(0)
+                await self._hand_over(lane, b)
             if items is None:
                 break
             now = loop.time()
@@ -344,6 +359,36 @@ class Pipeline:
                 await asyncio.wait(lane.spills)
             for _ in lane.tasks:
                 await lane.upload_q.put(None)
+
+    def relieve(self) -> bool:
+        """Synchronous, for a /collect handler that found the queue full: do the dispatcher's next
+        take now — move what the queue holds into the batchers — if the dispatcher is parked in
+        `take` (so nothing else is under way). Batches this closes are handed over by the
+        dispatcher, first, when it runs (it is woken); per lane, at most as many wait as its upload
+        queue holds (UPLOAD_QUEUE), counting what that queue already holds.
+
+        The dispatcher runs once per loop iteration, and one iteration can bring more events than
+        CHANNEL_SIZE (64 NDJSON connections x 100 events): without this, most of them met a full
+        queue while the pipeline behind it had room. Backpressure is unchanged: while the
+        dispatcher waits for an upload queue (or its hand-overs), this does nothing, the queue
+        stays full and /collect answers 503. True when something was moved."""
+        queue = self.queue
+        if not queue.parked or not len(queue) or self._abort.is_set() or self._loop is None:
+            return False
+        handoff = self._handoff
+        if handoff and any(lane.upload_q.qsize() + sum(1 for ln, _ in handoff if ln is lane) >= lane.upload_q.maxsize
+                           for lane in self.lanes):
+            return False  # as many closed batches as its upload queue holds wait already: that is the bound
+        items = queue.take_now(TAKE_ALL)
+        now = self._loop.time()
+        closed = [(lane, lane.batcher.add_many(items, now)) for lane in self.lanes]
+        if self.spool is not None:  # as the dispatcher does: the next round covers these records
+            self._note(closed)
+        for lane, batches in closed:
+            handoff.extend((lane, b) for b in batches)
+        if handoff:
+            queue.wake()
+        return True
 
     def _note(self, closed: list[tuple[Lane, list[Batch]]]) -> None:
         """Durable mode: tell the spool which batches got records, then which requests they answer."""
@@ -385,7 +430,7 @@ class Pipeline:
         # free: it overlaps the uploads ahead of it, so an uploader's turn is only the send — each
         # await costs a loop iteration, which is long when the loop is saturated, and a turn that
         # also compressed would cap a lane's deliveries at a few dozen batches per second
-        await lane.upload_q.put(Closed(batch, asyncio.ensure_future(self._payload(lane, batch))))
+        await lane.upload_q.put(Closed(batch, self._start_payload(lane, batch)))
 
     async def _overflow(self, lane: Lane, batch: Batch) -> None:
         try:
@@ -428,24 +473,31 @@ class Pipeline:
                        compression=self.settings.compression, first_ts=batch.first_ts,
                        lines=tuple(batch.lines) if lane.sink.spec.keeps_lines else None, file=sp.path)
 
-    async def _encode(self, lane: Lane, batch: Batch) -> Payload:
+    def _start_payload(self, lane: Lane, batch: Batch) -> asyncio.Future[Payload | None]:
+        """`_payload` under way. In memory mode the executor's own future, whose thread builds the
+        payload: no task between the thread and the uploader that awaits it. Each hop from a
+        thread or a task to another costs a loop iteration, and at 64 NDJSON connections an
+        iteration takes ≈ 15 ms: a task here made the uploaders' turn two iterations longer, so
+        the upload queue filled while the core had room (503s)."""
+        if self.spool is None or batch.spool is None:
+            return self._start_encode(lane, batch)
+        return asyncio.ensure_future(self._payload(lane, batch))
+
+    def _start_encode(self, lane: Lane, batch: Batch) -> asyncio.Future[Payload | None]:
         s = self.settings
-        level = self._level()
-        n = len(batch)
         kept = tuple(batch.lines) if lane.sink.spec.keeps_lines else None
-        # compressed ~1 MiB at a time; the lines are released as they go unless the sink keeps them
-        data = await asyncio.get_running_loop().run_in_executor(
-            self._pool, encode_lines, batch.lines, batch.nbytes, s.compression, level, kept is None)
-        self.metrics.batch_compressed_bytes.labels(lane.sink.name).observe(len(data))
-        return Payload(
-            name=self.namer.next(batch.first_ts),
-            partition=partition(batch.first_ts, s.partition_tz),
-            num_events=n,
-            data=data,
-            compression=s.compression,
-            first_ts=batch.first_ts,
-            lines=kept,
-        )
+        # the name and the partition are fixed now, on the loop, in the order batches close
+        head = Payload(name=self.namer.next(batch.first_ts), partition=partition(batch.first_ts, s.partition_tz),
+                       num_events=len(batch), data=b"", compression=s.compression, first_ts=batch.first_ts,
+                       lines=kept)
+        observe = self.metrics.batch_compressed_bytes.labels(lane.sink.name).observe  # thread-safe
+        return asyncio.get_running_loop().run_in_executor(
+            self._pool, _encode_payload, head, batch.lines, batch.nbytes, self._level(), observe)
+
+    async def _encode(self, lane: Lane, batch: Batch) -> Payload:
+        payload = await self._start_encode(lane, batch)
+        assert payload is not None
+        return payload
 
     async def deliver(self, lane: Lane, payload: Payload) -> None:
         """The lane's delivery run; whatever it could not deliver goes to the DLQ."""
@@ -606,6 +658,15 @@ class Pipeline:
                     log.error("held batch lost at shutdown: neither the sink nor the dlq took it", extra={
                         "sink": lane.sink.name, "batch": h.payload.name, "events": n, "reason": refused})
                 await self._release(lane, h, drop_file=False)
+
+
+def _encode_payload(head: Payload, lines: list[bytes], nbytes: int, level: int,
+                    observe: Callable[[float], None]) -> Payload:
+    """In a compression thread: the batch's lines compressed ~1 MiB at a time (released as they go
+    unless the sink keeps them), as `head` with its data."""
+    data = encode_lines(lines, nbytes, head.compression, level, head.lines is None)
+    observe(len(data))
+    return dataclasses.replace(head, data=data)
 
 
 def _line_size(item: Item) -> int:

@@ -34,6 +34,9 @@ class EventQueue(Generic[T]):
         self._items: deque[T] = deque()
         self._closed = False
         self._wakeup: asyncio.Event | None = None
+        self._waiting = False  # the consumer waits on `_wakeup` (else an offer has nobody to wake)
+        self._parked = False  # the consumer is inside `take`, waiting or woken but not yet running
+        self._loop: asyncio.AbstractEventLoop | None = None  # the consumer's (get_running_loop is a getpid)
         # durable acknowledgements: a ticket is answered once every item offered before it is durable
         self._offered = 0  # items ever offered
         self._taken = 0  # items ever taken
@@ -56,14 +59,17 @@ class EventQueue(Generic[T]):
             return 0
         return self.capacity - len(self._items)
 
-    def offer(self, item: T) -> bool:
-        if self._closed or len(self._items) >= self.capacity or self.held_bytes >= self.max_bytes:
+    def offer(self, item: T, nbytes: int | None = None) -> bool:
+        """`nbytes`: `size(item)` when the caller has it at hand (the hot path), else it is computed."""
+        items = self._items
+        if self._closed or len(items) >= self.capacity or self.held_bytes >= self.max_bytes:
             return False
         if self._size is not None:
-            self.held_bytes += self._size(item) * self._weight
-        self._items.append(item)
+            self.held_bytes += (self._size(item) if nbytes is None else nbytes) * self._weight
+        items.append(item)
         self._offered += 1
-        self.wake()
+        if self._waiting:
+            self.wake()
         return True
 
     def offer_many(self, items: Sequence[T]) -> bool:
@@ -75,14 +81,28 @@ class EventQueue(Generic[T]):
             self.held_bytes += sum(map(self._size, items)) * self._weight
         self._items.extend(items)
         self._offered += len(items)
-        self.wake()
+        if self._waiting:
+            self.wake()
         return True
 
     def ticket(self) -> asyncio.Future[None]:
         """A future for everything offered so far: the consumer resolves it (durable mode: once the
-        spool round that covers those items has been fsynced) or fails it (503)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tickets.append((self._offered, fut))
+        spool round that covers those items has been fsynced) or fails it (503).
+
+        While the last ticket's items are not all taken, it is extended to cover the new items and
+        returned again: the requests of one loop iteration share one future (they are taken, made
+        durable and answered together anyway)."""
+        t = self._tickets
+        if t and t[-1][0] > self._taken:
+            shared = t[-1][1]
+            if not shared.done():
+                t[-1] = (self._offered, shared)
+                return shared
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        t.append((self._offered, fut))
         return fut
 
     def take_tickets(self) -> list[asyncio.Future[None]]:
@@ -107,6 +127,7 @@ class EventQueue(Generic[T]):
 
     def wake(self) -> None:
         """Wake the consumer now (it takes what is there, or [] — the dispatcher then checks its deadlines)."""
+        self._waiting = False
         if self._wakeup is not None:
             self._wakeup.set()
 
@@ -114,26 +135,43 @@ class EventQueue(Generic[T]):
         """A copy of the items waiting, oldest first (tests, debugging)."""
         return list(self._items)
 
-    async def take(self, max_items: int, timeout: float | None) -> list[T] | None:  # noqa: ASYNC109
-        """Up to `max_items` items; [] when `timeout` passed first; None when closed and empty."""
+    async def take(self, max_items: int | None, timeout: float | None) -> list[T] | None:  # noqa: ASYNC109
+        """Up to `max_items` items (None: all there are); [] when `timeout` passed first; None when
+        closed and empty."""
         if not self._items:
             if self._closed:
                 return None
-            if self._wakeup is None:
-                self._wakeup = asyncio.Event()
-            self._wakeup.clear()
-            if timeout is None:
-                await self._wakeup.wait()
-            else:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    return []
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            wakeup = self._wakeup
+            if wakeup is None:
+                wakeup = self._wakeup = asyncio.Event()
+            wakeup.clear()
+            # a timer handle rather than asyncio.timeout (a context manager, a getpid and a
+            # cancellation per wait): the consumer waits once per loop iteration under load
+            timer = None if timeout is None else loop.call_later(timeout, wakeup.set)
+            self._waiting = self._parked = True
+            try:
+                await wakeup.wait()
+            finally:
+                self._waiting = self._parked = False
+                if timer is not None:
+                    timer.cancel()
             if not self._items:
                 return None if self._closed else []
+        return self.take_now(max_items)
+
+    @property
+    def parked(self) -> bool:
+        """The consumer waits inside `take` (or was woken and has not run yet): items taken with
+        `take_now` meanwhile are simply not in what its `take` returns."""
+        return self._parked
+
+    def take_now(self, max_items: int | None = None) -> list[T]:
+        """`take` without waiting: up to `max_items` items (None: all), maybe none."""
         items = self._items
-        n = min(max_items, len(items))
+        n = len(items) if max_items is None else min(max_items, len(items))
         if self._tickets:  # never split a ticketed request between two takes (durable mode)
             end = self._taken + n
             for seq, _ in self._tickets:
@@ -141,5 +179,9 @@ class EventQueue(Generic[T]):
                     n = seq - self._taken
                     break
         self._taken += n
+        if n == len(items):  # everything (the dispatcher's usual take): one copy, no pop per item
+            out = list(items)
+            items.clear()
+            return out
         popleft = items.popleft
         return [popleft() for _ in range(n)]

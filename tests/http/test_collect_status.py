@@ -121,3 +121,34 @@ def test_cookie_policy(store: bool, allow: tuple[str, ...], expected: str) -> No
     h = CIMultiDict({"Cookie": "sid=1; _ga=x; theme=dark"})
     assert c.handle("POST", "/collect", "", h, b"{}", None).status == 200
     assert orjson.loads(q.snapshot()[0][1])["cookie"] == expected
+
+
+def test_durable_requests_of_one_iteration_share_a_ticket_and_count_once_kept() -> None:
+    import asyncio
+
+    async def run() -> None:
+        c, q, m = make(ack_mode="durable", api_keys=(("partner", "k1"),))
+        hdrs = CIMultiDict({"X-API-Key": "k1", "Content-Type": "application/x-ndjson"})
+        replies = [c.handle("POST", "/collect", "", hdrs, b'{"a":1}\n{"b":2}', None) for _ in range(3)]
+        tickets = {id(r.ticket) for r in replies}
+        assert len(tickets) == 1 and all(r.status == 200 for r in replies)  # one future for the three
+        assert value(m, "http_requests_accepted_total") == 0  # not before the spool kept them
+        assert await q.take(None, None) is not None
+        [t] = q.take_tickets()
+        t.set_result(None)
+        await asyncio.sleep(0)
+        assert value(m, "http_requests_accepted_total") == 3
+        assert value(m, "ingest_events_accepted_total") == 6
+        assert value(m, "http_requests_api_key_total", key_name="partner") == 3
+        assert c.settle(replies[0]).status == 200
+        # the next iteration's requests: a new ticket; a failed round counts nothing as accepted
+        r = c.handle("POST", "/collect", "", hdrs, b'{"c":3}', None)
+        assert r.ticket is not None and id(r.ticket) not in tickets
+        await q.take(None, None)
+        [t2] = q.take_tickets()
+        t2.set_exception(OSError(28, "no space"))
+        await asyncio.sleep(0)
+        assert value(m, "http_requests_accepted_total") == 3
+        assert c.settle(r).status == 503
+
+    asyncio.run(run())

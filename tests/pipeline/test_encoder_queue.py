@@ -62,6 +62,54 @@ def test_queue_offer_many_is_all_or_nothing_and_close_drains() -> None:
     asyncio.run(run())
 
 
+def test_queue_take_all_the_timer_and_a_wake_while_waiting() -> None:
+    async def run() -> None:
+        q: EventQueue[int] = EventQueue(10_000)
+        assert q.offer_many(list(range(3000)))
+        assert await q.take(None, None) == list(range(3000))  # everything at once (the dispatcher's take)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await q.take(None, 0.05) == []  # the timer ends the wait
+        assert loop.time() - t0 >= 0.04
+        waiter = asyncio.ensure_future(q.take(None, 30))
+        await asyncio.sleep(0)
+        assert q.offer(7)  # wakes the waiting consumer at once, not after its timer
+        assert await asyncio.wait_for(waiter, 1) == [7]
+        assert not [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]  # its timer was cancelled
+
+    asyncio.run(run())
+
+
+def test_queue_offer_charges_the_given_size_or_computes_it() -> None:
+    q: EventQueue[tuple[float, bytes]] = EventQueue(10, 1 << 20, lambda item: len(item[1]), weight=2)
+    assert q.offer((0.0, b"abc"))
+    assert q.offer((0.0, b"abcde"), 5)
+    assert q.offer_many([(0.0, b"x"), (0.0, b"yy")])
+    assert q.held_bytes == 2 * (3 + 5 + 1 + 2)
+
+
+def test_tickets_of_requests_not_taken_yet_are_one_future() -> None:
+    async def run() -> None:
+        q: EventQueue[int] = EventQueue(100)
+        q.offer(1)
+        a = q.ticket()
+        q.offer_many([2, 3])
+        b = q.ticket()
+        assert a is b  # one future covers both requests: nothing of them was taken yet
+        assert await q.take(1, None) == [1, 2, 3]  # and a take never splits it
+        assert q.take_tickets() == [a]
+        q.offer(4)
+        c = q.ticket()
+        assert c is not a
+        assert await q.take(None, None) == [4]
+        q.offer(5)
+        d = q.ticket()  # the previous one is taken: a new future, handed out after it
+        assert d is not c
+        assert q.take_tickets() == [c]
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("codec", ["gzip", "zstd"])
 @pytest.mark.parametrize("release", [False, True])
 def test_encode_lines_is_one_stream_equal_to_the_joined_lines(codec: str, release: bool) -> None:

@@ -362,3 +362,33 @@ def test_a_cancelled_caller_cancels_its_attempt_and_abort_is_not_blamed(tmp_path
         assert delivery.abort.attempting == 0 and delivery.abort.unconsumed == 0
 
     asyncio.run(main())
+
+
+def test_a_full_queue_is_relieved_into_the_batchers_but_backpressure_still_refuses(tmp_path: Path) -> None:
+    """More events in one loop iteration than CHANNEL_SIZE (64 NDJSON connections): the handler runs
+    the dispatcher's step itself (Pipeline.relieve) while the dispatcher is parked; once the sink
+    stalls and its upload queue is full, the queue stays full and /collect answers 503."""
+
+    async def run() -> None:
+        s = settings(tmp_path, channel_size=300, batch_max_events=250, upload_queue_batches=1, upload_concurrency=1)
+        sink = MemorySink(gated=True)
+        pipe = Pipeline(s, Metrics(), [sink], backoff=FAST)
+        await pipe.start()
+        c = Collector(s, pipe.queue, pipe.metrics, clock=lambda: 1764821594.0)
+        c.relieve = pipe.relieve
+        c.accepting = True
+        hdrs = CIMultiDict({"Content-Type": "application/x-ndjson"})
+        body = b"".join(orjson.dumps({"i": i}) + b"\n" for i in range(100))
+        await asyncio.sleep(0.01)  # the dispatcher parks in take()
+        # one iteration (no await): 9 x 100 events through a 300-event queue
+        statuses = [c.handle("POST", "/collect", "", hdrs, body, None).status for _ in range(9)]
+        assert statuses[:6] == [200] * 6  # relieved: twice the queue, one batch of 250 closed and handed over
+        assert 503 in statuses  # the stalled sink's upload queue (1) and its uploader (1) hold the rest
+        accepted = 100 * statuses.count(200)
+        assert accepted <= 300 + 250 * 3  # the queue, the open batch and what the lane may hold: bounded
+        sink.gate.set()  # type: ignore[union-attr]
+        await pipe.flush_and_wait()
+        assert len(sink.lines()) == accepted  # every 200's event, once
+        await pipe.drain(5)
+
+    asyncio.run(run())
