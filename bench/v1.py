@@ -68,6 +68,9 @@ TARGETS = {
     "workers_ratio": 1.0,  # --workers 2 / v1 GOMAXPROCS=2, requests/s, two cores
     "rss_mb": 60.0,  # per process, defaults, S3 sink
     "rss_16k_growth": 1.10,  # peak of the second half of the run / the first half: bounded
+    # ACK_MODE=durable (issue 12): against memory mode in the same run, and its tail at half of its own maximum
+    "durable_over_memory": 0.8,  # req/s at 64 connections; NDJSON events/s
+    "durable_half_p99_ms": 10.0,
 }
 
 # What the process gets from the caller's environment; everything else is set below and printed.
@@ -341,6 +344,7 @@ class Load:
     threads: int = 1
     gen_cores: str | None = GEN_CORE
     events_per_request: int = 1
+    rate: float | None = None  # constant offered load (open loop, bench/loadgen.py); None: closed loop
 
 
 def generator(o: Opts, port: int, ld: Load, duration: float) -> tuple[list[str], dict[str, str]]:
@@ -348,13 +352,13 @@ def generator(o: Opts, port: int, ld: Load, duration: float) -> tuple[list[str],
     env = {**os.environ, "BENCH_BODY_FILE": str(ld.body), "BENCH_CTYPE": ld.ctype, "BENCH_UA": BROWSER_UA,
            "BENCH_COOKIE": BROWSER_COOKIE}
     pre = taskset(ld.gen_cores, o.pin)
-    if o.wrk:
+    if o.wrk and ld.rate is None:
         # wrk takes whole seconds only ("0.5s" is a usage error)
         return [*pre, o.wrk, f"-t{ld.threads}", f"-c{ld.conns}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
                 "-s", str(HERE / "wrk.lua"), url], env
     return [*pre, PY, str(HERE / "loadgen.py"), "--url", url, "--body-file", str(ld.body), "--content-type",
             ld.ctype, "-H", f"User-Agent: {BROWSER_UA}", "-H", f"Cookie: {BROWSER_COOKIE}",
-            "-c", str(ld.conns), "-d", str(duration)], env
+            "-c", str(ld.conns), "-d", str(duration)] + ([] if ld.rate is None else ["--rate", str(ld.rate)]), env
 
 
 def parse_gen(out: bytes, err: bytes, code: int) -> dict[str, Any]:
@@ -560,6 +564,9 @@ def rows_collect(o: Opts, moto: Moto, body: Path, kinds: list[Kind]) -> dict[str
             for k in by_kind:
                 if k != "v1":
                     row[f"{k}_over_v1"] = {m: ratios(by_kind[k], by_kind["v1"], m) for m in ("ok_per_cpu_s", "ok_rps", "p99_ms")}
+        if "estat" in by_kind and "estat_durable" in by_kind:  # ACK_MODE=durable against memory mode, same rounds
+            row["estat_durable_over_estat"] = {m: ratios(by_kind["estat_durable"], by_kind["estat"], m)
+                                               for m in ("ok_rps", "ok_per_cpu_s", "p99_ms")}
         row["runs"] = by_kind
         out[str(conns)] = row
     return out
@@ -584,32 +591,80 @@ def print_collect(o: Opts, res: dict[str, Any], labels: dict[str, str]) -> None:
             if q:
                 o.say(f"  {conns:>5} {k}/v1: per CPU-second {fmt(q['ok_per_cpu_s'], '', 2)} · req/s "
                       f"{fmt(q['ok_rps'], '', 2)} · p99 {fmt(q['p99_ms'], '', 2)}x")
+        q = row.get("estat_durable_over_estat")
+        if q:
+            o.say(f"  {conns:>5} durable/memory: req/s {fmt(q['ok_rps'], '', 2)} · per CPU-second "
+                  f"{fmt(q['ok_per_cpu_s'], '', 2)} · p99 {fmt(q['p99_ms'], '', 2)}x")
 
 
-def rows_ndjson(o: Opts, moto: Moto, body: Path) -> dict[str, Any]:
-    kind = Kind("estat_ndjson", "estat-ingest serve, NDJSON", SERVER_CORE, env={"MAX_BODY_SIZE": "64KiB"})
+def rows_ndjson(o: Opts, moto: Moto, body: Path, durable: bool = False) -> dict[str, Any]:
+    kinds = [Kind("estat_ndjson", "estat-ingest serve, NDJSON", SERVER_CORE, env={"MAX_BODY_SIZE": "64KiB"})]
+    if durable:
+        kinds.append(Kind("estat_ndjson_durable", "ACK_MODE=durable, NDJSON", SERVER_CORE,
+                          env={"MAX_BODY_SIZE": "64KiB", "ACK_MODE": "durable"}))
     levels = (4, 64)
-    runs: dict[int, list[dict[str, Any]]] = {c: [] for c in levels}
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {k.name: {c: [] for c in levels} for k in kinds}
     for rnd in range(o.rounds):
         for conns in levels if rnd % 2 == 0 else levels[::-1]:
-            r = one_run(o, moto, kind, Load(body, "application/x-ndjson", conns, events_per_request=NDJSON_EVENTS),
-                        o.duration)
-            runs[conns].append(r)
-            o.say(f"  round {rnd + 1} c{conns:<3} {r['events_per_s']:>10,.0f} events/s "
-                  f"{r['events_per_cpu_s']:>10,.0f}/CPU-s  ({r['ok_rps']:,.0f} req/s, non2xx {r['non2xx']}, p99 "
-                  f"{r['p99_ms']:.1f} ms)  {loss_note(r)}  (server {r['server_cores'] * 100:.0f}% other "
-                  f"{r['other_cores'] * 100:.0f}%)")
-    out: dict[str, Any] = {str(c): stats(v) for c, v in runs.items()}
-    out["c64_over_c4"] = ratios(runs[64], runs[4], "events_per_s")
+            for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+                r = one_run(o, moto, kind, Load(body, "application/x-ndjson", conns, events_per_request=NDJSON_EVENTS),
+                            o.duration)
+                runs[kind.name][conns].append(r)
+                o.say(f"  round {rnd + 1} c{conns:<3} {kind.name:21} {r['events_per_s']:>10,.0f} events/s "
+                      f"{r['events_per_cpu_s']:>10,.0f}/CPU-s  ({r['ok_rps']:,.0f} req/s, non2xx {r['non2xx']}, p99 "
+                      f"{r['p99_ms']:.1f} ms)  {loss_note(r)}  (server {r['server_cores'] * 100:.0f}% other "
+                      f"{r['other_cores'] * 100:.0f}%)")
+    main = runs["estat_ndjson"]
+    out: dict[str, Any] = {str(c): stats(v) for c, v in main.items()}
+    out["c64_over_c4"] = ratios(main[64], main[4], "events_per_s")
     out["best_events_per_s"] = max(out[str(c)]["events_per_s"]["median"] for c in levels)
-    out["env"] = kind.env
-    out["runs"] = {str(c): v for c, v in runs.items()}
+    out["env"] = kinds[0].env
+    out["runs"] = {str(c): v for c, v in main.items()}
     for c in levels:
         s = out[str(c)]
         o.say(f"  c{c:<3}: {fmt(s['events_per_s'], ' events/s')} · {s['events_per_cpu_s']['median']:,.0f} per CPU-s · "
               f"p99 {fmt(s['p99_ms'], ' ms', 1)} · non2xx {s['non2xx']:,} · stored {s['stored_events']:,} / "
               f"{s['ok_events']:,} 2xx events " + ("no loss" if s["lost_events"] == 0 else f"LOST {s['lost_events']:,}"))
     o.say(f"  64 / 4 connections: {fmt(out['c64_over_c4'], '', 2)} · best median {out['best_events_per_s']:,.0f} events/s")
+    if durable:
+        d = runs["estat_ndjson_durable"]
+        dur: dict[str, Any] = {str(c): stats(v) for c, v in d.items()}
+        dur["over_memory"] = {str(c): ratios(d[c], main[c], "events_per_s") for c in levels}
+        dur["c64_over_c4"] = ratios(d[64], d[4], "events_per_s")
+        dur["env"] = kinds[1].env
+        dur["runs"] = {str(c): v for c, v in d.items()}
+        out["durable"] = dur
+        for c in levels:
+            s = dur[str(c)]
+            o.say(f"  durable c{c:<3}: {fmt(s['events_per_s'], ' events/s')} · p99 {fmt(s['p99_ms'], ' ms', 1)} · "
+                  f"durable / memory {fmt(dur['over_memory'][str(c)], '', 2)} · stored {s['stored_events']:,} / "
+                  f"{s['ok_events']:,} 2xx events " + ("no loss" if s["lost_events"] == 0 else f"LOST {s['lost_events']:,}"))
+    return out
+
+
+def rows_half_load(o: Opts, moto: Moto, body: Path, collect: dict[str, Any], kinds: list[Kind]) -> dict[str, Any]:
+    """Open loop (bench/loadgen.py --rate) at half of each server's own 64-connection maximum of 8a:
+    the tail a client sees when the server is not saturated, queueing included."""
+    c64 = collect.get("64", {})
+    rates = {k.name: round(c64[k.name]["ok_rps"]["median"] / 2) for k in kinds if k.name in c64}
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in rates}
+    for rnd in range(o.rounds):
+        for kind in kinds if rnd % 2 == 0 else kinds[::-1]:
+            if kind.name not in rates:
+                continue
+            r = one_run(o, moto, kind, Load(body, conns=64, rate=rates[kind.name]), o.duration)
+            runs[kind.name].append(r)
+            o.say(f"  round {rnd + 1} {kind.name:13} offered {rates[kind.name]:,}/s achieved {r['ok_rps']:,.0f}/s  "
+                  f"p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  p999 {r['p999_ms']:.2f} ms  "
+                  f"(server {r['server_cores'] * 100:.0f}% gen {r['gen_cores'] * 100:.0f}% other "
+                  f"{r['other_cores'] * 100:.0f}%)  {loss_note(r)}")
+    out: dict[str, Any] = {}
+    for name, v in runs.items():
+        if v:
+            out[name] = {"rate": rates[name], **stats(v), "p999_ms": med([r["p999_ms"] for r in v]), "runs": v}
+    for name, s in out.items():
+        o.say(f"  {name:13} at {s['rate']:,}/s: p99 {fmt(s['p99_ms'], ' ms', 2)} · p50 {fmt(s['p50_ms'], ' ms', 2)} "
+              f"· p999 {fmt(s['p999_ms'], ' ms', 2)}")
     return out
 
 
@@ -729,7 +784,7 @@ def section(o: Opts) -> dict[str, Any]:
 
         say(f"\n  8b. NDJSON, {NDJSON_EVENTS} events of {BODY_BYTES} B per request, 4 and 64 connections, one core "
             "(estat only: v1 has no NDJSON; MAX_BODY_SIZE=64KiB)")
-        res["ndjson"] = rows_ndjson(o, moto, bnd)
+        res["ndjson"] = rows_ndjson(o, moto, bnd, durable)
 
         say("\n  8c. two cores: serve --workers 2" + (" vs v1 GOMAXPROCS=2" if have_v1 else "") +
             ", 64 connections; servers, wrk -t2 and moto UNPINNED (they share both cores)")
@@ -737,6 +792,11 @@ def section(o: Opts) -> dict[str, Any]:
 
         say(f"\n  8d. RSS under overload with the S3 sink, 256 connections, {o.rss_duration:g}s, defaults")
         res["rss"] = rows_rss(o, moto, {"318B": b318, "16KB": b16k}, have_v1)
+
+        mine = [k for k in kinds if k.name in ("estat", "estat_durable")]
+        say("\n  8e. constant load at half of each estat-ingest server's own 64-connection maximum (8a), open loop "
+            "(bench/loadgen.py --rate, 64 connections): the latency a client sees below saturation")
+        res["half_load"] = rows_half_load(o, moto, b318, res["collect"], mine)
     return res
 
 
@@ -764,6 +824,24 @@ def summary_rows(v: dict[str, Any], row: Callable[[str, float, float, bool, str]
     elif "durable" in v:
         row("  ACK_MODE=durable / v1 per CPU-s", float("nan"), TARGETS["per_cpu_ratio"], True,
             "v1 not run" if v.get("durable_available") else v["durable"])
+    dm = c64.get("estat_durable_over_estat")
+    if dm:
+        row("  ACK_MODE=durable / memory req/s, c64", dm["ok_rps"]["median"], TARGETS["durable_over_memory"], True,
+            f"{fmt(dm['ok_rps'], '', 2)} (durable {fmt(c64['estat_durable']['ok_rps'], '/s')} vs memory "
+            f"{fmt(c64['estat']['ok_rps'], '/s')})")
+    nd = v.get("ndjson", {}).get("durable")
+    if nd:
+        q64 = nd["over_memory"]["64"]
+        row("  ACK_MODE=durable / memory NDJSON c64", q64["median"], TARGETS["durable_over_memory"], True,
+            f"{fmt(q64, '', 2)} (durable {fmt(nd['64']['events_per_s'], ' events/s')}; c4: "
+            f"{fmt(nd['over_memory']['4'], '', 2)})")
+    hl = v.get("half_load", {})
+    if "estat_durable" in hl:
+        h = hl["estat_durable"]
+        ref = hl.get("estat")
+        row("  ACK_MODE=durable p99 at half load", h["p99_ms"]["median"], TARGETS["durable_half_p99_ms"], False,
+            f"{fmt(h['p99_ms'], ' ms', 2)} at {h['rate']:,}/s (half of its own c64 maximum)" +
+            (f"; memory mode {fmt(ref['p99_ms'], ' ms', 2)} at {ref['rate']:,}/s" if ref else ""))
     if "collect" in v:
         mine = [s for r in v["collect"].values() for k, s in r.items() if k in ("estat", "estat_durable")]
         lost = sum(s["lost_events"] for s in mine)
