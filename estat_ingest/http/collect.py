@@ -27,6 +27,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -298,7 +299,7 @@ class Collector:
                 records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
             except TypeError:  # as above
                 records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
-            ok = queue.offer_many(records)
+            ok = queue.offer_many(records, sum(map(len, map(itemgetter(1), records))))  # lines, as charged
         self._requests.pending += 1  # http_requests_total: reached the enqueue step
         if not ok:
             return self.refuse(self.full() if not queue.closed else DRAINING)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 
@@ -72,7 +73,7 @@ class Batcher:
             rest = rest[1:]
         b = self._batch
         if b is not None and rest and len(b.lines) + len(rest) < self.max_events:
-            lines = [line for _, line in rest]
+            lines = list(map(itemgetter(1), rest))
             nbytes = b.nbytes + sum(map(len, lines))
             if nbytes < self.max_bytes:
                 b.lines += lines

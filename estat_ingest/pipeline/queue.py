@@ -72,13 +72,13 @@ class EventQueue(Generic[T]):
             self.wake()
         return True
 
-    def offer_many(self, items: Sequence[T]) -> bool:
-        """All or nothing."""
+    def offer_many(self, items: Sequence[T], nbytes: int | None = None) -> bool:
+        """All or nothing. `nbytes`: the items' total size when the caller has it, as in `offer`."""
         if (self._closed or len(self._items) + len(items) > self.capacity
                 or self.held_bytes >= self.max_bytes):
             return False
         if self._size is not None:
-            self.held_bytes += sum(map(self._size, items)) * self._weight
+            self.held_bytes += (sum(map(self._size, items)) if nbytes is None else nbytes) * self._weight
         self._items.extend(items)
         self._offered += len(items)
         if self._waiting:
