@@ -60,7 +60,7 @@ def test_a_refused_connection_logs_the_connection_error(tmp_path: Path, caplog: 
     s3_attempt(tmp_path, f"http://127.0.0.1:{port}")
     [line] = failures(caplog)
     assert line.__dict__["reason"] == "connection"
-    assert line.__dict__["error"].startswith("ClientConnectorError: Cannot connect to host")
+    assert line.__dict__["error"].startswith("EndpointConnectionError: Could not connect to the endpoint URL")
     assert f"127.0.0.1:{port}" in line.__dict__["error"]
 
 

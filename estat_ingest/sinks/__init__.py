@@ -1,4 +1,4 @@
-"""Sinks by name, imported lazily (botocore and aiohttp load only when an s3 or opensearch sink is configured)."""
+"""Sinks by name, imported lazily (aiobotocore loads only when an s3 sink is configured)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,11 @@
-"""S3 sink: one PutObject per attempt, signed by botocore's S3 SigV4 signer and sent with aiohttp.
+"""S3 sink: one PutObject per attempt through one aiobotocore client made at start-up.
 
-No SDK client: aiobotocore's S3 client loads the S3 service model and the endpoint tables (≈ 15 MB
-of Python objects, ≈ 34 MB of RSS with its imports) and spends ≈ 3 ms of CPU per PutObject of a
-400 KB batch in its machinery; this sink needs three requests (PutObject, HeadBucket for the
-start-up check, DeleteObject for `validate`), built here and signed with botocore's own
-`S3SigV4Auth` (the canonical request and the payload hash exactly as botocore makes them), with
-the default credential chain (environment, shared files, web identity, ECS task role, IMDS) and
-its refresh from `SigV4Signer` (sinks/opensearch/sigv4.py). Addressing: `S3_ENDPOINT_URL` is
-used path-style (`<endpoint>/<bucket>/<key>`, what S3-compatible servers and VPC interface
-endpoints accept); without it, AWS's regional endpoint, virtual-hosted
-(`https://<bucket>.s3.<region>.amazonaws.com/<key>`, path-style for bucket names with a dot).
-
-One HTTP request per attempt, no retries of its own, so the engine's `1 + S3_APP_RETRIES`
-attempts are the only retries (v1 defects §9 a, b); `S3_TIMEOUT` bounds the connect and each read.
-Throttling, 5xx, timeouts and connection errors retry. Errors about the whole bucket or the
-credentials (NoSuchBucket, AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, expired
-tokens, a wrong region, no credentials at all) are outages (`Result.outage`): the batch is kept
-and retried later, never set aside. Only another 4xx, about this one request, rejects the batch.
+SDK retries are off for real (`total_max_attempts=1`: one HTTP request per attempt), so the
+engine's `1 + S3_APP_RETRIES` attempts are the only retries (v1 defects §9 a, b). Throttling, 5xx,
+timeouts and connection errors retry. Errors about the whole bucket or the credentials (NoSuchBucket,
+AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch, expired tokens, a wrong region, no
+credentials at all) are outages (`Result.outage`): the batch is kept and retried later, never set
+aside. Only another 4xx, about this one request, rejects the batch.
 The key comes from the payload, fixed at batch close, so a retry after an ambiguous timeout
 overwrites the same object instead of adding a duplicate (§9 g).
 
@@ -29,30 +18,33 @@ and server-side encryption when configured.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import re
 from dataclasses import replace
-from urllib.parse import quote
+from typing import Any
 
 import aiohttp
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
+    ClientError,
     CredentialRetrievalError,
     NoCredentialsError,
     PartialCredentialsError,
+    ReadTimeoutError,
     TokenRetrievalError,
 )
-from yarl import URL
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
 
 from estat_ingest.config import Settings
 from estat_ingest.formats.codec import compress
 from estat_ingest.formats.keys import join_key
 from estat_ingest.metrics import Metrics
 from estat_ingest.sinks.base import OK, Outcome, Payload, Probe, Result, Sink, SinkSpec, outage
-from estat_ingest.sinks.opensearch.sigv4 import NoCredentials, SigV4Signer
 
 log = logging.getLogger("estat_ingest.sinks.s3")
 
@@ -87,31 +79,14 @@ OUTAGE_CODES = {
 PROBE_PREFIX = "_estat_validate"
 
 
-class S3Error(Exception):
-    """S3 answered with an error: its HTTP status and, from the XML body, its code and message
-    (a HEAD has no body: the code is the status, as botocore reports it)."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-_ERROR_FIELDS = re.compile(rb"<(Code|Message)>([^<]*)</(?:Code|Message)>")
-
-
-def parse_error(status: int, body: bytes) -> S3Error:
-    fields = {m.group(1).decode(): m.group(2).decode("utf-8", "replace") for m in _ERROR_FIELDS.finditer(body[:4096])}
-    return S3Error(status, fields.get("Code") or str(status), fields.get("Message", ""))
-
-
 def error_text(err: BaseException) -> str:
     """A short text for the log line: S3's error code and message (`NoSuchBucket: The specified
     bucket does not exist`), else the exception's type and text."""
-    if isinstance(err, S3Error):
-        text = (f"{err.code}: {err.message}" if err.code and err.message
-                else err.code or err.message or f"HTTP {err.status}")
+    if isinstance(err, ClientError):
+        e = err.response.get("Error", {})
+        code, message = str(e.get("Code", "") or ""), str(e.get("Message", "") or "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        text = f"{code}: {message}" if code and message else code or message or f"HTTP {status}"
     else:
         text = f"{type(err).__name__}: {err}"
     return text[:300]
@@ -131,18 +106,9 @@ def object_options(settings: Settings) -> dict[str, str]:
     return opts
 
 
-# PutObject parameters (object_options) -> their request headers
-_HEADER_OF = {"ContentType": "Content-Type", "ContentEncoding": "Content-Encoding",
-              "StorageClass": "x-amz-storage-class", "ServerSideEncryption": "x-amz-server-side-encryption",
-              "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id"}
-
-
-def object_headers(options: dict[str, str]) -> dict[str, str]:
-    return {_HEADER_OF[k]: v for k, v in options.items()}
-
-
-def classify_client_error(err: S3Error) -> Result:
-    code, status = err.code, err.status
+def classify_client_error(err: ClientError) -> Result:
+    code = str(err.response.get("Error", {}).get("Code", ""))
+    status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded") or status in (429, 503):
         return Result(Outcome.RETRY, "throttled")
     if status >= 500 or code in RETRYABLE_CODES:
@@ -157,61 +123,6 @@ def classify_client_error(err: S3Error) -> Result:
     return Result(Outcome.REJECT, "client_error", error=error)
 
 
-CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, TokenRetrievalError)
-
-
-class S3Client:
-    """The three S3 requests this sink makes, signed with botocore's S3 signer (module docstring)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.region = settings.aws_region or "us-east-1"
-        self.endpoint = (settings.s3_endpoint_url or "").rstrip("/")
-        self.timeout_s = settings.s3_timeout_s
-        self.pool = max(10, settings.upload_concurrency * 2 + settings.dlq_replay_concurrency)
-        self.signer = SigV4Signer("s3", self.region)
-        self.session: aiohttp.ClientSession | None = None
-
-    async def start(self) -> None:
-        await self.signer.start()
-        t = self.timeout_s
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.pool),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
-            auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"))
-
-    async def aclose(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
-
-    def url(self, bucket: str, key: str) -> str:
-        path = quote(key, safe="/~")  # sent as is and signed as is (S3 does not normalise paths)
-        if self.endpoint:
-            return f"{self.endpoint}/{bucket}/{path}" if key else f"{self.endpoint}/{bucket}"
-        suffix = "amazonaws.com.cn" if self.region.startswith("cn-") else "amazonaws.com"
-        if "." in bucket:  # a dotted name does not match the TLS certificate's wildcard
-            return f"https://s3.{self.region}.{suffix}/{bucket}/{path}"
-        return f"https://{bucket}.s3.{self.region}.{suffix}/{path}"
-
-    async def request(self, method: str, bucket: str, key: str, body: bytes = b"",
-                      headers: dict[str, str] | None = None) -> None:
-        """One request; S3Error for an error answer. Raises credential, connection and timeout
-        errors as they come (S3Sink.put classifies them)."""
-        assert self.session is not None, "S3Client.start() first"
-        try:
-            creds = await self.signer.frozen()
-        except NoCredentials:
-            raise NoCredentialsError() from None
-        url = self.url(bucket, key)
-        req = AWSRequest(method=method, url=url, data=body or None, headers=dict(headers or {}))
-        S3SigV4Auth(creds, "s3", self.region).add_auth(req)
-        async with self.session.request(method, URL(url, encoded=True), data=body or None,
-                                        headers=dict(req.headers.items())) as resp:
-            if resp.status >= 300:
-                raise parse_error(resp.status, await resp.read() if method != "HEAD" else b"")
-            await resp.release()
-
-
 class S3Sink(Sink):
     """Owns v1's `s3_put_errors_total` and `s3_events_stored_total` (through `observe`)."""
 
@@ -224,8 +135,8 @@ class S3Sink(Sink):
         self.prefix = settings.raw_prefix
         self.dlq_prefix = settings.dlq_prefix
         self.options = object_options(settings)
-        self.headers = object_headers(self.options)
-        self._client = S3Client(settings)
+        self._stack = contextlib.AsyncExitStack()
+        self._client: Any = None
 
     def key_of(self, payload: Payload, prefix: str | None = None) -> str:
         return join_key(self.prefix if prefix is None else prefix, payload.partition, payload.name)
@@ -240,19 +151,37 @@ class S3Sink(Sink):
             m.s3_events_stored.inc(payload.num_events)
 
     async def start(self) -> None:
-        await self._client.start()
+        s = self.settings
+        config = AioConfig(
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=s.s3_timeout_s,
+            read_timeout=s.s3_timeout_s,
+            max_pool_connections=max(10, s.upload_concurrency * 2 + s.dlq_replay_concurrency),
+            # botocore's default CRC32 costs ≈10% CPU and S3 checks Content-MD5-less PUTs anyway
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = get_session()
+        self._client = await self._stack.enter_async_context(
+            session.create_client(
+                "s3",
+                region_name=s.aws_region or None,
+                endpoint_url=s.s3_endpoint_url or None,
+                config=config,
+            )
+        )
 
     async def put(self, key: str, payload: Payload) -> Result:
         try:
-            await self._client.request("PUT", self.bucket, key, payload.data, self.headers)
-        except S3Error as err:
+            await self._client.put_object(Bucket=self.bucket, Key=key, Body=payload.data, **self.options)
+        except ClientError as err:
             return replace(classify_client_error(err), error=error_text(err))
-        except CREDENTIAL_ERRORS as err:
+        except (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError, TokenRetrievalError) as err:
             return outage("auth", error=error_text(err))
-        except TimeoutError as err:  # S3_TIMEOUT is also the connect and read timeout
-            return Result(Outcome.RETRY, "timeout", error=error_text(err))
-        except (aiohttp.ClientError, OSError) as err:
+        except (BotoConnectionError, aiohttp.ClientError, OSError) as err:
             return Result(Outcome.RETRY, "connection", error=error_text(err))
+        except ReadTimeoutError as err:  # S3_TIMEOUT is also the SDK's read timeout
+            return Result(Outcome.RETRY, "timeout", error=error_text(err))
         except BotoCoreError as err:
             return Result(Outcome.RETRY, "sdk_error", error=error_text(err))
         return OK
@@ -287,14 +216,14 @@ class S3Sink(Sink):
             url = f"s3://{self.bucket}/{key}"
             try:
                 async with asyncio.timeout(self.spec.timeout_s):
-                    await self._client.request("PUT", self.bucket, key, body, self.headers)
+                    await self._client.put_object(Bucket=self.bucket, Key=key, Body=body, **self.options)
             except Exception as err:  # every failure is a line for the operator, none a traceback
                 problem = self._probe_problem(err, var, url)
                 return Probe("", (problem,))
             written.append(url)
             try:
                 async with asyncio.timeout(self.spec.timeout_s):
-                    await self._client.request("DELETE", self.bucket, key)
+                    await self._client.delete_object(Bucket=self.bucket, Key=key)
             except Exception as err:
                 left.append(f"{url} ({error_text(err)})")
         opts = ", ".join(self.options.get(k, "") for k in ("StorageClass", "ServerSideEncryption") if k in self.options)
@@ -307,8 +236,9 @@ class S3Sink(Sink):
     def _probe_problem(self, err: BaseException, var: str, url: str) -> str:
         """One line naming the variable to look at, then S3's own words."""
         text = error_text(err)
-        code = err.code if isinstance(err, S3Error) else ""
-        status = err.status if isinstance(err, S3Error) else 0
+        code = str(err.response.get("Error", {}).get("Code", "")) if isinstance(err, ClientError) else ""
+        status = (int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+                  if isinstance(err, ClientError) else 0)
         if isinstance(err, TimeoutError):
             return f"no answer from S3 within S3_TIMEOUT={self.spec.timeout_s:g}s writing {url}"
         outage_reason = OUTAGE_CODES.get(code, "")  # what delivery would count it as
@@ -328,17 +258,17 @@ class S3Sink(Sink):
             return f"S3_STORAGE_CLASS={self.settings.s3_storage_class!r} is refused by the bucket: {text}"
         if code.startswith("KMS") or "kms" in code.lower():
             return f"S3_SSE_KMS_KEY_ID={self.settings.s3_sse_kms_key_id!r} cannot be used: {text}"
-        if isinstance(err, (aiohttp.ClientError, OSError)):
+        if isinstance(err, (BotoConnectionError, aiohttp.ClientError, OSError)):
             where = self.settings.s3_endpoint_url or "S3"
             return f"cannot reach {where}: {text}"
         return f"cannot write {url}: {text}"
 
     async def check(self) -> None:
         try:
-            await self._client.request("HEAD", self.bucket, "")
+            await self._client.head_bucket(Bucket=self.bucket)
         except Exception as err:  # a probe: report, never fail start-up
             log.warning("s3 bucket check failed", extra={"sink": "s3", "bucket": self.bucket,
                                                           "error": f"{type(err).__name__}: {err}"[:300]})
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._stack.aclose()

@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from botocore.exceptions import ClientError
 
 from estat_ingest.delivery import Next, judge
 from estat_ingest.sinks.base import Outcome, Payload, Result
 from estat_ingest.sinks.opensearch.documents import Doc
 from estat_ingest.sinks.opensearch.items import Items, classify_status, read_items
-from estat_ingest.sinks.s3 import S3Error, classify_client_error, parse_error
+from estat_ingest.sinks.s3 import classify_client_error
 
 PAYLOAD = Payload("1700000000_t_000001.jsonl.gz", "dt=2023-11-15/hr=07", 3, b"x", "gzip", 1_700_000_000.0)
 
 
-def client_error(status: int, code: str) -> S3Error:
-    """What the sink makes of S3's error answer (its XML body), as sent by S3."""
-    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>m</Message></Error>'
-    err = parse_error(status, body.encode())
-    assert (err.status, err.code, err.message) == (status, code, "m")
-    return err
+def client_error(status: int, code: str) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                       "PutObject")
 
 
 @pytest.mark.parametrize(("status", "code", "reason"), [

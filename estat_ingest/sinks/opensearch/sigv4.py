@@ -1,5 +1,4 @@
-"""AWS SigV4 for OpenSearch requests, with botocore's signer and the default credential chain
-(the S3 sink takes its credentials from here too: `SigV4Signer.frozen`).
+"""AWS SigV4 for OpenSearch requests, with botocore's signer and the default credential chain.
 
 The credentials come from aiobotocore's session (environment, shared files, ECS task role, IMDS)
 and refresh without blocking the loop. The payload hash is computed by the caller (off the loop
@@ -53,11 +52,6 @@ class SigV4Signer:
             except Exception as err:
                 log.warning("aws credentials could not be loaded (retried on the next request)",
                             extra={"sink": "opensearch", "error": f"{type(err).__name__}: {err}"[:300]})
-
-    async def frozen(self) -> ReadOnlyCredentials:
-        """The current credentials (refreshed by botocore when they are about to expire);
-        NoCredentials when the default chain has none (looked up again at most every RELOAD_S)."""
-        return await self._frozen()
 
     async def _frozen(self) -> ReadOnlyCredentials:
         if self._credentials is None and (self._loaded_at is None or time.monotonic() - self._loaded_at > RELOAD_S):
