@@ -148,6 +148,17 @@ class Refusal:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+# After a 503 for want of room (queue_full, dlq_unavailable) on a connection that stays open, the
+# fast front reads that connection's next request only this much later. A client that retries at
+# once (a load tester, an SDK without backoff) would otherwise have the server read, frame and
+# refuse its bodies as fast as it sends them: under overload that work filled whole loop
+# iterations, the uploaders that free the room got a turn per iteration, and NDJSON at 64
+# connections fell to 0.57x of its 4-connection rate (145-153k events/s, 65-69k 503s per 9 s run;
+# with the hold 206-221k and 2.7-3.9k; 0.01 s: 206k, 0.1 s: 171k, 0.2 s: 115k, the server idles).
+# Nothing is refused for it and nothing is lost: the next request waits in the socket buffer
+# (docs/tuning.md, "Overload").
+FULL_HOLD_S = 0.03
+
 OVERLOADED = Refusal(503, "overloaded", "too many requests in flight, retry later", RETRY_AFTER)
 DRAINING = Refusal(503, "draining", "server is draining, retry later", RETRY_AFTER)
 QUEUE_FULL = Refusal(503, "queue_full", "queue full, retry later", RETRY_AFTER)

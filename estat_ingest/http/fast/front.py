@@ -27,6 +27,7 @@ class Front:
         self.date = DateHeader()
         self.conns: set[HttpConn] = set()
         self.server: asyncio.Server | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by start(), before any connection
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
         self._ok_cache: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")  # date, kept, close, announced
@@ -50,7 +51,7 @@ class Front:
         return cache[2] if close else cache[3] if keep_alive else cache[1]
 
     async def start(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+        self.loop = loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: HttpConn(self), sock=sock, backlog=BACKLOG)
         self._sweeper = asyncio.create_task(self._sweep(), name="fastfront-sweep")
 

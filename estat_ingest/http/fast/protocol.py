@@ -20,6 +20,7 @@ from estat_ingest.http.policy import (
     COLLECT_PATHS,
     CONNECT_WITH_BODY,
     ENCODED_PATH,
+    FULL_HOLD_S,
     HEADER_TOO_LARGE,
     HEALTH,
     INTERNAL_ERROR,
@@ -73,9 +74,9 @@ class _Stop(Exception):
 
 class HttpConn(asyncio.Protocol):
     __slots__ = ("began_here", "body", "body_size", "body_wire", "closing", "counted", "front", "hdrs", "head_line",
-                 "head_total", "headers", "is_collect", "keep", "last_active", "linger_until", "method", "opened",
-                 "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started", "transport",
-                 "url", "waiting")
+                 "head_total", "headers", "held", "is_collect", "keep", "last_active", "linger_until", "method",
+                 "opened", "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started",
+                 "transport", "url", "waiting")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -103,7 +104,8 @@ class HttpConn(asyncio.Protocol):
         self.began_here = False
         self.head_line = 0
         self.head_total = 0
-        self.paused = False
+        self.paused = False  # reading paused: the client does not read its answers
+        self.held = False  # reading paused for FULL_HOLD_S after a 503 for want of room
         # answers not written yet, in request order, as (pending, data, keep, head): an accepted
         # /collect waiting for its ticket (ACK_MODE=durable; a Reply, holding its in-flight count), a
         # /metrics of the worker group still being gathered (a Future of its Reply), or the bytes of
@@ -137,11 +139,30 @@ class HttpConn(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client does not read its answers: stop reading requests
         if self.transport is not None and not self.paused:
             self.paused = True
-            self.transport.pause_reading()
+            if not self.held:
+                self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.transport is not None and self.paused:
             self.paused = False
+            if not self.held:
+                self.transport.resume_reading()
+
+    def _hold(self) -> None:
+        """After a 503 for want of room: read this connection's next request FULL_HOLD_S later."""
+        transport = self.transport
+        if transport is None or self.held:
+            return
+        self.held = True
+        if not self.paused:
+            transport.pause_reading()
+        loop = self.front.loop
+        assert loop is not None, "connections exist only after Front.start()"
+        loop.call_later(FULL_HOLD_S, self._unhold)
+
+    def _unhold(self) -> None:
+        self.held = False
+        if self.transport is not None and not self.paused and not self.closing:
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
@@ -406,6 +427,8 @@ class HttpConn(asyncio.Protocol):
             else:
                 transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
                                        keep == KEEP_SAID))
+                if reply.status == 503 and keep:  # no room (a draining server does not keep): FULL_HOLD_S
+                    self._hold()
         elif path in PLAIN_PATHS:
             if method != "GET" and not head:
                 self._send(PLAIN_NOT_ALLOWED, keep, head)
