@@ -35,20 +35,22 @@ class IdGen:
         # the last prefix, so ids stay sorted within this process.
         ms = int(now * 1000)
         if ms > self._last_ms:
-            self._last_ms = ms
-            self._prefix = f"{ms:012x}{self._middle}"
-            self._prefix_b = self._prefix.encode()
+            self._advance(ms)
         c = self._counter = (self._counter + 1) & 0xFFFFFF
         return f"{self._prefix}{c:06x}"
+
+    def _advance(self, ms: int) -> None:
+        """A new millisecond: its prefix (once per ms, not per event)."""
+        self._last_ms = ms
+        self._prefix = f"{ms:012x}{self._middle}"
+        self._prefix_b = self._prefix.encode()
 
     def reserve(self, now: float, n: int) -> tuple[str, int]:
         """The ids `n` calls of `next(now)` would return, as (prefix, first counter): the i-th
         (from 0) is `f"{prefix}{(first + i) & 0xFFFFFF:06x}"`. One call per request, not per event."""
         ms = int(now * 1000)
         if ms > self._last_ms:
-            self._last_ms = ms
-            self._prefix = f"{ms:012x}{self._middle}"
-            self._prefix_b = self._prefix.encode()
+            self._advance(ms)
         first = self._counter + 1
         self._counter = (self._counter + n) & 0xFFFFFF
         return self._prefix, first
@@ -57,9 +59,7 @@ class IdGen:
         """`next(now)` as (prefix bytes, counter): the id is `prefix + b"%06x" % counter`."""
         ms = int(now * 1000)
         if ms > self._last_ms:
-            self._last_ms = ms
-            self._prefix = f"{ms:012x}{self._middle}"
-            self._prefix_b = self._prefix.encode()
+            self._advance(ms)
         c = self._counter = (self._counter + 1) & 0xFFFFFF
         return self._prefix_b, c
 
