@@ -41,6 +41,16 @@ def hold_posts(port: int, n: int, timeout: float) -> list[socket.socket]:
     return held
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a helper process (moto, haproxy), SIGKILL it if it is still there after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

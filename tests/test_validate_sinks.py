@@ -25,7 +25,7 @@ import pytest
 from estat_ingest.cli import main
 from tests.fake_opensearch import FakeOpenSearch
 from tests.fake_s3 import FakeS3, Step
-from tests.helpers import free_port, s3_client
+from tests.helpers import free_port, s3_client, terminate
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the shape of a real AWS secret (40 characters)
 PASSWORD = "correct-horse-battery-staple"
@@ -111,12 +111,7 @@ def moto_with_auth() -> Iterator[str]:
             time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
 
 
 def test_s3_bad_credentials_are_one_line_exit_1_and_the_secret_is_never_printed(

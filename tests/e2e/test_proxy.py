@@ -33,7 +33,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.helpers import ServerProcess, SinkReader, free_port, running
+from tests.helpers import ServerProcess, SinkReader, free_port, running, terminate
 from tests.http.rawhttp import BadAnswer, Conn, finals
 
 FRONTS = ("aiohttp", "fast")
@@ -118,12 +118,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, backend: tuple[ServerProcess
                 time.sleep(0.05)
         yield Proxy(port, proc, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
 
 
 def post(body: bytes, client_ip: str, extra: bytes = b"") -> bytes:
