@@ -455,6 +455,8 @@ class Pipeline:
                     await self.deliver(lane, payload)
             finally:
                 self.queue.release(closed.batch.nbytes)
+                # not held while this uploader waits for the next batch (a batch is MBs)
+                closed = payload = None
 
     def _level(self) -> int:
         s = self.settings

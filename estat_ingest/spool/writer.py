@@ -282,6 +282,12 @@ class Spool:
     def _finish(self, sp: Spooled) -> None:
         assert sp.sealed is not None
         data = b"".join(sp.members) if sp.members else None
+        # The batch and its Spooled refer to each other: left as a cycle, the batch's lines (MBs)
+        # would wait for a full collection of the cyclic GC, and under steady traffic RSS grew by
+        # ~100 MB a minute before one came. Broken here, both are freed by reference counting
+        # once the payload is delivered; the members are in `data` now.
+        sp.batch.spool = None
+        sp.members = []
         if sp.file.fd is not None:
             self._open_files -= 1
         fut = sp.sealed

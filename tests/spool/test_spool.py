@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import gzip
 import os
 import time
@@ -18,6 +19,7 @@ import pytest
 from estat_ingest.config import Settings
 from estat_ingest.formats.codec import compress
 from estat_ingest.metrics import Metrics
+from estat_ingest.pipeline.batcher import Batch
 from estat_ingest.pipeline.engine import Pipeline
 from estat_ingest.sinks.memory import MemorySink
 from estat_ingest.spool import lease
@@ -364,3 +366,31 @@ async def test_memory_mode_after_a_durable_run_still_delivers_the_dead_spool(tmp
         await p.drain(5)
     assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in range(6)]
     assert counter_value(m, "spool_events_recovered_total", how="restart") == 6
+
+
+@run_async
+async def test_a_delivered_batch_is_freed_without_waiting_for_the_cyclic_gc(tmp_path: Path) -> None:
+    """A durable batch and its spool state refer to each other; the cycle is broken when the batch is
+    sealed, so its lines are freed by reference counting once it is delivered (under steady traffic
+    they used to wait for a full collection, and RSS grew by ~100 MB a minute)."""
+    sink = MemorySink()
+    p = Pipeline(settings(tmp_path, batch_max_events=10), Metrics(), [sink])
+    await p.start()
+    gc.collect()
+    gc.disable()
+    try:
+        tickets = []
+        for i in range(200):  # 20 batches
+            assert p.queue.offer((time.time(), line(i)))
+            tickets.append(p.queue.ticket())
+            if i % 10 == 9:
+                await asyncio.gather(*tickets)
+        await asyncio.gather(*tickets)
+        await p.flush_and_wait()
+        left = [b for b in gc.get_objects() if isinstance(b, Batch) and b.lines]
+        # the last batch may still be a local of the dispatcher's or the committer's loop
+        assert len(left) <= 1, f"{len(left)} of 20 delivered batches still in memory"
+    finally:
+        gc.enable()
+        await p.drain(5)
+    assert sorted(ids_of(sink.lines())) == [f"e{i:06d}" for i in range(200)]
