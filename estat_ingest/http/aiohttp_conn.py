@@ -50,9 +50,11 @@ from estat_ingest.http.policy import (
     CONNECT_WITH_BODY,
     ENCODED_PATH,
     FRAMING_HEADERS,
+    UNKNOWN_CODING,
     Limits,
     closes_after,
     connect_with_body,
+    unknown_coding,
 )
 
 # what this module stands on: aiohttp's C parser (its pure-Python one frames in its own way) with the
@@ -154,6 +156,8 @@ class FramingParser(HttpRequestParser):  # aiohttp's C parser at run time (mypy 
             refused = ENCODED_PATH
         elif msg.method == "CONNECT" and connect_with_body(msg.method, headers):
             refused = CONNECT_WITH_BODY
+        elif (te := headers.get("Transfer-Encoding")) is not None and unknown_coding(te):
+            refused = UNKNOWN_CODING
         for name in UNCHECKED:
             if name in headers and len(headers.getall(name)) > 1:
                 refused = f"duplicate {name} header"

@@ -45,8 +45,9 @@ told about:
 - refused with 400 and a close: a second line of a framing-relevant header (`FRAMING_HEADERS`; RFC
   9112 §3.2 for Host, and a proxy may keep the other line), CONNECT with Content-Length or
   Transfer-Encoding (RFC 9110 §9.3.6: CONNECT has no content, so proxies disagree on where the next
-  request starts), a percent-encoded path (never decoded: `/%6Detrics` would pass a proxy rule that
-  blocks `/metrics`), a chunked body whose framing (chunk-size lines, extensions, trailers) takes
+  request starts), a Transfer-Encoding other than exactly `chunked` (`x, chunked`: a coding it does
+  not understand, RFC 9112 §6.1), a percent-encoded path (never decoded: `/%6Detrics` would pass a
+  proxy rule that blocks `/metrics`), a chunked body whose framing (chunk-size lines, extensions, trailers) takes
   more than `Limits.chunk_framing_bytes`;
 - the connection is closed after an HTTP/1.0 request with Transfer-Encoding (RFC 9112 §6.1), after
   `Connection: close`, after HTTP/1.0 without keep-alive, after every refusal, while draining;
@@ -241,6 +242,7 @@ async def group_reply(group: Callable[[], Awaitable[bytes]]) -> Reply:
 
 # lower-case names of the headers a second line of which changes how a request is framed or read
 FRAMING_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "content-type", "content-encoding"})
+UNKNOWN_CODING = "Transfer-Encoding other than chunked"  # RFC 9112 §6.1: a coding it does not understand
 ENCODED_PATH = "percent-encoded path"  # the refusal's detail (logged, never the client's bytes)
 CONNECT_WITH_BODY = "CONNECT with Content-Length or Transfer-Encoding"
 CHUNK_FRAMING_TOO_LARGE = "chunked framing (size lines, extensions, trailers) over the limit"
@@ -262,6 +264,13 @@ def duplicate_framing_header(names: Iterable[str]) -> str | None:
 def connect_with_body(method: str, headers: Mapping[str, str]) -> bool:
     """A CONNECT that announces a body: refused (400, close), never read."""
     return method == "CONNECT" and ("Content-Length" in headers or "Transfer-Encoding" in headers)
+
+
+def unknown_coding(transfer_encoding: str) -> bool:
+    """Transfer-Encoding other than exactly `chunked` (`x, chunked`, `chunked, x`, `identity`):
+    refused (400, close) before its body is read. llhttp frames `x, chunked` by its last coding and
+    would store a body it cannot decode; h11, the fuzzing oracle, refuses it too."""
+    return transfer_encoding.strip(" \t").lower() != "chunked"
 
 
 def closes_after(http10: bool, transfer_encoding: bool) -> bool:

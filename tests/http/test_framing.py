@@ -460,3 +460,30 @@ def test_durable_answers_stay_in_request_order_before_a_refusal(durable: Served,
     assert got[2].announces_close and not any(a.announces_close for a in got[:2])
     stored = durable.store.bodies()
     assert [b for b in stored if any(m in b for m, _ in events)] == [b.decode() for _, b in events]
+
+
+@pytest.mark.parametrize("coding", ["x, chunked", "chunked, x", "gzip, chunked", "identity"])
+def test_new_a_transfer_coding_other_than_chunked_is_refused(served: Served, coding: str) -> None:
+    """`Transfer-Encoding: x, chunked` is framed by its last coding by llhttp, which both fronts
+    use, so its body was stored although no one can decode it; h11 refuses it (found by make fuzz).
+    RFC 9112 §6.1: a coding the server does not understand is refused: 400, close, nothing stored."""
+    marker, body = event()
+    with Conn(served.srv.port) as c:
+        c.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: %s\r\n\r\n" % coding.encode() + chunked(body))
+        got = finals(c.answers(1))
+        assert statuses(got) == [400], show(got)
+        assert got[0].announces_close, show(got)
+        assert c.wait_closed()
+    assert served.stored(marker) == []
+
+
+def test_new_chunked_in_any_case_is_chunked(served: Served) -> None:
+    """The coding name is case-insensitive (RFC 9112 §7): `Chunked` frames the body like `chunked`."""
+    marker, body = event()
+    with Conn(served.srv.port) as c:
+        c.send(b"POST /collect HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: Chunked\r\n\r\n" + chunked(body))
+        got = finals(c.answers(1))
+    assert statuses(got) == [200], show(got)
+    assert served.stored(marker) == [body.decode()]

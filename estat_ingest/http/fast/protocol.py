@@ -30,6 +30,7 @@ from estat_ingest.http.policy import (
     PLAIN_NOT_ALLOWED,
     PLAIN_PATHS,
     READ_TIMEOUT,
+    UNKNOWN_CODING,
     Reply,
     announces_keep_alive,
     closes_after,
@@ -38,6 +39,7 @@ from estat_ingest.http.policy import (
     metrics_answer,
     ready_reply,
     send_continue,
+    unknown_coding,
 )
 
 if TYPE_CHECKING:
@@ -352,6 +354,9 @@ class HttpConn(asyncio.Protocol):
             except ValueError:  # llhttp has validated it: unreachable
                 size = None
         te = names.get("transfer-encoding")
+        if te is not None and unknown_coding(te):
+            self._protocol_error(MALFORMED, "bad_http", UNKNOWN_CODING)
+            raise _Stop
         keep = parser.should_keep_alive()
         if te is not None and keep and closes_after(parser.get_http_version() == "1.0", True):
             keep = False
