@@ -269,6 +269,14 @@ async def _unix_server(path: str, answer: Callable[[], Awaitable[bytes]]) -> asy
     return await asyncio.start_unix_server(one, path)
 
 
+async def _close_server(server: asyncio.Server | None) -> None:
+    """Stop listening; wait at most 1 s for the answers under way."""
+    if server is not None:
+        server.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
 class SnapshotServer:
     """A worker's side: answers each connection on `w<i>.sock` with a snapshot of its registry."""
 
@@ -286,10 +294,7 @@ class SnapshotServer:
         self.server = await _unix_server(self.path, self._snapshot)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+        await _close_server(self.server)
 
 
 def _process_start() -> float:
@@ -363,10 +368,7 @@ class Aggregator:
         self.server = await _unix_server(self.link.parent_socket, self.render)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+        await _close_server(self.server)
 
 
 def _supervisor_registry() -> CollectorRegistry:
