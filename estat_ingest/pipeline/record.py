@@ -82,14 +82,6 @@ def record_head(ts: float, ip: str, user_agent: str, cookie: str) -> bytes:
     return head[:-3]  # without `""}`
 
 
-def record_format(head: bytes, id_prefix: str, extra: bytes = b"") -> bytes:
-    """A bytes %-format: `fmt % (orjson.dumps(body), counter)` is the record of `body` with the id
-    `f"{id_prefix}{counter:06x}"`, then `extra` (encoded `,"name":value` fields, e.g. api_key_name),
-    then `}` and the newline. `%` in the head or extra (user agents, cookies) is escaped."""
-    return (head.replace(b"%", b"%%") + b'%b,"id":"' + id_prefix.encode() + b'%06x"'
-            + extra.replace(b"%", b"%%") + b"}\n")
-
-
 # one record in one bytes format: the fields' JSON from orjson, the id's counter as 6 hex digits
 _LINE = b'{"ts":%d,"ip":%b,"user_agent":%b,"cookie":%b,"body":%b,"id":"%b%06x"%b}\n'
 
@@ -110,16 +102,17 @@ def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: lis
 
     Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body, ids.next(ts)))` per body
     (plus `extra` after `id`), at about a third of the cost per event: the fields before `body` are
-    encoded once per request, the ids reserved once, and each event costs one orjson call (the body
-    as a JSON string) and one bytes formatting.
+    encoded once per request, the ids reserved once and their hex digits made by one bytes format
+    for the request, and each event costs one orjson call (the body as a JSON string) and one
+    `bytes.join` of five parts (a `%` format per event cost 0.35 µs, the join 0.27 µs).
     """
     head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
     n = len(bodies)
     prefix, first = ids.reserve(ts, n)
-    fmt = record_format(head, prefix, extra)
     counters = range(first, first + n) if first + n <= 0x1000000 else [(first + i) & 0xFFFFFF for i in range(n)]
-    # C-level loops: per event one orjson call and one bytes format, no Python step
-    lines = map(fmt.__mod__, zip(map(orjson.dumps, bodies), counters, strict=True))
-    return list(zip(repeat(ts), lines, strict=False))  # (repeat is endless)
-
-
+    hexes = ((b"%06x\n" * n) % tuple(counters)).split(b"\n")  # n ids' digits (and an empty tail)
+    mid = b',"id":"' + prefix.encode()
+    tail = b'"' + extra + b"}\n"
+    # C-level loops: per event one orjson call, one 5-tuple and one join, no Python step
+    lines = map(b"".join, zip(repeat(head), map(orjson.dumps, bodies), repeat(mid), hexes, repeat(tail)))
+    return list(zip(repeat(ts), lines))  # (repeat is endless)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from estat_ingest.config import Settings
-from estat_ingest.http.bodies import max_openers, ndjson_lines, split_ndjson
+from estat_ingest.http.bodies import has_bom, max_openers, ndjson_lines, split_ndjson
 from estat_ingest.http.collect import Collector
 from estat_ingest.metrics import Metrics
 from estat_ingest.pipeline.queue import EventQueue
@@ -202,6 +202,32 @@ def test_what_simdjson_and_orjson_disagree_on_is_decided_by_orjson(
         assert value(m, "http_requests_rejected_total", reason=reason) == 1
     # the parser is reused by the next request whatever happened before
     assert check(c, q, EVENT + b"\n" + EVENT) == 200
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b"\xef\xbb\xbf{}", True),
+    (b'{"a":1}\n\xef\xbb\xbf{}', True),
+    (b'{"a":"\xef\xbb\xbf"}', True),  # anywhere counts: the screen is conservative
+    (b'{"a":"\xef\x80\x80"}', False),  # U+F000: its first byte only
+    (b'{"a":"\xef\xbb"}\n\xbf', False),  # the three bytes, not in a row
+    (b'{"a":1}', False),
+])
+def test_has_bom_is_the_three_byte_search(payload: bytes, expected: bool) -> None:
+    assert has_bom(payload) is expected is (b"\xef\xbb\xbf" in payload)
+
+
+@pytest.mark.parametrize("ctype", [ND, "application/json"])
+def test_a_body_with_0xef_but_no_bom_takes_the_fast_path_and_is_kept(ctype: str) -> None:
+    c, q, _ = make()
+    event = '{"k":"\uf000 \uffe5 x"}'  # U+F000 and U+FFE5 start with 0xEF in UTF-8
+    raw = event.encode()
+    assert b"\xef" in raw and not has_bom(raw)
+    body = raw + b"\n" + raw if ctype == ND else raw
+    r = c.handle("POST", "/collect", "", CIMultiDict({"Content-Type": ctype, "User-Agent": "u"}), body, "127.0.0.1")
+    assert r.status == 200
+    lines = [line for _, line in q.snapshot()]
+    assert len(lines) == (2 if ctype == ND else 1)
+    assert all(orjson.loads(line)["body"] == event for line in lines)
 
 
 mutations = st.sampled_from([
