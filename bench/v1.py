@@ -175,8 +175,9 @@ class Moto:
         from botocore.config import Config
 
         self._log = open(self.log, "wb")
-        self.proc = subprocess.Popen([*taskset(GEN_CORE, self.pin), PY, "-m", "moto.server", "-H", "127.0.0.1",
-                                      "-p", str(self.port)], env=base_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        # moto behind waitress: connections kept open, as S3 keeps them (bench/moto_keepalive.py)
+        self.proc = subprocess.Popen([*taskset(GEN_CORE, self.pin), PY, str(HERE / "moto_keepalive.py"), "127.0.0.1",
+                                      str(self.port)], env=base_env(), stdout=self._log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 60
             while True:
