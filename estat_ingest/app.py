@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from estat_ingest import runtime
 from estat_ingest.config import Settings
 from estat_ingest.groupmetrics import PARENT_TIMEOUT_S, GroupLink, SnapshotServer, fetch
 from estat_ingest.http.collect import Collector
@@ -124,11 +125,13 @@ async def serve(
     metrics_sock: socket.socket | None = None,
     group: GroupLink | None = None,
     install_signals: bool = True,
+    settle_gc: bool = False,
 ) -> int:
     """Run until SIGTERM/SIGINT (or `shutdown_trigger`), drain, return the exit code.
 
     `group`: this process is worker `worker` of `serve --workers N` (its parent reads its registry,
-    its /metrics answers the group's). `metrics_sock`: METRICS_ADDR, bound (one process only)."""
+    its /metrics answers the group's). `metrics_sock`: METRICS_ADDR, bound (one process only).
+    `settle_gc`: this process exists to serve (the CLI's): once listening, `runtime.settle_gc`."""
     lifecycle = Lifecycle(settings)
     metrics = metrics or Metrics()
     loop = asyncio.get_running_loop()
@@ -179,6 +182,8 @@ async def serve(
         await front.start(own_sock)
         stack.push_async_callback(_stop_http, front, collector, metrics, lifecycle)
         _set_ready(collector, metrics, True)
+        if settle_gc:
+            runtime.settle_gc()
         host, port = own_sock.getsockname()[:2]
         if own_metrics_sock is not None:
             mhost, mport = own_metrics_sock.getsockname()[:2]

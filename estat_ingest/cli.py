@@ -89,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.getLogger("estat_ingest").info("starting", extra={"version": __version__,
                                                               "config": settings.describe()})
-    return run(serve(settings, sock=sock, metrics_sock=metrics_sock))
+    return run(serve(settings, sock=sock, metrics_sock=metrics_sock, settle_gc=True))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -90,7 +90,7 @@ class _EarlyStop:
         if self.signals:
             self.trigger.set()
         return await serve(settings, worker=index, dlq_root=dlq_root_for(settings, index), sock=sock,
-                           group=link, shutdown_trigger=self.trigger)
+                           group=link, shutdown_trigger=self.trigger, settle_gc=True)
 
 
 def worker_main(settings: Settings, index: int, link: GroupLink) -> None:
