@@ -20,7 +20,7 @@ def main() -> None:
     host, port = sys.argv[1], int(sys.argv[2])
     app = DomainDispatcherApplication(create_backend_app)
     # threads: two servers' uploaders (UPLOAD_CONCURRENCY 2 each) and the bench's own boto3 client
-    waitress.serve(app, host=host, port=port, threads=6, ident=None, _quiet=True)
+    waitress.serve(app, host=host, port=port, threads=6, ident=None)
 
 
 if __name__ == "__main__":

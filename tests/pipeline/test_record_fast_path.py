@@ -49,12 +49,16 @@ def reference(ts: float, ip: str, ua: str, cookie: str, bodies: list[str], ids: 
     return out
 
 
+def ids_and_extra(key: str | None) -> tuple[IdGen, IdGen, bytes]:
+    """A fresh IdGen, its twin for `reference`, and the encoded `api_key_name` field for `key`."""
+    g = IdGen()
+    return g, copy.copy(g), b"" if key is None else b',"api_key_name":' + orjson.dumps(key)
+
+
 @pytest.mark.parametrize(("ip", "ua", "cookie"), HEADERS)
 @pytest.mark.parametrize("key", [None, "partner-a", 'we"ird %s \u00e9'])
 def test_same_bytes_and_ids_as_encode_record(ip: str, ua: str, cookie: str, key: str | None) -> None:
-    g = IdGen()
-    twin = copy.copy(g)
-    extra = b"" if key is None else b',"api_key_name":' + orjson.dumps(key)
+    g, twin, extra = ids_and_extra(key)
     got = encode_records(NOW, ip, ua, cookie, BODIES, g, extra)
     assert got == reference(NOW, ip, ua, cookie, BODIES, twin, key)
     for _, line in got:
@@ -119,9 +123,7 @@ def test_property_same_bytes_as_encode_record(ip: str, ua: str, cookie: str, bod
 @pytest.mark.parametrize(("ip", "ua", "cookie"), HEADERS)
 @pytest.mark.parametrize("key", [None, "partner-a", 'we"ird %s \u00e9'])
 def test_one_line_is_the_record_of_encode_records(ip: str, ua: str, cookie: str, key: str | None) -> None:
-    g = IdGen()
-    twin = copy.copy(g)
-    extra = b"" if key is None else b',"api_key_name":' + orjson.dumps(key)
+    g, twin, extra = ids_and_extra(key)
     for ts, body in zip([NOW, NOW, NOW + 0.003, NOW - 2.0], BODIES, strict=False):
         assert encode_line(ts, ip, ua, cookie, body, g, extra) == reference(ts, ip, ua, cookie, [body], twin, key)[0][1]
     assert encode_records(NOW + 1, ip, ua, cookie, BODIES[:2], g, extra) == \
