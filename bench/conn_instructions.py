@@ -1,6 +1,8 @@
 """Instructions per request through one fast-front connection (estat_ingest/http/fast/protocol.py),
 counted by callgrind: a prepared request is fed N times into `HttpConn.data_received` with a stub
-transport, against the real `Collector` (the queue is emptied between rounds so every answer is 200).
+transport, against the real `Collector` (the queue is emptied between rounds so every answer is 200),
+on a running loop: `--conns` connections get one request each per pass, and the pass ends with the
+front's flush of their answers (as in the server).
 
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
         .venv/bin/python bench/conn_instructions.py --requests 2000
@@ -64,7 +66,9 @@ class Transport:
     def resume_reading(self) -> None: ...
 
 
-def run(requests: int, shape: str, size: int) -> None:
+def run(requests: int, shape: str, size: int, conns: int) -> None:
+    import asyncio
+
     from bodies import event_body
 
     from estat_ingest.config import Settings
@@ -73,33 +77,45 @@ def run(requests: int, shape: str, size: int) -> None:
     from estat_ingest.http.fast.protocol import HttpConn
     from estat_ingest.metrics import Metrics
     from estat_ingest.pipeline.queue import EventQueue
+    from estat_ingest.sockets import make_socket
 
-    settings = Settings()
-    metrics = Metrics()
-    queue: EventQueue[tuple[float, bytes]] = EventQueue(10**9)
-    collector = Collector(settings, queue, metrics)
-    collector.accepting = collector.ready = True
-    front = Front(collector, metrics)
-    conn = HttpConn(front)
-    transport = Transport()
-    conn.connection_made(transport)  # type: ignore[arg-type]
-    body = event_body(1, size)
-    request = SHAPES[shape].format(n=len(body)).encode() + body
-    feed = conn.data_received
-    for i in range(requests):
-        feed(request)
-        if i % 1000 == 999:
-            queue.snapshot()
-            queue._items.clear()  # the dispatcher's part: not measured
-    assert transport.writes == requests, transport.writes
-    print(transport.last.split(b"\r\n", 1)[0].decode(), f"x{transport.writes}", file=sys.stderr)
+    async def main() -> None:
+        settings = Settings()
+        metrics = Metrics()
+        queue: EventQueue[tuple[float, bytes]] = EventQueue(10**9)
+        collector = Collector(settings, queue, metrics)
+        collector.accepting = collector.ready = True
+        front = Front(collector, metrics)
+        await front.start(make_socket("127.0.0.1", 0))  # the loop its connections' answers wait for
+        feeds, transports = [], []
+        for _ in range(conns):
+            conn = HttpConn(front)
+            transport = Transport()
+            conn.connection_made(transport)  # type: ignore[arg-type]
+            feeds.append(conn.data_received)
+            transports.append(transport)
+        body = event_body(1, size)
+        request = SHAPES[shape].format(n=len(body)).encode() + body
+        for i in range(0, requests, conns):
+            for feed in feeds[:requests - i]:  # one pass of the loop: every connection had a request
+                feed(request)
+            await asyncio.sleep(0)  # the pass ends: Front.flush writes the answers
+            if i % 1000 < conns:
+                queue.snapshot()
+                queue._items.clear()  # the dispatcher's part: not measured
+        writes = sum(t.writes for t in transports)
+        assert writes == requests, writes
+        print(transports[0].last.split(b"\r\n", 1)[0].decode(), f"x{writes}", file=sys.stderr)
+        await front.stop_listening()  # (Front.close would close the stub transports: not measured)
+
+    asyncio.run(main())
 
 
-def instructions(requests: int, shape: str, size: int) -> int:
+def instructions(requests: int, shape: str, size: int, conns: int) -> int:
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
                           sys.executable, __file__, "--requests", str(requests), "--shape", shape,
-                          "--size", str(size)], env=env, capture_output=True, text=True, check=True)
+                          "--size", str(size), "--conns", str(conns)], env=env, capture_output=True, text=True, check=True)
     m = re.search(r"Collected : (\d+)", out.stderr)
     assert m is not None, out.stderr[-2000:]
     return int(m.group(1))
@@ -110,16 +126,17 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--shape", choices=sorted(SHAPES), default="post")
     p.add_argument("--size", type=int, default=300)
+    p.add_argument("--conns", type=int, default=1, help="connections fed one request each per pass of the loop")
     p.add_argument("--compare", type=int, nargs=2, metavar=("N1", "N2"),
                    help="run valgrind for N1 and N2 requests and print instructions per request")
     args = p.parse_args()
     if args.compare:
         n1, n2 = args.compare
-        a, b = instructions(n1, args.shape, args.size), instructions(n2, args.shape, args.size)
+        a, b = (instructions(n, args.shape, args.size, args.conns) for n in (n1, n2))
         print(f"{args.shape} {args.size} B: {(b - a) / (n2 - n1):.0f} instructions per request "
               f"({n1}: {a}, {n2}: {b})")
     else:
-        run(args.requests, args.shape, args.size)
+        run(args.requests, args.shape, args.size, args.conns)
 
 
 if __name__ == "__main__":

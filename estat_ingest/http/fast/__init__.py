@@ -10,7 +10,9 @@ machinery (Request/Response objects, the handler task, StreamReader, header mult
 serialisation) taking most of the loop. `Collector.handle` is synchronous and independent of
 aiohttp (DESIGN.md §1), so this front only parses (httptools, the llhttp parser uvicorn uses),
 calls it and writes the reply: no task per request, no awaits, one sweep per second for every
-timer instead of a timer per request.
+timer instead of a timer per request. Answers are handed to the transports once per pass of the
+loop (`HttpConn.write` queues, `Front.flush` writes each connection's answers in one call), so the
+clients of a pass are answered back to back (docs/tuning.md, "Answers once per pass").
 
 `app.serve()` runs it when `settings.http_front == "fast"` (`HTTP_FRONT`, the default), with the
 same pipeline and the same shutdown path as the aiohttp front (`Front` has the three methods

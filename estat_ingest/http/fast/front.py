@@ -30,6 +30,7 @@ class Front:
         self.loop: asyncio.AbstractEventLoop | None = None  # set by start(), before any connection
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
+        self._unflushed: list[HttpConn] = []  # connections with answers queued (HttpConn.write)
         self._ok_cache: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")  # date, kept, close, announced
         self.max_url = limits.request_line_bytes  # read once per request: one attribute away
         # Bounds on a header section still arriving (httptools keeps a header until it is
@@ -49,6 +50,20 @@ class Front:
                                       render(200, OK_REPLY.headers, b"", date, True),
                                       render(200, OK_REPLY.headers, b"", date, False, keep_alive=True))
         return cache[2] if close else cache[3] if keep_alive else cache[1]
+
+    def defer(self, conn: HttpConn) -> None:
+        """`conn` has answers queued: `flush` once the loop has run what is ready now (the
+        callbacks of this pass over the ready sockets run before the loop's ready queue)."""
+        if not self._unflushed:
+            assert self.loop is not None, "connections exist only after Front.start()"
+            self.loop.call_soon(self.flush)
+        self._unflushed.append(conn)
+
+    def flush(self) -> None:
+        """Hand every connection's queued answers to its transport."""
+        conns, self._unflushed = self._unflushed, []
+        for conn in conns:
+            conn.flush()
 
     async def start(self, sock: socket.socket) -> None:
         self.loop = loop = asyncio.get_running_loop()

@@ -77,7 +77,7 @@ class _Stop(Exception):
 class HttpConn(asyncio.Protocol):
     __slots__ = ("began_here", "body", "body_size", "body_wire", "closing", "counted", "front", "hdrs", "head_line",
                  "head_total", "headers", "held", "is_collect", "keep", "last_active", "linger_until", "method",
-                 "opened", "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started",
+                 "opened", "out", "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started",
                  "transport", "url", "waiting")
 
     def __init__(self, front: Front) -> None:
@@ -113,6 +113,9 @@ class HttpConn(asyncio.Protocol):
         # /metrics of the worker group still being gathered (a Future of its Reply), or the bytes of
         # an answer queued behind one (pending None); keep False closes after it
         self.waiting: deque[tuple[Reply | asyncio.Future[Reply] | None, bytes, int, bool]] | None = None
+        # answers written but not yet handed to the transport: they go out together at the end of
+        # the loop's pass over the sockets that were ready (Front.flush), in order
+        self.out: list[bytes] | None = None
 
     # ------------------------------------------------------------------ transport events
 
@@ -127,6 +130,7 @@ class HttpConn(asyncio.Protocol):
         front = self.front
         front.conns.discard(self)
         self.transport = None
+        self.out = None
         self._leave()
         if self.waiting:  # the client is gone: its events are durable (or not) all the same
             for reply, _data, _keep, _head in self.waiting:
@@ -177,6 +181,7 @@ class HttpConn(asyncio.Protocol):
             waiting[-1] = (reply, data, False, head)
             self.closing = True
             return True
+        self.flush()
         return None  # close the transport (after the write buffer is flushed)
 
     def data_received(self, data: bytes) -> None:
@@ -275,11 +280,35 @@ class HttpConn(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            self.flush()
             self.transport.close()
 
     def abort(self) -> None:
+        self.out = None
         if self.transport is not None:
             self.transport.abort()
+
+    def write(self, data: bytes) -> None:
+        """Queue an answer's bytes: handed to the transport with this connection's other answers by
+        `flush`, which the front calls once the loop has run the callbacks of every socket that was
+        ready. One write per connection per pass, and the clients of a pass are answered
+        back to back: measured at 64 connections on one core, +40% requests per CPU-second, since
+        a write while the client's reader is still awake from the previous one costs no wake-up
+        (docs/tuning.md). The order of a connection's answers is the order of the calls."""
+        out = self.out
+        if out is None:
+            self.out = [data]
+            self.front.defer(self)
+        else:
+            out.append(data)
+
+    def flush(self) -> None:
+        """Hand the queued answers to the transport (before anything that ends the connection)."""
+        out = self.out
+        if out is not None:
+            self.out = None
+            if self.transport is not None:
+                self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     # ------------------------------------------------------------------ parser callbacks
 
@@ -385,7 +414,7 @@ class HttpConn(asyncio.Protocol):
         expect = names.get("expect")
         if (expect is not None and self.transport is not None
                 and send_continue(expect, parser.get_http_version() == "1.1", size, front.limits)):
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
@@ -428,9 +457,9 @@ class HttpConn(asyncio.Protocol):
             if self.waiting:
                 self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
             elif reply is OK_REPLY:
-                transport.write(front.ok_bytes(not keep, keep == KEEP_SAID))
+                self.write(front.ok_bytes(not keep, keep == KEEP_SAID))
             else:
-                transport.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
+                self.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
                                        keep == KEEP_SAID))
                 if reply.status == 503 and keep:  # no room (a draining server does not keep): FULL_HOLD_S
                     self._hold()
@@ -452,7 +481,7 @@ class HttpConn(asyncio.Protocol):
         if not keep:
             self.closing = True
             if not self.waiting:  # else closed once the answers before this one are written
-                transport.close()
+                self.close()
             raise _Stop  # nothing after this request is read (pipelined bytes are dropped)
 
     # ------------------------------------------------------------------ replies
@@ -464,7 +493,7 @@ class HttpConn(asyncio.Protocol):
         if self.waiting:  # behind an answer that waits for the spool
             self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
         elif self.transport is not None:
-            self.transport.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head,
+            self.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head,
                                         keep == KEEP_SAID))
 
     def _bytes(self, reply: Reply, keep: int, head: bool) -> bytes:
@@ -501,7 +530,7 @@ class HttpConn(asyncio.Protocol):
             transport = self.transport
             if transport is None:
                 continue
-            transport.write(data)
+            self.write(data)
             if not keep:
                 waiting.clear()
                 self._end(transport)
@@ -526,13 +555,14 @@ class HttpConn(asyncio.Protocol):
         if self.waiting:  # answers to earlier requests still wait for the spool: this one goes after them
             self.waiting.append((None, data, CLOSE, head))
             return
-        transport.write(data)
+        self.write(data)
         self._end(transport)
 
     def _end(self, transport: asyncio.Transport) -> None:
         """After the last answer: half-close, so the client reads it rather than a reset caused by
         bytes it still sends (RFC 9112 §9.6), then discard what comes until the linger time ends."""
         self.linger_until = _now() + self.front.limits.linger_s
+        self.flush()
         if transport.can_write_eof():
             transport.write_eof()  # the client sees the end of the answer; we still read what it sends
         else:  # pragma: no cover - TCP transports can
