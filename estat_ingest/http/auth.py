@@ -37,12 +37,12 @@ class ApiKeys:
 
     def candidate(self, headers: Mapping[str, str], query: str) -> str | None:
         """The key the request presents, or None when it presents none."""
-        auth = headers.get("Authorization")
+        auth = headers.get("authorization")
         if auth:
             scheme, _, token = auth.strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        key = headers.get("X-Api-Key")
+        key = headers.get("x-api-key")
         if key:
             return key.strip()
         if "api_key=" in query:

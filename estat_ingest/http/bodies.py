@@ -77,7 +77,7 @@ class BodyReader:
             # one event: a simdjson parse (≈ 3x cheaper than orjson.loads) accepts the common case;
             # anything it refuses, a BOM, or more openers than MAX_JSON_DEPTH goes to `validate`
             # (orjson), which alone decides every refusal — as for NDJSON lines below
-            if self.validate_json and not has_bom(payload):
+            if self.validate_json and (b"\xef" not in payload or _BOM not in payload):  # has_bom, inline
                 try:
                     self._json_parser.parse(payload)  # dropped at once: the parser is reused
                 except (ValueError, RuntimeError):

@@ -134,7 +134,7 @@ class Collector:
         """`reply` plus the CORS headers for the request's Origin, when it is allowed."""
         if not self.cors.enabled:
             return reply
-        extra = self.cors.simple(headers.get("Origin"))
+        extra = self.cors.simple(headers.get("origin"))
         if extra is None:
             return reply
         return Reply(reply.status, {**reply.headers, **extra}, reply.body, reply.ticket)
@@ -208,9 +208,12 @@ class Collector:
         body: bytes,
         peer: str | None,
     ) -> Reply:
+        """The answer to one request. `headers` finds a header by its lower-case name: aiohttp's
+        multidict (any case), or the fast front's dict of lower-case names (a multidict when a name
+        repeats). Every look-up here and in the parts it calls uses lower-case names."""
         if self.cors.enabled:
-            if method == "OPTIONS" and headers.get("Access-Control-Request-Method"):
-                extra = self.cors.preflight(headers.get("Origin"))
+            if method == "OPTIONS" and headers.get("access-control-request-method"):
+                extra = self.cors.preflight(headers.get("origin"))
                 return Reply(204, {"Allow": ALLOW, **extra}) if extra else PREFLIGHT_REPLY
             return self.with_cors(self._handle(method, path, query, headers, body, peer), headers)
         return self._handle(method, path, query, headers, body, peer)
@@ -228,7 +231,7 @@ class Collector:
         if method == "POST":
             payload = body
         elif method == "GET":
-            pixel = path in PIXEL_PATHS or "image/" in headers.get("Accept", "")
+            pixel = path in PIXEL_PATHS or "image/" in headers.get("accept", "")
             payload = query.encode("utf-8", "surrogateescape")
         elif method == "OPTIONS":
             return PREFLIGHT_REPLY
@@ -259,9 +262,9 @@ class Collector:
 
         if method == "POST":
             get = headers.get
-            events = self.bodies.post(payload, get("Content-Type", ""), get("Content-Encoding"), room)
+            events = self.bodies.post(payload, get("content-type", ""), get("content-encoding"), room)
             if events is QUEUE_FULL and self.relieve():  # more events than room: the dispatcher's step, once
-                events = self.bodies.post(payload, get("Content-Type", ""), get("Content-Encoding"), self.queue.room())
+                events = self.bodies.post(payload, get("content-type", ""), get("content-encoding"), self.queue.room())
         else:
             events = self.bodies.query(payload)
         if isinstance(events, Refusal):
@@ -272,14 +275,14 @@ class Collector:
 
         now = self.clock()
         get = headers.get
-        xff = get("X-Forwarded-For")
+        xff = get("x-forwarded-for")
         if xff is not None:
             getall = getattr(headers, "getall", None)
             if getall is not None:  # several header lines are one list (RFC 9110 §5.3)
-                xff = ",".join(getall("X-Forwarded-For"))
-        ip = self._client_ip(peer, xff, get("CloudFront-Viewer-Address"))
-        ua = get("User-Agent", "")
-        cookie = get("Cookie", "")
+                xff = ",".join(getall("x-forwarded-for"))
+        ip = self._client_ip(peer, xff, get("cloudfront-viewer-address"))
+        ua = get("user-agent", "")
+        cookie = get("cookie", "")
         if cookie and self._cookie_rules:
             cookie = self._cookie(cookie)
         # RECORD_API_KEY_NAME: one more field after `id` (v1 readers ignore it); never the key

@@ -263,7 +263,7 @@ def duplicate_framing_header(names: Iterable[str]) -> str | None:
 
 def connect_with_body(method: str, headers: Mapping[str, str]) -> bool:
     """A CONNECT that announces a body: refused (400, close), never read."""
-    return method == "CONNECT" and ("Content-Length" in headers or "Transfer-Encoding" in headers)
+    return method == "CONNECT" and ("content-length" in headers or "transfer-encoding" in headers)
 
 
 def unknown_coding(transfer_encoding: str) -> bool:

@@ -32,7 +32,9 @@ class Front:
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
         self._unflushed: list[HttpConn] = []  # connections with answers queued (HttpConn.write)
         self._ok_cache: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")  # date, kept, close, announced
-        self.max_url = limits.request_line_bytes  # read once per request: one attribute away
+        # read once per request (per header line): one attribute away
+        self.max_url = limits.request_line_bytes
+        self.header_line_bytes, self.max_headers = limits.header_line_bytes, limits.headers
         # Bounds on a header section still arriving (httptools keeps a header until it is
         # complete): the line in progress, and the whole section. The estimate may include the
         # tail of the previous pipelined request (at most one body), hence + body_bytes.

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import httptools
@@ -76,8 +77,9 @@ class _Stop(Exception):
 
 class HttpConn(asyncio.Protocol):
     __slots__ = ("began_here", "body", "body_size", "body_wire", "closing", "counted", "front", "hdrs", "head_line",
-                 "head_total", "headers", "held", "is_collect", "keep", "last_active", "linger_until", "method",
-                 "opened", "out", "parser", "path", "paused", "peer", "phase", "query", "replay", "served", "started",
+                 "head_total", "held", "is_collect", "keep", "last_active", "linger_until", "method",
+                 "names", "opened", "out", "parser", "path", "paused", "peer", "phase", "query", "repeated", "replay",
+                 "served", "started",
                  "transport", "url", "waiting")
 
     def __init__(self, front: Front) -> None:
@@ -91,8 +93,11 @@ class HttpConn(asyncio.Protocol):
         self.linger_until = 0.0
         self.opened = self.started = self.last_active = 0.0
         self.url = b""
-        self.headers: list[tuple[str, str]] = []
-        self.hdrs: CIMultiDictProxy[str] | None = None
+        # the request's headers: lower-case name -> its first value, and the lines whose name came
+        # before (rare; None without any): `hdrs` is `names` itself when no name repeats
+        self.names: dict[str, str] = {}
+        self.repeated: list[tuple[str, str]] | None = None
+        self.hdrs: Mapping[str, str] | None = None
         self.method = ""
         self.path = ""
         self.query = ""
@@ -319,7 +324,8 @@ class HttpConn(asyncio.Protocol):
         self.began_here = True
         self.started = _now()
         self.url = b""
-        self.headers = []
+        self.names = {}
+        self.repeated = None
         self.hdrs = None
         self.method = ""
         self.body = []
@@ -335,11 +341,21 @@ class HttpConn(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limits = self.front.limits
-        if len(name) + len(value) > limits.header_line_bytes or len(self.headers) >= limits.headers:
+        front = self.front
+        names = self.names
+        repeated = self.repeated
+        if (len(name) + len(value) > front.header_line_bytes
+                or len(names) + (0 if repeated is None else len(repeated)) >= front.max_headers):
             self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request header too large, or too many")
             raise _Stop
-        self.headers.append((_NAMES.get(name) or _name(name), value.decode("utf-8", "surrogateescape")))
+        key = _NAMES.get(name) or _name(name)
+        text = value.decode("utf-8", "surrogateescape")
+        if key not in names:
+            names[key] = text
+        elif repeated is None:
+            self.repeated = [(key, text)]
+        else:
+            repeated.append((key, text))
 
     def on_headers_complete(self) -> None:
         self.phase = BODY
@@ -366,12 +382,16 @@ class HttpConn(asyncio.Protocol):
             raise _Stop
         self.path = path
         self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
-        headers = self.headers
-        self.hdrs = hdrs = CIMultiDictProxy(CIMultiDict(headers))
-        names = dict(headers)  # the names are lower-case (on_header): fewer keys = a name repeated
-        if len(names) != len(headers) and (dup := duplicate_framing_header(n for n, _ in headers)):
-            self._protocol_error(MALFORMED, "bad_http", f"duplicate {dup} header")
-            raise _Stop
+        names = self.names
+        hdrs: Mapping[str, str] = names  # what /collect reads: lower-case names, first values
+        if self.repeated is not None:  # a name repeated: a multidict, every line in it
+            lines = [*names.items(), *self.repeated]
+            if dup := duplicate_framing_header(n for n, _ in lines):
+                self._protocol_error(MALFORMED, "bad_http", f"duplicate {dup} header")
+                raise _Stop
+            hdrs = CIMultiDictProxy(CIMultiDict(lines))
+            names = dict(lines)  # the policy's checks below see a repeated name's last value
+        self.hdrs = hdrs
         if "host" not in names and parser.get_http_version() == "1.1":
             self._protocol_error(MALFORMED, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp
             raise _Stop

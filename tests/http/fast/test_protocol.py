@@ -288,3 +288,34 @@ def test_in_flight_cap_answers_503_then_recovers(tmp_path: Path, spawn: Any) -> 
             s.close()
         assert srv.stop() == 0
     assert sorted(delivered(data)) == sorted(['{"a":"b"} '] * 3 + ['{"after":1}'] + accepted)
+
+
+def test_repeated_header_lines_reach_collect_as_the_aiohttp_front_gives_them(tmp_path: Path, spawn: Any) -> None:
+    """The fast front hands /collect a dict of lower-case names, and a multidict only when a name
+    repeats: every X-Forwarded-For line is walked (joined in order), a repeated single-value
+    header gives its first line, names match in any case, and a repeated framing header is still
+    refused (400, nothing stored)."""
+    data = tmp_path / "data"
+    srv = spawn({**FAST, "FILE_SINK_DIR": str(data), "DLQ_DIR": str(tmp_path / "dlq")}, tmp_path)
+    tag = uuid.uuid4().hex[:8]
+    try:
+        repeated = post(orjson.dumps({"tag": tag, "n": "repeated"}),
+                        b"x-forwarded-for: 198.51.100.1, 203.0.113.5\r\nUSER-AGENT: first\r\n"
+                        b"X-Forwarded-For: 203.0.113.9\r\nUser-Agent: second\r\ncOOkie: a=1\r\n")
+        plain = post(orjson.dumps({"tag": tag, "n": "plain"}), b"X-FORWARDED-FOR: 203.0.113.7\r\nuser-agent: only\r\n")
+        behind = post(orjson.dumps({"tag": tag, "n": "behind"}),
+                      b"X-Forwarded-For: 198.51.100.1\r\nX-Forwarded-For: 10.0.0.7\r\n")
+        answers, closed = talk(srv, repeated + plain + behind, 3)
+        assert [a[0] for a in answers] == [200, 200, 200] and not closed
+        dup_type = post(orjson.dumps({"tag": tag, "n": "dup"}), b"content-type: application/json\r\n")
+        answers, closed = talk(srv, dup_type)
+        assert [a[0] for a in answers] == [400] and closed
+    finally:
+        assert srv.stop() == 0
+    recs = {orjson.loads(r["body"])["n"]: r for _, r in records_of(file_objects(data)) if tag in r["body"]}
+    assert sorted(recs) == ["behind", "plain", "repeated"]
+    # the loopback peer is a trusted proxy: the walk from the right stops at the first public address
+    assert (recs["repeated"]["ip"], recs["repeated"]["user_agent"], recs["repeated"]["cookie"]) == (
+        "203.0.113.9", "first", "a=1")
+    assert (recs["plain"]["ip"], recs["plain"]["user_agent"]) == ("203.0.113.7", "only")
+    assert recs["behind"]["ip"] == "198.51.100.1"  # the second line alone would give the private hop
