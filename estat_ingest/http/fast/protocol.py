@@ -322,7 +322,7 @@ class HttpConn(asyncio.Protocol):
             raise _Stop
         self.phase = HEAD
         self.began_here = True
-        self.started = _now()
+        self.started = self.last_active  # when the bytes being parsed arrived (data_received)
         self.url = b""
         self.names = {}
         self.repeated = None
@@ -360,7 +360,7 @@ class HttpConn(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.phase = BODY
         self.served = True
-        self.started = _now()
+        self.started = self.last_active
         self.body_wire = 0
         front = self.front
         collector = front.collector
