@@ -92,8 +92,9 @@ def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: str, ids
     format (the single-event /collect path: no head to share). Raises TypeError (header text
     holding surrogates) before the id is taken."""
     dumps = orjson.dumps
-    fields = (int(ts), dumps(ip), dumps(user_agent), dumps(cookie), dumps(body))
-    return _LINE % (*fields, *ids.one(ts), extra)
+    ip_j, ua_j, cookie_j, body_j = dumps(ip), dumps(user_agent), dumps(cookie), dumps(body)
+    prefix, counter = ids.one(ts)
+    return _LINE % (int(ts), ip_j, ua_j, cookie_j, body_j, prefix, counter, extra)
 
 
 def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[str], ids: IdGen,
