@@ -103,6 +103,9 @@ class Collector:
         self._cookie_allow = frozenset(settings.cookie_allowlist)
         self._cookie_rules = bool(self._cookie_allow) or not settings.store_cookies  # else the Cookie header as sent
         self.cors = Cors(settings.cors_allow_origins)
+        # what a front calls per request: `handle`, or without CORS its body alone (one call fewer)
+        self.answer: Callable[[str, str, str, Mapping[str, str], bytes, str | None], Reply] = (
+            self.handle if self.cors.enabled else self._handle)
         self.keys = ApiKeys(settings.api_keys)
         self.reject_log = RateLimitedLog(LOG_EVERY_S)  # one line per rejection reason per interval
         self.bodies = BodyReader(settings)  # payload → events or refusal

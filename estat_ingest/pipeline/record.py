@@ -55,14 +55,6 @@ class IdGen:
         self._counter = (self._counter + n) & 0xFFFFFF
         return self._prefix, first
 
-    def one(self, now: float) -> tuple[bytes, int]:
-        """`next(now)` as (prefix bytes, counter): the id is `prefix + b"%06x" % counter`."""
-        ms = int(now * 1000)
-        if ms > self._last_ms:
-            self._advance(ms)
-        c = self._counter = (self._counter + 1) & 0xFFFFFF
-        return self._prefix_b, c
-
 
 def encode_record(ts: float, ip: str, user_agent: str, cookie: str, body: str, event_id: str) -> bytes:
     """One JSONL line (with its newline)."""
@@ -93,8 +85,12 @@ def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: str, ids
     holding surrogates) before the id is taken."""
     dumps = orjson.dumps
     ip_j, ua_j, cookie_j, body_j = dumps(ip), dumps(user_agent), dumps(cookie), dumps(body)
-    prefix, counter = ids.one(ts)
-    return _LINE % (int(ts), ip_j, ua_j, cookie_j, body_j, prefix, counter, extra)
+    # `ids.next(ts)` inline, as the prefix's bytes and the counter (once per single-event request)
+    ms = int(ts * 1000)
+    if ms > ids._last_ms:
+        ids._advance(ms)
+    counter = ids._counter = (ids._counter + 1) & 0xFFFFFF
+    return _LINE % (int(ts), ip_j, ua_j, cookie_j, body_j, ids._prefix_b, counter, extra)
 
 
 def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[str], ids: IdGen,

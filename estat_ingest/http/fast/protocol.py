@@ -461,7 +461,7 @@ class HttpConn(asyncio.Protocol):
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             self.body = []
             try:
-                reply = collector.handle(method, path, self.query, self.hdrs or {}, body, self.peer)
+                reply = collector.answer(method, path, self.query, self.hdrs or {}, body, self.peer)
             except Exception:  # a bug must not take the connection loop down
                 log.exception("collect failed")
                 collector.metrics.rejected.labels("server_error").inc()
@@ -476,8 +476,13 @@ class HttpConn(asyncio.Protocol):
             self._leave()
             if self.waiting:
                 self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
-            elif reply is OK_REPLY:
-                self.write(front.ok_bytes(not keep, keep == KEEP_SAID))
+            elif reply is OK_REPLY:  # most requests: `self.write` inline
+                data = front.ok_bytes(not keep, keep == KEEP_SAID)
+                if self.out is None:
+                    self.out = [data]
+                    front.defer(self)
+                else:
+                    self.out.append(data)
             else:
                 self.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
                                        keep == KEEP_SAID))
