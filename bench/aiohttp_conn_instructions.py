@@ -57,18 +57,11 @@ class Transport(asyncio.Transport):
 
 async def main(n: int) -> None:
     from aiohttp import web
+    from conn_instructions import unbounded_collector
 
-    from estat_ingest.config import Settings
     from estat_ingest.http.aiohttp_front import server_kwargs
-    from estat_ingest.http.collect import Collector
     from estat_ingest.http.routes import build_app
-    from estat_ingest.metrics import Metrics
-    from estat_ingest.pipeline.queue import EventQueue
-    s = Settings()
-    m = Metrics()
-    q: EventQueue[tuple[float, bytes]] = EventQueue(10**9)
-    c = Collector(s, q, m)
-    c.accepting = c.ready = True
+    c, q, m = unbounded_collector()
     app = build_app(c, m)
     runner: web.AppRunner
     try:

@@ -66,25 +66,32 @@ class Transport:
     def resume_reading(self) -> None: ...
 
 
+def unbounded_collector() -> tuple[Any, Any, Any]:
+    """(Collector, its queue, Metrics) at default settings, accepting and ready, over a queue no
+    benchmark fills (the caller empties it now and then: the dispatcher's part is not measured)."""
+    from estat_ingest.config import Settings
+    from estat_ingest.http.collect import Collector
+    from estat_ingest.metrics import Metrics
+    from estat_ingest.pipeline.queue import EventQueue
+
+    metrics = Metrics()
+    queue: EventQueue[tuple[float, bytes]] = EventQueue(10**9)
+    collector = Collector(Settings(), queue, metrics)
+    collector.accepting = collector.ready = True
+    return collector, queue, metrics
+
+
 def run(requests: int, shape: str, size: int, conns: int) -> None:
     import asyncio
 
     from bodies import event_body
 
-    from estat_ingest.config import Settings
-    from estat_ingest.http.collect import Collector
     from estat_ingest.http.fast.front import Front
     from estat_ingest.http.fast.protocol import HttpConn
-    from estat_ingest.metrics import Metrics
-    from estat_ingest.pipeline.queue import EventQueue
     from estat_ingest.sockets import make_socket
 
     async def main() -> None:
-        settings = Settings()
-        metrics = Metrics()
-        queue: EventQueue[tuple[float, bytes]] = EventQueue(10**9)
-        collector = Collector(settings, queue, metrics)
-        collector.accepting = collector.ready = True
+        collector, queue, metrics = unbounded_collector()
         front = Front(collector, metrics)
         await front.start(make_socket("127.0.0.1", 0))  # the loop its connections' answers wait for
         feeds, transports = [], []
