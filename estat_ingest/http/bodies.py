@@ -83,7 +83,7 @@ class BodyReader:
                 except (ValueError, RuntimeError):
                     pass
                 else:
-                    if payload.count(b"[") + payload.count(b"{") <= self.max_depth:
+                    if payload.count(b"{") + (payload.count(b"[") if b"[" in payload else 0) <= self.max_depth:
                         return [payload.decode("utf-8")]
             text, err = self.validate(payload, True)
             if text is None:

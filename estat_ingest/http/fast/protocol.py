@@ -60,6 +60,10 @@ CLOSE, KEEP, KEEP_SAID = 0, 1, 2
 # and lower-case names let a plain dict show a repeated name. Bounded: clients choose the names.
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX, _NAME_MAX_LEN = 512, 64
+# request targets without a query, as sent -> their path (what `HttpConn._target` makes of them):
+# bounded the same way; the methods llhttp knows -> their str
+_PATHS: dict[bytes, str] = {}
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "OPTIONS", "PUT", "DELETE", "PATCH")}
 
 
 def _name(raw: bytes) -> str:
@@ -341,6 +345,18 @@ class HttpConn(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        names = self.names
+        key = _NAMES.get(name) or _name(name)
+        front = self.front
+        if (key in names or self.repeated is not None or len(names) >= front.max_headers
+                or len(name) + len(value) > front.header_line_bytes):
+            self._header(key, name, value)  # a repeated name, or near a cap
+        else:
+            names[key] = value.decode("utf-8", "surrogateescape")
+
+    def _header(self, key: str, name: bytes, value: bytes) -> None:
+        """A header line that `on_header` does not take in one step: the caps (a header line's
+        size, the lines of the section), and a name that came before (kept in `repeated`)."""
         front = self.front
         names = self.names
         repeated = self.repeated
@@ -348,7 +364,6 @@ class HttpConn(asyncio.Protocol):
                 or len(names) + (0 if repeated is None else len(repeated)) >= front.max_headers):
             self._protocol_error(HEADER_TOO_LARGE, "header_too_large", "request header too large, or too many")
             raise _Stop
-        key = _NAMES.get(name) or _name(name)
         text = value.decode("utf-8", "surrogateescape")
         if key not in names:
             names[key] = text
@@ -365,23 +380,14 @@ class HttpConn(asyncio.Protocol):
         front = self.front
         collector = front.collector
         parser = self.parser
-        self.method = method = parser.get_method().decode("ascii", "replace")
-        raw = self.url
-        if raw[:1] != b"/":  # absolute form (`http://host/path?q`) or `*`
-            try:
-                parsed = httptools.parse_url(raw)
-                raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-            except httptools.HttpParserInvalidURLError:
-                pass
-        if b"#" in raw:  # a fragment is not sent to servers; aiohttp drops it too
-            raw = raw[:raw.find(b"#")]
-        q = raw.find(b"?")
-        path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
-        if "%" in path:  # routed as sent, never decoded: refused (http/policy.py)
-            self._protocol_error(MALFORMED, "bad_http", ENCODED_PATH)
-            raise _Stop
-        self.path = path
-        self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
+        raw_method = parser.get_method()
+        self.method = method = _METHODS.get(raw_method) or raw_method.decode("ascii", "replace")
+        path = _PATHS.get(self.url)  # most requests: a path seen before, without a query
+        if path is None:
+            path = self._target()
+        else:
+            self.path = path
+            self.query = ""
         names = self.names
         hdrs: Mapping[str, str] = names  # what /collect reads: lower-case names, first values
         if self.repeated is not None:  # a name repeated: a multidict, every line in it
@@ -435,6 +441,31 @@ class HttpConn(asyncio.Protocol):
         if (expect is not None and self.transport is not None
                 and send_continue(expect, parser.get_http_version() == "1.1", size, front.limits)):
             self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _target(self) -> str:
+        """The request target's path and query (`self.path`, `self.query`), and the path returned;
+        a query-less target is remembered in `_PATHS` for the next request that sends it."""
+        raw = url = self.url
+        if raw[:1] != b"/":  # absolute form (`http://host/path?q`) or `*`
+            try:
+                parsed = httptools.parse_url(raw)
+                raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
+            except httptools.HttpParserInvalidURLError:
+                pass
+        if b"#" in raw:  # a fragment is not sent to servers; aiohttp drops it too
+            raw = raw[:raw.find(b"#")]
+        q = raw.find(b"?")
+        path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
+        if "%" in path:  # routed as sent, never decoded: refused (http/policy.py)
+            self._protocol_error(MALFORMED, "bad_http", ENCODED_PATH)
+            raise _Stop
+        self.path = path
+        self.query = "" if q < 0 else raw[q + 1:].decode("utf-8", "surrogateescape")
+        if q < 0 and len(url) <= _NAME_MAX_LEN:
+            if len(_PATHS) >= _NAMES_MAX:
+                _PATHS.clear()
+            _PATHS[url] = path
+        return path
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)

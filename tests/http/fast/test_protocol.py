@@ -116,6 +116,9 @@ def test_header_limits_answer_431_and_count(limits: ServerProcess) -> None:
         b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2100 + b"\r\n\r\n",  # one line over
         b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(21)) + b"\r\n",
         b"GET /" + b"p" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a request line over 8190, no query
+        # a repeated name counts each of its lines, and each of its lines has the line cap
+        b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Same: v\r\n" * 20 + b"\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nX-Same: v\r\nX-Same: " + b"a" * 2100 + b"\r\n\r\n",
     ]
     for data in cases:
         answers, closed = talk(srv, data)
@@ -138,7 +141,9 @@ def test_header_limits_answer_431_and_count(limits: ServerProcess) -> None:
     ok = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Ok: " + b"o" * (2048 - 4) + b"\r\n" + b"".join(
         b"X-H%d: v\r\n" % i for i in range(18)) + b"\r\n"
     assert [a[0] for a in talk(srv, ok)[0]] == [200]
-    assert metric(srv, "http_requests_rejected_total", reason="header_too_large") - before == 4
+    same = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Same: v\r\n" * 19 + b"\r\n"  # 20 lines, one name
+    assert [a[0] for a in talk(srv, same)[0]] == [200]
+    assert metric(srv, "http_requests_rejected_total", reason="header_too_large") - before == 6
 
 
 def test_bodies_over_the_cap_are_413_without_reading_them(limits: ServerProcess) -> None:
@@ -191,6 +196,22 @@ def test_routes_methods_and_head(limits: ServerProcess) -> None:
     assert answers[4][1]["allow"] == "GET, POST, OPTIONS"
     status, headers, body = http("GET", srv.url + "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=") and b"ingest_ready 1.0" in body
+
+
+def test_a_target_sent_again_is_routed_as_the_first_time(limits: ServerProcess) -> None:
+    """Query-less targets are remembered once routed (protocol.py `_PATHS`): each of these is sent
+    twice on one connection, so the second answer comes through the remembered path."""
+    srv = limits
+    for target, status in ((b"/health", 200), (b"/health#top", 200), (b"http://x/health", 200),
+                           (b"/nope", 404), (b"/healt%68", 400), (b"/health?x=1", 200)):
+        req = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        answers, _ = talk(srv, req * 2, 2 if status != 400 else 1)
+        assert [a[0] for a in answers] == [status] * (2 if status != 400 else 1), target
+        if status == 200:
+            assert [a[2] for a in answers] == [b"ok", b"ok"], target
+    # the refused target is refused again on a connection of its own, not routed from memory
+    again, closed = talk(srv, b"GET /healt%68 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [a[0] for a in again] == [400] and closed
 
 
 def test_slow_body_is_408_and_slow_headers_are_closed(limits: ServerProcess) -> None:
