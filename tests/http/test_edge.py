@@ -212,12 +212,16 @@ def test_depth_cap() -> None:
     assert c.handle("POST", "/collect", "", H(), ok, None).status == 200
     r = c.handle("POST", "/collect", "", H(), deep, None)
     assert r.status == 400 and value(m, "http_requests_rejected_total", reason="too_deep") == 1
+    objects = b'{"a":' * 9 + b"1" + b"}" * 9  # objects only (the screen counts `[` only when there is one)
+    assert c.handle("POST", "/collect", "", H(), objects, None).status == 400
+    assert value(m, "http_requests_rejected_total", reason="too_deep") == 2
+    assert c.handle("POST", "/collect", "", H(), b'{"a":' * 8 + b"1" + b"}" * 8, None).status == 200
     wide = orjson.dumps([{"a": [1]} for _ in range(200)])  # many brackets, shallow
     assert c.handle("POST", "/collect", "", H(), wide, None).status == 200
     mixed = b'{"s":"[[[[[[[[[[[[","o":{"a":{"b":{}}}}'  # brackets inside strings do not count
     assert c.handle("POST", "/collect", "", H(), mixed, None).status == 200
     assert c.handle("POST", "/collect", "", H(), b"[" * 5000 + b"]" * 5000, None).status == 400
-    assert len(q) == 3
+    assert len(q) == 4
 
 
 # ---------------------------------------------------------------- client ip through the function
