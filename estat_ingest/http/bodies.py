@@ -44,8 +44,12 @@ _BOM = b"\xef\xbb\xbf"
 def has_bom(payload: bytes) -> bool:
     """True when `payload` holds a UTF-8 BOM anywhere. A search for its first byte alone is a
     memchr (≈ 0.6 µs per 32 KB body), the three-byte search a byte loop (≈ 24 µs): the second runs
-    only when the first finds a 0xEF."""
-    return b"\xef" in payload and _BOM in payload
+    only when the first finds a 0xEF.
+
+    `bytes.find`, not `in`, here and on every per-request path: CPython 3.11's `bytes.__contains__`
+    first tries its argument as an int and raises and clears a TypeError (a formatted message)
+    when it is bytes, ≈ 110 ns more per test (216 against 104 ns for a 318-byte body)."""
+    return payload.find(b"\xef") >= 0 and payload.find(_BOM) >= 0
 
 
 class BodyReader:
@@ -77,13 +81,13 @@ class BodyReader:
             # one event: a simdjson parse (≈ 3x cheaper than orjson.loads) accepts the common case;
             # anything it refuses, a BOM, or more openers than MAX_JSON_DEPTH goes to `validate`
             # (orjson), which alone decides every refusal — as for NDJSON lines below
-            if self.validate_json and (b"\xef" not in payload or _BOM not in payload):  # has_bom, inline
+            if self.validate_json and (payload.find(b"\xef") < 0 or payload.find(_BOM) < 0):  # has_bom, inline
                 try:
                     self._json_parser.parse(payload)  # dropped at once: the parser is reused
                 except (ValueError, RuntimeError):
                     pass
                 else:
-                    if payload.count(b"{") + (payload.count(b"[") if b"[" in payload else 0) <= self.max_depth:
+                    if payload.count(b"{") + (payload.count(b"[") if payload.find(b"[") >= 0 else 0) <= self.max_depth:
                         return [payload.decode("utf-8")]
             text, err = self.validate(payload, True)
             if text is None:
@@ -269,7 +273,7 @@ def ndjson_lines(payload: bytes) -> list[bytes]:
     """The lines `split_ndjson` yields, without their numbers: one C-level split and two list passes
     instead of a generator step per line (find a line's number with `split_ndjson` when needed)."""
     parts = payload.split(b"\n")
-    if b"\r" in payload:
+    if payload.find(b"\r") >= 0:
         parts = [p[:-1] if p.endswith(b"\r") else p for p in parts]
     lines = list(filter(None, parts))
     if True in map(bytes.isspace, lines):  # lines of whitespace only (rare): skipped, as `strip()` finds them

@@ -452,7 +452,7 @@ class HttpConn(asyncio.Protocol):
                 raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             except httptools.HttpParserInvalidURLError:
                 pass
-        if b"#" in raw:  # a fragment is not sent to servers; aiohttp drops it too
+        if raw.find(b"#") >= 0:  # a fragment is not sent to servers; aiohttp drops it too
             raw = raw[:raw.find(b"#")]
         q = raw.find(b"?")
         path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
