@@ -93,22 +93,34 @@ def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: str, ids
     return _LINE % (int(ts), ip_j, ua_j, cookie_j, body_j, ids._prefix_b, counter, extra)
 
 
+# the last three hex digits of an id's counter, for every value (4096 small bytes, ≈ 190 KB)
+_LOW_DIGITS = [b"%03x" % i for i in range(0x1000)]
+
+
 def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[str], ids: IdGen,
                    extra: bytes = b"") -> list[tuple[float, bytes]]:
     """Queue items `(ts, line)` for the events of one request, ids taken from `ids` in order.
 
     Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body, ids.next(ts)))` per body
     (plus `extra` after `id`), at about a third of the cost per event: the fields before `body` are
-    encoded once per request, the ids reserved once and their hex digits made by one bytes format
-    for the request, and each event costs one orjson call (the body as a JSON string) and one
+    encoded once per request, the ids reserved once and their hex digits taken from a table (one
+    bytes format for the request when its counters cross a multiple of 0x1000), and each event costs one orjson call (the body as a JSON string) and one
     `bytes.join` of five parts (a `%` format per event cost 0.35 µs, the join 0.27 µs).
     """
     head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
     n = len(bodies)
     prefix, first = ids.reserve(ts, n)
-    counters = range(first, first + n) if first + n <= 0x1000000 else [(first + i) & 0xFFFFFF for i in range(n)]
-    hexes = ((b"%06x\n" * n) % tuple(counters)).split(b"\n")  # n ids' digits (and an empty tail)
-    mid = b',"id":"' + prefix.encode()
+    low = first & 0xFFF
+    if low + n <= 0x1000:  # (so no wrap at 0x1000000 either)
+        # the counters share their first three hex digits (most requests): those go in `mid`, and
+        # the last three are a slice of a table instead of a format per event (13 µs → 0.5 µs
+        # per 100 events)
+        hexes = _LOW_DIGITS[low:low + n]
+        mid = b',"id":"' + prefix.encode() + b"%03x" % (first >> 12)
+    else:
+        counters = range(first, first + n) if first + n <= 0x1000000 else [(first + i) & 0xFFFFFF for i in range(n)]
+        hexes = ((b"%06x\n" * n) % tuple(counters)).split(b"\n")  # n ids' digits (and an empty tail)
+        mid = b',"id":"' + prefix.encode()
     tail = b'"' + extra + b"}\n"
     # C-level loops: per event one orjson call, one 5-tuple and one join, no Python step
     lines = map(b"".join, zip(repeat(head), map(orjson.dumps, bodies), repeat(mid), hexes, repeat(tail)))

@@ -79,6 +79,22 @@ def test_ids_across_requests_ms_changes_clock_steps_and_counter_wrap() -> None:
     assert (g._counter, g._last_ms, g._prefix) == (twin._counter, twin._last_ms, twin._prefix)
 
 
+def test_ids_on_both_sides_of_a_change_of_the_first_three_hex_digits() -> None:
+    """A request's ids whose counters share their first three hex digits take the last three
+    from a table (encode_records' `_LOW_DIGITS`); one that crosses to the next 0x1000 formats
+    every id. Both give the bytes of encode_record with next()."""
+    for start, n in [(0x0FF0, 16), (0x0FF0, 17), (0x0FFF, 1), (0x0FFF, 2), (0x1000, 1), (0x1234FF, 0x101),
+                     (0xFFE000, 0x1000), (0xFFF000, 0x1000), (0, 0x1000), (0, 0x1001)]:
+        g = IdGen()
+        g._counter = start - 1  # the first id of the request gets `start`
+        twin = copy.copy(g)
+        bodies = [f'{{"i":{i}}}' for i in range(n)]
+        got = encode_records(NOW, "ip", "ua", "", bodies, g)
+        assert got == reference(NOW, "ip", "ua", "", bodies, twin), (hex(start), n)
+        first, last = orjson.loads(got[0][1])["id"], orjson.loads(got[-1][1])["id"]
+        assert (int(first[-6:], 16), int(last[-6:], 16)) == (start, (start + n - 1) & 0xFFFFFF)
+
+
 def test_reserve_matches_next() -> None:
     g = IdGen()
     twin = copy.copy(g)
