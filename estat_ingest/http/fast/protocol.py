@@ -396,7 +396,10 @@ class HttpConn(asyncio.Protocol):
                 self._protocol_error(MALFORMED, "bad_http", f"duplicate {dup} header")
                 raise _Stop
             hdrs = CIMultiDictProxy(CIMultiDict(lines))
-            names = dict(lines)  # the policy's checks below see a repeated name's last value
+            names = dict(lines)  # the policy's checks below see a repeated name's last value,
+            conns = [v for n, v in lines if n == "connection"]
+            if len(conns) > 1:  # but every Connection line, as llhttp's keep-alive verdict does
+                names["connection"] = ", ".join(conns)
         self.hdrs = hdrs
         if "host" not in names and parser.get_http_version() == "1.1":
             self._protocol_error(MALFORMED, "bad_http", "HTTP/1.1 request without Host")  # RFC 9112 §3.2, as aiohttp

@@ -198,6 +198,27 @@ def test_routes_methods_and_head(limits: ServerProcess) -> None:
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=") and b"ingest_ready 1.0" in body
 
 
+def test_keep_alive_asked_on_any_connection_line_is_announced(limits: ServerProcess) -> None:
+    """An HTTP/1.0 client keeps its connection only when the answer says `Connection: keep-alive`:
+    llhttp keeps it when any Connection line has the token, so the answer must say so whichever
+    line had it (found by `make fuzz`: a second line without the token left it unannounced)."""
+    srv = limits
+    tail = b"GET /health HTTP/1.0\r\n\r\n"  # no keep-alive: answered, then closed
+    for lines in (b"Connection: keep-alive, Upgrade\r\nConnection: dup\r\n",
+                  b"Connection: other\r\nConnection: keep-alive\r\n",
+                  b"Connection: keep-alive\r\nConnection: keep-alive\r\n"):
+        first = b"GET /health HTTP/1.0\r\n" + lines + b"\r\n"
+        answers, closed = talk(srv, first + tail, 2)
+        assert [a[0] for a in answers] == [200, 200] and closed, lines
+        assert answers[0][1].get("connection") == "keep-alive", lines
+        assert "connection" not in answers[1][1] or answers[1][1]["connection"] == "close", lines
+    # HTTP/1.1 with close on one of its lines: answered with `Connection: close`, then closed
+    answers, closed = talk(srv, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: other\r\nConnection: close\r\n\r\n"
+                           + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 2)
+    assert [a[0] for a in answers] == [200] and closed
+    assert answers[0][1]["connection"] == "close"
+
+
 def test_a_target_sent_again_is_routed_as_the_first_time(limits: ServerProcess) -> None:
     """Query-less targets are remembered once routed (protocol.py `_PATHS`): each of these is sent
     twice on one connection, so the second answer comes through the remembered path."""
