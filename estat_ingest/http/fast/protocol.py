@@ -455,8 +455,9 @@ class HttpConn(asyncio.Protocol):
                 raw = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
             except httptools.HttpParserInvalidURLError:
                 pass
-        if raw.find(b"#") >= 0:  # a fragment is not sent to servers; aiohttp drops it too
-            raw = raw[:raw.find(b"#")]
+        cut = raw.find(b"#")
+        if cut >= 0:  # a fragment is not sent to servers; aiohttp drops it too
+            raw = raw[:cut]
         q = raw.find(b"?")
         path = (raw if q < 0 else raw[:q]).decode("utf-8", "surrogateescape")
         if "%" in path:  # routed as sent, never decoded: refused (http/policy.py)
@@ -519,7 +520,7 @@ class HttpConn(asyncio.Protocol):
                     self.out.append(data)
             else:
                 self.write(render(reply.status, reply.headers, reply.body, front.date.get(), not keep, head,
-                                       keep == KEEP_SAID))
+                                  keep == KEEP_SAID))
                 if reply.status == 503 and keep:  # no room (a draining server does not keep): FULL_HOLD_S
                     self._hold()
         elif path in PLAIN_PATHS:
@@ -553,7 +554,7 @@ class HttpConn(asyncio.Protocol):
             self.waiting.append((None, self._bytes(reply, keep, head), keep, head))
         elif self.transport is not None:
             self.write(render(reply.status, reply.headers, reply.body, self.front.date.get(), not keep, head,
-                                        keep == KEEP_SAID))
+                              keep == KEEP_SAID))
 
     def _bytes(self, reply: Reply, keep: int, head: bool) -> bytes:
         if reply is OK_REPLY:
