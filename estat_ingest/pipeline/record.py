@@ -6,8 +6,10 @@ order, and `body` is the client's payload as a JSON string, exactly as sent (DES
 
 from __future__ import annotations
 
+import io
 import os
 from itertools import repeat
+from operator import itemgetter
 
 import orjson
 
@@ -93,6 +95,25 @@ def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: str, ids
     return _LINE % (int(ts), ip_j, ua_j, cookie_j, body_j, ids._prefix_b, counter, extra)
 
 
+_INDENTED = orjson.OPT_INDENT_2
+_QUOTED = itemgetter(slice(2, -2))  # an element line of an indented list, `  "…",\n` → `"…"`
+
+
+def json_strings(texts: list[str]) -> list[bytes]:
+    """`[orjson.dumps(t) for t in texts]`, byte for byte, from ONE orjson call: the list dumped
+    indented puts each string on a line of its own (`  "…",`), and orjson escapes every line feed
+    inside a string, so the lines are the strings. A `""` after the last text gives every text's
+    line the same shape.
+
+    Measured on 100 NDJSON events of 318 B: 144 µs for an orjson call per text, 53 µs like this.
+    A separate call's result costs ≈ 1 µs when the results are kept (as a request's are) against
+    ≈ 0.2 µs when each is dropped at once, for an 8-byte string as for a 300-byte one: the cost is
+    the allocation, not the escaping. The lines here are small exact-size bytes, found by a
+    BytesIO's `readlines` (memchr)."""
+    out = orjson.dumps([*texts, ""], option=_INDENTED)  # `[\n  "t1",\n  …  ""\n]`
+    return list(map(_QUOTED, io.BytesIO(out).readlines()[1:-2]))
+
+
 # the last three hex digits of an id's counter, for every value (4096 small bytes, ≈ 180 KB)
 _LOW_DIGITS = [b"%03x" % i for i in range(0x1000)]
 
@@ -104,11 +125,12 @@ def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: lis
     Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body, ids.next(ts)))` per body
     (plus `extra` after `id`), at about a third of the cost per event: the fields before `body` are
     encoded once per request, the ids reserved once and their hex digits taken from a table (one
-    bytes format for the request when its counters cross a multiple of 0x1000), and each event
-    costs one orjson call (the body as a JSON string) and one `bytes.join` of five parts (a `%`
-    format per event cost 0.35 µs, the join 0.27 µs).
+    bytes format for the request when its counters cross a multiple of 0x1000), the bodies' JSON
+    strings made by one orjson call (`json_strings`), and each event costs one `bytes.join` of five
+    parts (a `%` format per event cost 0.35 µs, the join 0.27 µs).
     """
     head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
+    strings = json_strings(bodies)  # (so may this, for a body holding surrogates)
     n = len(bodies)
     prefix, first = ids.reserve(ts, n)
     low = first & 0xFFF
@@ -123,6 +145,6 @@ def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: lis
         hexes = ((b"%06x\n" * n) % tuple(counters)).split(b"\n")  # n ids' digits (and an empty tail)
         mid = b',"id":"' + prefix.encode()
     tail = b'"' + extra + b"}\n"
-    # C-level loops: per event one orjson call, one 5-tuple and one join, no Python step
-    lines = map(b"".join, zip(repeat(head), map(orjson.dumps, bodies), repeat(mid), hexes, repeat(tail)))
+    # a C-level loop: per event one 5-tuple and one join, no Python step
+    lines = map(b"".join, zip(repeat(head), strings, repeat(mid), hexes, repeat(tail)))
     return list(zip(repeat(ts), lines))  # (repeat is endless)

@@ -164,6 +164,14 @@ def test_splitter_and_bracket_count_agree_with_the_per_line_definitions() -> Non
         assert max_openers(payload) == max(per_line)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03\x04", b"\n\n\r \t"))))
+def test_property_splitter_is_the_per_line_definition(payload: bytes) -> None:
+    # with and without CR (the two ways `ndjson_lines` splits), ending in a line feed or not
+    for p in (payload, payload.replace(b"\r", b"")):
+        assert ndjson_lines(p) == [raw for _, raw in split_ndjson(p)]
+
+
 lines_pool = st.sampled_from([
     EVENT, DEEP, BRACKETS_IN_STRINGS, b"{bad", b'{"a":"\xff"}', b"\xef\xbb\xbf{}", b"", b"  ", b"\t", b"1", b'"s"',
     b"[[[[[[[[[]]]]]]]]]", b"[[[[[[[[]]]]]]]]", b"NaN", b"1e400", b"123456789012345678901234567890",

@@ -1,4 +1,4 @@
-"""`encode_records` (one head per request, one orjson call + one join per event) and
+"""`encode_records` (one head per request, one orjson call per request + one join per event) and
 `encode_line` (a request's one event) produce exactly the bytes and ids of the per-event
 `encode_record` + `IdGen.next` they replaced."""
 
@@ -26,6 +26,7 @@ BODIES = [
     '{"pct":"100% %s %d %b %06x %%"}',
     "\t{ }\r",  # JSON whitespace kept as sent
     "control \x00 \x01 \x1f chars (VALIDATE_JSON=false)",
+    "raw line feeds \n, \r\n and \n\n inside one text, and a last one\n",  # json_strings splits at line feeds
     "\ufffd replaced",
     "",
     "x" * 5000,
