@@ -20,12 +20,18 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 
+# a C compiler for the project's one extension (estat_ingest/_speedups.c: the NDJSON body's per-event
+# loops); it stays in this stage, the runtime gets the built module only
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY estat_ingest ./estat_ingest
 
-# 1. the project's wheel; 2. the wheel plus every dependency into one self-contained directory
-#    (binary wheels only: the slim image has no compiler, and the runtime could not use one);
+# 1. the project's wheel (compiling estat_ingest/_speedups.c); 2. the wheel plus every dependency into
+#    one self-contained directory (dependencies as binary wheels only: none is compiled here);
 # 3. drop the console scripts (their shebang is the builder's /usr/local/bin/python);
 # 4. the state tree the non-root user writes to (the runtime has no mkdir).
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \

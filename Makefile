@@ -15,14 +15,14 @@ export DLQ_DIR ?= ./data/dlq
 .PHONY: run test lint fuzz bench bench-quick setup clean
 
 # `make run` installs the server only; `make test`/`lint` add the dev tools (the `dev` extra)
-$(RUNTIME): pyproject.toml
+$(RUNTIME): pyproject.toml estat_ingest/_speedups.c
 	@echo "setting up .venv: estat-ingest and its runtime dependencies (pip install -e .)"
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -m pip install -q -e .
 	@touch $@
 
-$(DEV): pyproject.toml
+$(DEV): pyproject.toml estat_ingest/_speedups.c
 	@echo "setting up .venv: estat-ingest and the dev tools: pytest, moto, ruff, mypy (pip install -e '.[dev]')"
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip

@@ -27,7 +27,6 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -302,10 +301,10 @@ class Collector:
             ok = queue.offer((now, line), len(line))  # its size as the pipeline charges it (a line)
         else:
             try:
-                records = encode_records(now, ip, ua, cookie, events, self.ids, extra)
+                records, nbytes = encode_records(now, ip, ua, cookie, events, self.ids, extra)
             except TypeError:  # as above
-                records = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
-            ok = queue.offer_many(records, sum(map(len, map(itemgetter(1), records))))  # lines, as charged
+                records, nbytes = encode_records(now, ip, _printable(ua), _printable(cookie), events, self.ids, extra)
+            ok = queue.offer_many(records, nbytes)  # the lines' length, as the pipeline charges them
         self._requests.pending += 1  # http_requests_total: reached the enqueue step
         if not ok:
             return self.refuse(self.full() if not queue.closed else DRAINING)

@@ -13,6 +13,11 @@ from operator import itemgetter
 
 import orjson
 
+try:  # the per-event loop in C (estat_ingest/_speedups.c); `_encode_records_py` below where it is not built
+    from estat_ingest._speedups import records as _c_records
+except ImportError:  # pragma: no cover - an install without a C compiler
+    _c_records = None  # type: ignore[assignment]
+
 
 class IdGen:
     """Event ids: unique across instances and restarts, lexicographic order = receive order.
@@ -53,7 +58,7 @@ class IdGen:
         ms = int(now * 1000)
         if ms > self._last_ms:
             self._advance(ms)
-        first = self._counter + 1
+        first = (self._counter + 1) & 0xFFFFFF  # (the counter after 0xFFFFFF is 0, as in `next`)
         self._counter = (self._counter + n) & 0xFFFFFF
         return self._prefix, first
 
@@ -80,13 +85,13 @@ def record_head(ts: float, ip: str, user_agent: str, cookie: str) -> bytes:
 _LINE = b'{"ts":%d,"ip":%b,"user_agent":%b,"cookie":%b,"body":%b,"id":"%b%06x"%b}\n'
 
 
-def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: str, ids: IdGen, extra: bytes = b"") -> bytes:
-    """The record of a request's one event: byte-identical to `encode_records(...)[0][1]` for one
-    body (and to `encode_record` with `ids.next(ts)`), in one orjson call per field and one bytes
-    format (the single-event /collect path: no head to share). Raises TypeError (header text
-    holding surrogates) before the id is taken."""
+def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: bytes, ids: IdGen, extra: bytes = b"") -> bytes:
+    """The record of a request's one event (`body`: valid UTF-8): byte-identical to
+    `encode_records(...)[0][0][1]` for one body (and to `encode_record` with `ids.next(ts)`), in one
+    orjson call per field and one bytes format (the single-event /collect path: no head to share).
+    Raises TypeError (header text holding surrogates) before the id is taken."""
     dumps = orjson.dumps
-    ip_j, ua_j, cookie_j, body_j = dumps(ip), dumps(user_agent), dumps(cookie), dumps(body)
+    ip_j, ua_j, cookie_j, body_j = dumps(ip), dumps(user_agent), dumps(cookie), dumps(body.decode())
     # `ids.next(ts)` inline, as the prefix's bytes and the counter (once per single-event request)
     ms = int(ts * 1000)
     if ms > ids._last_ms:
@@ -118,19 +123,34 @@ def json_strings(texts: list[str]) -> list[bytes]:
 _LOW_DIGITS = [b"%03x" % i for i in range(0x1000)]
 
 
-def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[str], ids: IdGen,
-                   extra: bytes = b"") -> list[tuple[float, bytes]]:
-    """Queue items `(ts, line)` for the events of one request, ids taken from `ids` in order.
+def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[bytes], ids: IdGen,
+                   extra: bytes = b"") -> tuple[list[tuple[float, bytes]], int]:
+    """Queue items `(ts, line)` for the events of one request, ids taken from `ids` in order, and the
+    lines' total length (what the queue charges). `bodies`: each event's payload, valid UTF-8.
 
-    Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body, ids.next(ts)))` per body
-    (plus `extra` after `id`), at about a third of the cost per event: the fields before `body` are
-    encoded once per request, the ids reserved once and their hex digits taken from a table (one
-    bytes format for the request when its counters cross a multiple of 0x1000), the bodies' JSON
-    strings made by one orjson call (`json_strings`), and each event costs one `bytes.join` of five
-    parts (a `%` format per event cost 0.35 µs, the join 0.27 µs).
+    Byte-identical to `(ts, encode_record(ts, ip, user_agent, cookie, body.decode(), ids.next(ts)))`
+    per body (plus `extra` after `id`). The fields before `body` are encoded once per request (by
+    orjson), the ids reserved once; the rest is one C call (`_speedups.records`: per event one
+    allocation, the body's JSON string escaped as orjson escapes it, the id's hex digits), or, where
+    the module is not built, `encode_records_py`. Measured per 100 NDJSON events of 318 B, the
+    results kept as a request's are: 57 µs for `encode_records_py`, 35 µs like this.
     """
+    if _c_records is None:  # pragma: no cover - an install without a C compiler
+        return encode_records_py(ts, ip, user_agent, cookie, bodies, ids, extra)
     head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
-    strings = json_strings(bodies)  # (so may this, for a body holding surrogates)
+    prefix, first = ids.reserve(ts, len(bodies))
+    return _c_records(ts, head, bodies, b',"id":"' + prefix.encode(), first, b'"' + extra + b"}\n")
+
+
+def encode_records_py(ts: float, ip: str, user_agent: str, cookie: str, bodies: list[bytes], ids: IdGen,
+                      extra: bytes = b"") -> tuple[list[tuple[float, bytes]], int]:
+    """`encode_records` in Python (the fallback, and the definition tests/pipeline/test_speedups.py
+    holds the C call to): the bodies' JSON strings made by one orjson call (`json_strings`), the
+    ids' last three hex digits from a table (one bytes format for the request when its counters
+    cross a multiple of 0x1000), and each event one `bytes.join` of five parts (a `%` format per
+    event cost 0.35 µs, the join 0.27 µs)."""
+    head = record_head(ts, ip, user_agent, cookie)  # may raise TypeError: before any id is taken
+    strings = json_strings(list(map(bytes.decode, bodies)))
     n = len(bodies)
     prefix, first = ids.reserve(ts, n)
     low = first & 0xFFF
@@ -146,5 +166,5 @@ def encode_records(ts: float, ip: str, user_agent: str, cookie: str, bodies: lis
         mid = b',"id":"' + prefix.encode()
     tail = b'"' + extra + b"}\n"
     # a C-level loop: per event one 5-tuple and one join, no Python step
-    lines = map(b"".join, zip(repeat(head), strings, repeat(mid), hexes, repeat(tail)))
-    return list(zip(repeat(ts), lines))  # (repeat is endless)
+    lines = list(map(b"".join, zip(repeat(head), strings, repeat(mid), hexes, repeat(tail))))
+    return list(zip(repeat(ts), lines)), sum(map(len, lines))  # (repeat is endless)

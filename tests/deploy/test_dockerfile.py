@@ -119,6 +119,15 @@ def test_builder_installs_the_wheel_into_one_directory() -> None:
     assert f"PYTHONPATH={SITE_DIR} PYTHONSAFEPATH=1 python -S -m estat_ingest --version" in run
 
 
+def test_only_the_builder_has_a_compiler() -> None:
+    """estat_ingest/_speedups.c is compiled by `pip wheel` in the builder; the runtime has none."""
+    run = " ".join(i.args for i in builder().all("RUN"))
+    assert "apt-get install -y --no-install-recommends gcc libc6-dev" in run
+    assert "rm -rf /var/lib/apt/lists/*" in run
+    runtime = [i for i in stages()[1].instructions if i.cmd == "RUN"]
+    assert runtime == [], "the distroless runtime has no shell to RUN anything"
+
+
 def test_build_context_is_an_allowlist() -> None:
     sources = [op for c in builder().all("COPY") if "from" not in c.flags() for op in c.operands()[:-1]]
     assert set(sources) == {"pyproject.toml", "README.md", "estat_ingest"}

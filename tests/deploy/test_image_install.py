@@ -98,7 +98,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Image:
             path = ROOT / src
             assert path.exists(), f"COPY {src}: missing in the repository, `docker build` would fail"
             if path.is_dir():
-                shutil.copytree(path, context / src, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                shutil.copytree(path, context / src, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
             else:
                 shutil.copy2(path, context / src)
     wheels = root / "wheels"
@@ -155,6 +155,20 @@ def test_every_module_comes_from_the_target_directory(image: Image) -> None:
     for name, file in report["files"].items():
         if file and not file.startswith((site, report["prefix"])):
             pytest.fail(f"{name} imported from {file}")
+
+
+def test_the_image_holds_the_compiled_extension(image: Image) -> None:
+    """The builder compiles estat_ingest/_speedups.c into the wheel (the Dockerfile installs gcc in
+    that stage): the server in the image runs the C loops, not their Python fallback."""
+    probe = ("import estat_ingest._speedups as s, estat_ingest.http.bodies as b, estat_ingest.pipeline.record as r\n"
+             "print(s.__file__)\n"
+             "print(b._c_split_lines is s.split_lines and r._c_records is s.records)\n")
+    out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=image.cwd, env=image.env(), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    file, used = out.stdout.split()
+    assert file.startswith(str(image.site) + os.sep) and file.endswith(".so"), file
+    assert used == "True"
 
 
 def test_config_show_from_the_image_environment(image: Image) -> None:

@@ -42,10 +42,10 @@ def reference(c: Collector, payload: bytes, ua: str, ids: Any) -> tuple[int, byt
     """The per-line algorithm /collect used before the fast path: (status, reply body, records)."""
     bodies = []
     for n, raw in split_ndjson(payload):
-        text, err = c.bodies.validate(raw, True)
-        if text is None:
+        event, err = c.bodies.validate(raw, True)
+        if event is None:
             return 400, f"line {n}: {err.replace('_', ' ')}\n".encode(), []
-        bodies.append(text)
+        bodies.append(event)
     if not bodies:
         return 400, b"empty NDJSON body\n", []
     try:
@@ -54,7 +54,7 @@ def reference(c: Collector, payload: bytes, ua: str, ids: Any) -> tuple[int, byt
         # (the per-line path also skipped one id here, as its first encode_record failed after
         # taking it; the fast path fails before taking any: ids stay unique and ordered either way)
         ua = ua.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    recs = [(TS, encode_record(TS, "127.0.0.1", ua, "", b, ids.next(TS))) for b in bodies]
+    recs = [(TS, encode_record(TS, "127.0.0.1", ua, "", b.decode(), ids.next(TS))) for b in bodies]
     return 200, b"", recs
 
 
@@ -272,13 +272,13 @@ def check_one(c: Collector, q: EventQueue[tuple[float, bytes]], payload: bytes, 
     twin = copy.copy(c.ids)
     before = q.snapshot()
     r = c.handle("POST", "/collect", "", CIMultiDict({"Content-Type": ctype, "User-Agent": "u"}), payload, "127.0.0.1")
-    text, err = c.bodies.validate(payload, True)
-    if text is None:
+    event, err = c.bodies.validate(payload, True)
+    if event is None:
         assert (r.status, r.body) == (400, err.replace("_", " ").encode() + b"\n")
         assert q.snapshot() == before
     else:
         assert r.status == 200
-        assert q.snapshot() == [*before, (TS, encode_record(TS, "127.0.0.1", "u", "", text, twin.next(TS)))]
+        assert q.snapshot() == [*before, (TS, encode_record(TS, "127.0.0.1", "u", "", event.decode(), twin.next(TS)))]
     return r.status
 
 

@@ -1,0 +1,261 @@
+/* estat_ingest._speedups: the NDJSON body's two per-event loops in C (issue 16).
+ *
+ *   split_lines(body) -> (lines, most_openers)
+ *       The lines of an NDJSON body without '\r': what http/bodies.py `ndjson_lines` returns (every
+ *       non-empty line that is not whitespace only, without its line feed) and, in the same pass,
+ *       what `max_openers` returns (the most '[' plus '{' on one line).
+ *   records(ts, head, bodies, mid, first, tail) -> (items, nbytes)
+ *       The queue items `(ts, line)` of one request: for body i, line = head + JSON string of the
+ *       body + mid + the 6 hex digits of (first + i) & 0xFFFFFF + tail, where the JSON string is
+ *       byte for byte what orjson.dumps(body.decode()) gives for a body of valid UTF-8 (the caller
+ *       guarantees that: simdjson or a strict decode checked it). nbytes: the lines' total length.
+ *
+ * The pure-Python definitions stay in http/bodies.py and pipeline/record.py; they are the fallback
+ * when this module is not built and the oracle of tests/pipeline/test_speedups.py.
+ * Only bytes objects are read and only new bytes, tuples and lists are made: nothing is kept
+ * between calls, the GIL is held throughout (the work per call is one request's body, <= MAX_BODY_SIZE).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define CHUNK ((Py_ssize_t)1 << 24) /* bytes counted with 32-bit counters at a time */
+
+static const char HEX[] = "0123456789abcdef";
+
+/* How many bytes each input byte takes in a JSON string as orjson writes it: 1, 2 (\" \\ \b \t \n \f \r)
+ * or 6 (\u00XX for the other controls). */
+static unsigned char ESC_LEN[256];
+/* The letter after the backslash of a two-byte escape (`"`, `\\`, b, t, n, f, r); 0 for the rest. */
+static unsigned char ESC_CHAR[256];
+
+static void init_tables(void) {
+    for (int c = 0; c < 256; c++)
+        ESC_LEN[c] = 1;
+    for (int c = 0; c < 0x20; c++)
+        ESC_LEN[c] = 6;
+    ESC_LEN['"'] = ESC_LEN['\\'] = 2;
+    ESC_LEN['\b'] = ESC_LEN['\t'] = ESC_LEN['\n'] = ESC_LEN['\f'] = ESC_LEN['\r'] = 2;
+    ESC_CHAR['"'] = '"';
+    ESC_CHAR['\\'] = '\\';
+    ESC_CHAR['\b'] = 'b';
+    ESC_CHAR['\t'] = 't';
+    ESC_CHAR['\n'] = 'n';
+    ESC_CHAR['\f'] = 'f';
+    ESC_CHAR['\r'] = 'r';
+}
+
+static PyObject *split_lines(PyObject *self, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "split_lines() takes bytes");
+        return NULL;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(arg);
+    const unsigned char *end = p + PyBytes_GET_SIZE(arg);
+    PyObject *lines = PyList_New(0);
+    if (lines == NULL)
+        return NULL;
+    Py_ssize_t most = 0;
+    while (p < end) {
+        const unsigned char *nl = memchr(p, '\n', (size_t)(end - p));
+        const unsigned char *e = nl ? nl : end;
+        Py_ssize_t opens = 0;
+        unsigned int solid = 0; /* a byte that is not ASCII whitespace (bytes.isspace: 9-13 and 32) */
+        for (const unsigned char *at = p; at < e; at += CHUNK) {
+            const unsigned char *stop = e - at < CHUNK ? e : at + CHUNK;
+            uint32_t o = 0;
+            unsigned char sol = 0;
+            for (const unsigned char *q = at; q < stop; q++) { /* a loop the compiler vectorizes */
+                unsigned char c = *q;
+                o += (c == '[') + (c == '{');
+                sol |= (c != ' ') & ((unsigned char)(c - 9) > 4);
+            }
+            opens += o;
+            solid |= sol;
+        }
+        if (opens > most)
+            most = opens;
+        if (solid) {
+            PyObject *line = PyBytes_FromStringAndSize((const char *)p, e - p);
+            if (line == NULL || PyList_Append(lines, line) < 0) {
+                Py_XDECREF(line);
+                Py_DECREF(lines);
+                return NULL;
+            }
+            Py_DECREF(line);
+        }
+        if (nl == NULL)
+            break;
+        p = nl + 1;
+    }
+    return Py_BuildValue("(Nn)", lines, most);
+}
+
+/* The escaped length of s[0:n] (each byte's ESC_LEN); in the common case (no control byte) two
+ * counts the compiler vectorizes (32-bit counters, so chunks of at most 2^24 bytes). */
+static Py_ssize_t escaped_len(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t special = 0, controls = 0;
+    for (Py_ssize_t at = 0; at < n; at += CHUNK) {
+        Py_ssize_t stop = n - at < CHUNK ? n : at + CHUNK;
+        uint32_t sp = 0, ctl = 0;
+        for (Py_ssize_t i = at; i < stop; i++) {
+            unsigned char c = s[i];
+            sp += (c == '"') + (c == '\\');
+            ctl += c < 0x20;
+        }
+        special += sp;
+        controls += ctl;
+    }
+    if (controls == 0)
+        return n + special;
+    Py_ssize_t len = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        len += ESC_LEN[s[i]];
+    return len;
+}
+
+/* One byte JSON escapes, written at out: `\\` and ESC_CHAR[c] when it has one, else \\u00XX. */
+static inline char *escape_byte(char *out, unsigned char c) {
+    out[0] = '\\';
+    if (ESC_CHAR[c]) {
+        out[1] = (char)ESC_CHAR[c];
+        return out + 2;
+    }
+    out[1] = 'u';
+    out[2] = '0';
+    out[3] = '0';
+    out[4] = HEX[c >> 4];
+    out[5] = HEX[c & 15];
+    return out + 6;
+}
+
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define WORDWISE 1
+/* The high bit of each byte of x that is zero, exactly (no borrow crosses a byte). */
+static inline uint64_t zero_bytes(uint64_t x) {
+    const uint64_t low7 = 0x7f7f7f7f7f7f7f7fULL;
+    return ~(((x & low7) + low7) | x) & ~low7;
+}
+/* The high bit of each byte of w that JSON escapes: '"', '\\' and the controls below 0x20. */
+static inline uint64_t special_bytes(uint64_t w) {
+    return zero_bytes(w ^ 0x2222222222222222ULL) | zero_bytes(w ^ 0x5c5c5c5c5c5c5c5cULL)
+           | zero_bytes(w & 0xe0e0e0e0e0e0e0e0ULL);
+}
+#endif
+
+/* s[0:n] as the inside of a JSON string, written at out, which has room for exactly its escaped
+ * length (escaped_len) and at least 8 more bytes after any point where 8 or more input bytes remain
+ * (the escaped rest is at least as long as the rest). Eight bytes at a time: a word with nothing to
+ * escape is one 8-byte copy; otherwise the bytes up to the first one to escape are. */
+static char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+#ifdef WORDWISE
+    while (n - i >= 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        uint64_t m = special_bytes(w);
+        memcpy(out, &w, 8); /* within the line: 8 or more input bytes remain, so 8 or more output bytes */
+        if (m == 0) {
+            out += 8;
+            i += 8;
+            continue;
+        }
+        int k = __builtin_ctzll(m) >> 3; /* the first byte to escape */
+        out += k;
+        i += k;
+        out = escape_byte(out, s[i]);
+        i++;
+    }
+#endif
+    for (; i < n; i++) {
+        unsigned char c = s[i];
+        if (ESC_LEN[c] == 1)
+            *out++ = (char)c;
+        else
+            out = escape_byte(out, c);
+    }
+    return out;
+}
+
+static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "records(ts, head, bodies, mid, first, tail) takes 6 arguments");
+        return NULL;
+    }
+    PyObject *ts = args[0], *head = args[1], *bodies = args[2], *mid = args[3], *tail = args[5];
+    if (!PyBytes_Check(head) || !PyBytes_Check(mid) || !PyBytes_Check(tail) || !PyList_Check(bodies)) {
+        PyErr_SetString(PyExc_TypeError, "records(): head, mid and tail are bytes, bodies a list of bytes");
+        return NULL;
+    }
+    unsigned long first = PyLong_AsUnsignedLongMask(args[4]);
+    if (first == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t hlen = PyBytes_GET_SIZE(head), mlen = PyBytes_GET_SIZE(mid), tlen = PyBytes_GET_SIZE(tail);
+    Py_ssize_t n = PyList_GET_SIZE(bodies);
+    PyObject *items = PyList_New(n);
+    if (items == NULL)
+        return NULL;
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *body = PyList_GET_ITEM(bodies, i);
+        if (!PyBytes_Check(body)) {
+            PyErr_SetString(PyExc_TypeError, "records(): every body is bytes");
+            goto fail;
+        }
+        const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(body);
+        Py_ssize_t blen = PyBytes_GET_SIZE(body);
+        Py_ssize_t size = hlen + 1 + escaped_len(s, blen) + 1 + mlen + 6 + tlen;
+        PyObject *line = PyBytes_FromStringAndSize(NULL, size);
+        if (line == NULL)
+            goto fail;
+        char *out = PyBytes_AS_STRING(line);
+        memcpy(out, PyBytes_AS_STRING(head), (size_t)hlen);
+        out += hlen;
+        *out++ = '"';
+        out = escape_into(out, s, blen);
+        *out++ = '"';
+        memcpy(out, PyBytes_AS_STRING(mid), (size_t)mlen);
+        out += mlen;
+        unsigned long counter = (first + (unsigned long)i) & 0xFFFFFFUL;
+        for (int k = 5; k >= 0; k--) {
+            out[k] = HEX[counter & 15];
+            counter >>= 4;
+        }
+        out += 6;
+        memcpy(out, PyBytes_AS_STRING(tail), (size_t)tlen);
+        total += size;
+        PyObject *item = PyTuple_New(2);
+        if (item == NULL) {
+            Py_DECREF(line);
+            goto fail;
+        }
+        Py_INCREF(ts);
+        PyTuple_SET_ITEM(item, 0, ts);
+        PyTuple_SET_ITEM(item, 1, line);
+        PyList_SET_ITEM(items, i, item);
+    }
+    return Py_BuildValue("(Nn)", items, total);
+fail:
+    Py_DECREF(items); /* the unset slots are NULL, which list_dealloc skips */
+    return NULL;
+}
+
+static PyMethodDef methods[] = {
+    {"split_lines", (PyCFunction)split_lines, METH_O,
+     "split_lines(body) -> (lines, most_openers): http/bodies.py ndjson_lines and max_openers, one pass"},
+    {"records", (PyCFunction)(void (*)(void))records, METH_FASTCALL,
+     "records(ts, head, bodies, mid, first, tail) -> (items, nbytes): the queue items of one request"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "estat_ingest._speedups",
+    "The NDJSON body's per-event loops in C; pure-Python definitions in http/bodies.py and pipeline/record.py.",
+    -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    init_tables();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,117 @@
+"""estat_ingest._speedups (C) gives what its pure-Python definitions give, byte for byte, and refuses
+what it cannot take with an exception, never a crash.
+
+`split_lines` against http/bodies.py `ndjson_lines` + `max_openers`; `records` against
+pipeline/record.py `encode_records_py` (tests/pipeline/test_record_fast_path.py runs every record
+test with both). This module fails at import when the extension was not built: CI tests it built."""
+
+from __future__ import annotations
+
+import copy
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from estat_ingest import _speedups
+from estat_ingest.http import bodies
+from estat_ingest.http.bodies import max_openers, ndjson_lines
+from estat_ingest.pipeline import record
+from estat_ingest.pipeline.record import IdGen, encode_record, encode_records, encode_records_py
+
+NOW = 1764821594.4567
+
+
+def test_the_server_paths_use_the_c_functions() -> None:
+    assert bodies._c_split_lines is _speedups.split_lines
+    assert record._c_records is _speedups.records
+
+
+def reference_split(body: bytes) -> tuple[list[bytes], int]:
+    return ndjson_lines(body), max_openers(body)
+
+
+@pytest.mark.parametrize("body", [
+    b"", b"\n", b"\n\n\n", b"{}", b"{}\n", b"\n{}", b"{}\n[]\n", b" \t\x0b\x0c \n{}\n  \n",
+    b"[[[{{{\n[\n{\"a\":[1,{}]}", b"x" * 70_000 + b"\n" + b"[" * 300, b"\x00\n\xff\xfe\n\x85\xa0",
+    b'{"s":"[[[[{{{{"}\n{}\n', b"  {} \n\t[1]\t",
+])
+def test_split_lines_examples(body: bytes) -> None:
+    assert _speedups.split_lines(body) == reference_split(body)
+
+
+# bytes that matter to the split: line feeds, every ASCII whitespace, openers, non-ASCII, NUL
+pieces = st.sampled_from([b"\n", b" ", b"\t", b"\x0b", b"\x0c", b"[", b"{", b"]", b"}", b"a", b'"', b"\x00",
+                          b"\xff", b"\xc3\xa9", b"\x85", b"\xa0", b"\x1c"])
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(pieces, max_size=80).map(b"".join))
+def test_property_split_lines_is_ndjson_lines_and_max_openers(body: bytes) -> None:
+    assert _speedups.split_lines(body) == reference_split(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_property_split_lines_of_any_bytes(body: bytes) -> None:
+    lines, most = _speedups.split_lines(body)
+    assert most == max_openers(body)  # (the server takes a body with `\r` through ndjson_lines)
+    if b"\r" not in body:
+        assert lines == ndjson_lines(body)
+
+
+texts = st.text(max_size=40).filter(lambda t: not any(0xD800 <= ord(ch) <= 0xDFFF for ch in t))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(texts, max_size=8), st.integers(0, 0xFFFFFF), st.binary(max_size=8))
+def test_property_records_are_encode_records_py(events: list[str], counter: int, key: bytes) -> None:
+    """Any text (controls, quotes, backslashes, every plane), as its UTF-8; any counter, so the ids
+    wrap at 0x1000 and 0x1000000; any bytes after `id`."""
+    g = IdGen()
+    g._counter = counter
+    twin = copy.copy(g)
+    raw = [t.encode() for t in events]
+    extra = b',"k":' + orjson.dumps(key.hex())
+    got = encode_records(NOW, "ip", "ua", "c", raw, g, extra)
+    assert got == encode_records_py(NOW, "ip", "ua", "c", raw, twin, extra)
+    assert [orjson.loads(line)["body"] for _, line in got[0]] == events
+
+
+def test_records_escape_every_byte_below_0x80_as_orjson_does() -> None:
+    text = "".join(map(chr, range(0x80))) + "é€😀\u2028"
+    g = IdGen()
+    twin = copy.copy(g)
+    (item,), nbytes = encode_records(NOW, "1.2.3.4", "u", "", [text.encode()], g)
+    assert item == (NOW, encode_record(NOW, "1.2.3.4", "u", "", text, twin.next(NOW)))
+    assert nbytes == len(item[1])
+
+
+def test_records_keep_the_ts_object_and_count_the_bytes() -> None:
+    items, nbytes = _speedups.records(NOW, b"H", [b"a", b"", b'"'], b"M", 0xFFFFFE, b"T\n")
+    assert items == [(NOW, b'H"a"MfffffeT\n'), (NOW, b'H""MffffffT\n'), (NOW, b'H"\\""M000000T\n')]
+    assert all(ts is items[0][0] for ts, _ in items)
+    assert nbytes == sum(len(line) for _, line in items)
+    assert _speedups.records(NOW, b"H", [b"x"], b"M", 2**70 + 5, b"")[0] == [(NOW, b'H"x"M000005')]  # masked
+    assert _speedups.records(NOW, b"", [], b"", 0, b"") == ([], 0)
+
+
+@pytest.mark.parametrize("args", [
+    (NOW, "head", [b"a"], b"M", 0, b"T"),
+    (NOW, b"H", (b"a",), b"M", 0, b"T"),
+    (NOW, b"H", [b"a", "b"], b"M", 0, b"T"),
+    (NOW, b"H", [b"a", bytearray(b"b")], b"M", 0, b"T"),
+    (NOW, b"H", [b"a"], b"M", "0", b"T"),
+    (NOW, b"H", [b"a"], b"M", 0),
+    (NOW, b"H", [b"a"], b"M", 0, b"T", b""),
+])
+def test_records_refuse_what_they_cannot_take(args: tuple[object, ...]) -> None:
+    with pytest.raises(TypeError):
+        _speedups.records(*args)
+
+
+@pytest.mark.parametrize("arg", ["text", bytearray(b"{}"), memoryview(b"{}"), None, 1])
+def test_split_lines_takes_bytes_only(arg: object) -> None:
+    with pytest.raises(TypeError):
+        _speedups.split_lines(arg)  # type: ignore[arg-type]
