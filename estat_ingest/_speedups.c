@@ -9,6 +9,11 @@
  *       body + mid + the 6 hex digits of (first + i) & 0xFFFFFF + tail, where the JSON string is
  *       byte for byte what orjson.dumps(body.decode()) gives for a body of valid UTF-8 (the caller
  *       guarantees that: simdjson or a strict decode checked it). nbytes: the lines' total length.
+ *   record(ts, ip, user_agent, cookie, body, id_prefix, counter, extra) -> bytes
+ *       One event's whole record line, as pipeline/record.py `encode_line` defines it: the three
+ *       header fields are str (TypeError, as orjson raises, for one holding surrogates), the body
+ *       bytes of valid UTF-8; `{"ts":int(ts),"ip":…,"user_agent":…,"cookie":…,"body":…,"id":"<id_prefix>
+ *       <6 hex of counter>"<extra>}` and a line feed.
  *
  * The pure-Python definitions stay in http/bodies.py and pipeline/record.py; they are the fallback
  * when this module is not built and the oracle of tests/pipeline/test_speedups.py.
@@ -144,28 +149,40 @@ static inline uint64_t special_bytes(uint64_t w) {
 }
 #endif
 
-/* s[0:n] as the inside of a JSON string, written at out, which has room for exactly its escaped
- * length (escaped_len) and at least 8 more bytes after any point where 8 or more input bytes remain
- * (the escaped rest is at least as long as the rest). Eight bytes at a time: a word with nothing to
- * escape is one 8-byte copy; otherwise the bytes up to the first one to escape are. */
+/* s[0:n] as the inside of a JSON string, written at out, which has room for its escaped length
+ * (escaped_len) and 7 bytes more that the caller writes after it (every caller follows a field
+ * with at least 7 bytes: a closing quote and the next key, or the id's 6 hex digits): the words
+ * stored whole may write up to 7 bytes past the field's end, which the caller's later writes
+ * replace. Eight bytes at a time: a word with nothing to escape is one 8-byte store; otherwise
+ * each byte to escape (found from the word's mask, lowest first) is written after the bytes
+ * before it, which go out as one store of the word shifted. */
 static char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
     Py_ssize_t i = 0;
 #ifdef WORDWISE
-    while (n - i >= 8) {
+    for (; n - i >= 8; i += 8) {
         uint64_t w;
         memcpy(&w, s + i, 8);
         uint64_t m = special_bytes(w);
-        memcpy(out, &w, 8); /* within the line: 8 or more input bytes remain, so 8 or more output bytes */
         if (m == 0) {
+            memcpy(out, &w, 8);
             out += 8;
-            i += 8;
             continue;
         }
-        int k = __builtin_ctzll(m) >> 3; /* the first byte to escape */
-        out += k;
-        i += k;
-        out = escape_byte(out, s[i]);
-        i++;
+        int prev = 0; /* the first byte of the word not yet written */
+        do {
+            int k = __builtin_ctzll(m) >> 3; /* the next byte to escape */
+            uint64_t part = w >> (8 * prev);
+            memcpy(out, &part, 8); /* bytes prev..k-1 are kept, the rest is overwritten below */
+            out += k - prev;
+            out = escape_byte(out, (unsigned char)(w >> (8 * k)));
+            prev = k + 1;
+            m &= m - 1;
+        } while (m);
+        if (prev < 8) {
+            uint64_t part = w >> (8 * prev);
+            memcpy(out, &part, 8);
+            out += 8 - prev;
+        }
     }
 #endif
     for (; i < n; i++) {
@@ -241,11 +258,116 @@ fail:
     return NULL;
 }
 
+/* The UTF-8 of a str field, or NULL with TypeError (as orjson raises) for text holding surrogates. */
+static const char *field_utf8(PyObject *text, Py_ssize_t *n) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "record(): ip, user_agent and cookie are str");
+        return NULL;
+    }
+    const char *u = PyUnicode_AsUTF8AndSize(text, n);
+    if (u == NULL && PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+        PyErr_SetString(PyExc_TypeError, "str is not valid UTF-8: surrogates not allowed");
+    }
+    return u;
+}
+
+/* Decimal digits of v at out (as orjson writes an int); returns the end. */
+static char *put_int(char *out, long long v) {
+    char tmp[24];
+    int k = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[k++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *out++ = '-';
+    while (k)
+        *out++ = tmp[--k];
+    return out;
+}
+
+#define LIT(out, s) (memcpy((out), (s), sizeof(s) - 1), (out) + sizeof(s) - 1)
+
+static PyObject *record(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError,
+                        "record(ts, ip, user_agent, cookie, body, id_prefix, counter, extra) takes 8 arguments");
+        return NULL;
+    }
+    double ts = PyFloat_AsDouble(args[0]);
+    if (ts == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (!(ts > -9.2e18 && ts < 9.2e18)) {
+        PyErr_SetString(PyExc_ValueError, "record(): ts out of range");
+        return NULL;
+    }
+    PyObject *body = args[4], *prefix = args[5], *extra = args[7];
+    if (!PyBytes_Check(body) || !PyBytes_Check(prefix) || !PyBytes_Check(extra)) {
+        PyErr_SetString(PyExc_TypeError, "record(): body, id_prefix and extra are bytes");
+        return NULL;
+    }
+    unsigned long counter = PyLong_AsUnsignedLongMask(args[6]);
+    if (counter == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n_ip, n_ua, n_ck;
+    const char *ip = field_utf8(args[1], &n_ip);
+    if (ip == NULL)
+        return NULL;
+    const char *ua = field_utf8(args[2], &n_ua);
+    if (ua == NULL)
+        return NULL;
+    const char *ck = field_utf8(args[3], &n_ck);
+    if (ck == NULL)
+        return NULL;
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(body);
+    Py_ssize_t n_b = PyBytes_GET_SIZE(body), n_p = PyBytes_GET_SIZE(prefix), n_x = PyBytes_GET_SIZE(extra);
+    char digits[24];
+    Py_ssize_t n_ts = put_int(digits, (long long)ts) - digits; /* int(ts): truncated toward zero */
+    Py_ssize_t size = sizeof("{\"ts\":") - 1 + n_ts + sizeof(",\"ip\":\"") - 1
+                      + escaped_len((const unsigned char *)ip, n_ip) + sizeof("\",\"user_agent\":\"") - 1
+                      + escaped_len((const unsigned char *)ua, n_ua) + sizeof("\",\"cookie\":\"") - 1
+                      + escaped_len((const unsigned char *)ck, n_ck) + sizeof("\",\"body\":\"") - 1
+                      + escaped_len(b, n_b) + sizeof("\",\"id\":\"") - 1 + n_p + 6 + 1 + n_x + 2;
+    PyObject *line = PyBytes_FromStringAndSize(NULL, size);
+    if (line == NULL)
+        return NULL;
+    char *out = PyBytes_AS_STRING(line);
+    out = LIT(out, "{\"ts\":");
+    memcpy(out, digits, (size_t)n_ts);
+    out += n_ts;
+    out = LIT(out, ",\"ip\":\"");
+    out = escape_into(out, (const unsigned char *)ip, n_ip);
+    out = LIT(out, "\",\"user_agent\":\"");
+    out = escape_into(out, (const unsigned char *)ua, n_ua);
+    out = LIT(out, "\",\"cookie\":\"");
+    out = escape_into(out, (const unsigned char *)ck, n_ck);
+    out = LIT(out, "\",\"body\":\"");
+    out = escape_into(out, b, n_b);
+    out = LIT(out, "\",\"id\":\"");
+    memcpy(out, PyBytes_AS_STRING(prefix), (size_t)n_p);
+    out += n_p;
+    counter &= 0xFFFFFFUL;
+    for (int k = 5; k >= 0; k--) {
+        out[k] = HEX[counter & 15];
+        counter >>= 4;
+    }
+    out += 6;
+    *out++ = '"';
+    memcpy(out, PyBytes_AS_STRING(extra), (size_t)n_x);
+    out += n_x;
+    *out++ = '}';
+    *out++ = '\n';
+    return line;
+}
+
 static PyMethodDef methods[] = {
     {"split_lines", (PyCFunction)split_lines, METH_O,
      "split_lines(body) -> (lines, most_openers): http/bodies.py ndjson_lines and max_openers, one pass"},
     {"records", (PyCFunction)(void (*)(void))records, METH_FASTCALL,
      "records(ts, head, bodies, mid, first, tail) -> (items, nbytes): the queue items of one request"},
+    {"record", (PyCFunction)(void (*)(void))record, METH_FASTCALL,
+     "record(ts, ip, user_agent, cookie, body, id_prefix, counter, extra) -> bytes: one event's record line"},
     {NULL, NULL, 0, NULL},
 };
 

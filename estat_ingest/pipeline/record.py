@@ -13,9 +13,11 @@ from operator import itemgetter
 
 import orjson
 
-try:  # the per-event loop in C (estat_ingest/_speedups.c); `_encode_records_py` below where it is not built
+try:  # the records in C (estat_ingest/_speedups.c); `encode_line_py` and `encode_records_py` where it is not built
+    from estat_ingest._speedups import record as _c_record
     from estat_ingest._speedups import records as _c_records
 except ImportError:  # pragma: no cover - an install without a C compiler
+    _c_record = None  # type: ignore[assignment]
     _c_records = None  # type: ignore[assignment]
 
 
@@ -87,12 +89,29 @@ _LINE = b'{"ts":%d,"ip":%b,"user_agent":%b,"cookie":%b,"body":%b,"id":"%b%06x"%b
 
 def encode_line(ts: float, ip: str, user_agent: str, cookie: str, body: bytes, ids: IdGen, extra: bytes = b"") -> bytes:
     """The record of a request's one event (`body`: valid UTF-8): byte-identical to
-    `encode_records(...)[0][0][1]` for one body (and to `encode_record` with `ids.next(ts)`), in one
-    orjson call per field and one bytes format (the single-event /collect path: no head to share).
-    Raises TypeError (header text holding surrogates) before the id is taken."""
+    `encode_records(...)[0][0][1]` for one body (and to `encode_record` with `ids.next(ts)`), the
+    single-event /collect path. One C call (`_speedups.record`: the five fields escaped as orjson
+    escapes them, into one allocation), or `encode_line_py` where the module is not built. Raises
+    TypeError (header text holding surrogates) before the id is taken. Measured for a 318-byte
+    event with a browser User-Agent and Cookie: 1.3 µs for `encode_line_py`, 0.7 µs like this."""
+    if _c_record is None:  # pragma: no cover - an install without a C compiler
+        return encode_line_py(ts, ip, user_agent, cookie, body, ids, extra)
+    # `ids.next(ts)` inline, as the prefix's bytes and the counter (once per single-event request)
+    ms = int(ts * 1000)
+    if ms > ids._last_ms:
+        ids._advance(ms)
+    counter = (ids._counter + 1) & 0xFFFFFF
+    line = _c_record(ts, ip, user_agent, cookie, body, ids._prefix_b, counter, extra)  # may raise TypeError
+    ids._counter = counter
+    return line
+
+
+def encode_line_py(ts: float, ip: str, user_agent: str, cookie: str, body: bytes, ids: IdGen,
+                   extra: bytes = b"") -> bytes:
+    """`encode_line` in Python (the fallback, and the definition tests hold the C call to): one
+    orjson call per field and one bytes format."""
     dumps = orjson.dumps
     ip_j, ua_j, cookie_j, body_j = dumps(ip), dumps(user_agent), dumps(cookie), dumps(body.decode())
-    # `ids.next(ts)` inline, as the prefix's bytes and the counter (once per single-event request)
     ms = int(ts * 1000)
     if ms > ids._last_ms:
         ids._advance(ms)

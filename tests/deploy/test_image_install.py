@@ -162,7 +162,7 @@ def test_the_image_holds_the_compiled_extension(image: Image) -> None:
     that stage): the server in the image runs the C loops, not their Python fallback."""
     probe = ("import estat_ingest._speedups as s, estat_ingest.http.bodies as b, estat_ingest.pipeline.record as r\n"
              "print(s.__file__)\n"
-             "print(b._c_split_lines is s.split_lines and r._c_records is s.records)\n")
+             "print(b._c_split_lines is s.split_lines and r._c_records is s.records and r._c_record is s.record)\n")
     out = subprocess.run([sys.executable, "-S", "-c", probe], cwd=image.cwd, env=image.env(), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from estat_ingest.pipeline.record import (
     IdGen,
     encode_line,
+    encode_line_py,
     encode_record,
     encode_records,
     encode_records_py,
@@ -73,6 +74,7 @@ def call(impl: Callable[..., tuple[list[tuple[float, bytes]], int]], ts: float, 
 
 
 IMPLS = pytest.mark.parametrize("impl", [encode_records, encode_records_py], ids=["c", "python"])
+LINE_IMPLS = pytest.mark.parametrize("one", [encode_line, encode_line_py], ids=["c", "python"])
 
 
 @pytest.fixture(params=[encode_records, encode_records_py], ids=["c", "python"])
@@ -169,33 +171,39 @@ def test_property_same_bytes_as_encode_record(impl: Callable[..., tuple[list[tup
     assert call(impl, ts, ip, ua, cookie, bodies, g) == reference(ts, ip, ua, cookie, bodies, twin)
 
 
+@LINE_IMPLS
 @pytest.mark.parametrize(("ip", "ua", "cookie"), HEADERS)
 @pytest.mark.parametrize("key", [None, "partner-a", 'we"ird %s \u00e9'])
-def test_one_line_is_the_record_of_encode_records(enc: Encode, ip: str, ua: str, cookie: str, key: str | None) -> None:
+def test_one_line_is_the_record_of_encode_records(enc: Encode, one: Callable[..., bytes], ip: str, ua: str,
+                                                  cookie: str, key: str | None) -> None:
     g, twin, extra = ids_and_extra(key)
-    for ts, body in zip([NOW, NOW, NOW + 0.003, NOW - 2.0], BODIES, strict=False):
-        line = encode_line(ts, ip, ua, cookie, body.encode(), g, extra)
+    for ts, body in zip([NOW, NOW, NOW + 0.003, NOW - 2.0, NOW - 2.0, NOW + 5, NOW + 5, NOW + 6], BODIES, strict=False):
+        line = one(ts, ip, ua, cookie, body.encode(), g, extra)
         assert line == reference(ts, ip, ua, cookie, [body], twin, key)[0][1]
     assert enc(NOW + 1, ip, ua, cookie, BODIES[:2], g, extra) == \
         reference(NOW + 1, ip, ua, cookie, BODIES[:2], twin, key)  # one sequence of ids with the NDJSON path
 
 
-def test_one_line_surrogates_raise_before_the_id_is_taken_and_the_counter_wraps() -> None:
+@LINE_IMPLS
+def test_one_line_surrogates_raise_before_the_id_is_taken_and_the_counter_wraps(one: Callable[..., bytes]) -> None:
     g = IdGen()
     g._counter = 0xFFFFFF
     twin = copy.copy(g)
-    with pytest.raises(TypeError):
-        encode_line(NOW, "ip", "bad \udcff ua", "", b'{"a":1}', g)
-    assert encode_line(NOW, "ip", "ua", "", b"{}", g) == encode_record(NOW, "ip", "ua", "", "{}", twin.next(NOW))
+    for bad in (("bad \udcff ua", "", "ip"), ("ua", "c=\ud800", "ip"), ("ua", "", "\udfff")):
+        with pytest.raises(TypeError):
+            one(NOW, bad[2], bad[0], bad[1], b'{"a":1}', g)
+    assert one(NOW, "ip", "ua", "", b"{}", g) == encode_record(NOW, "ip", "ua", "", "{}", twin.next(NOW))
     assert g._counter == twin._counter == 0
 
 
+@LINE_IMPLS
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ip=texts, ua=texts, cookie=texts, body=texts, ts=st.floats(min_value=0, max_value=4e9, allow_nan=False))
-def test_property_one_line_same_bytes_as_encode_record(ip: str, ua: str, cookie: str, body: str, ts: float) -> None:
+def test_property_one_line_same_bytes_as_encode_record(one: Callable[..., bytes], ip: str, ua: str, cookie: str,
+                                                       body: str, ts: float) -> None:
     g = IdGen()
     twin = copy.copy(g)
-    assert encode_line(ts, ip, ua, cookie, body.encode(), g) == encode_record(ts, ip, ua, cookie, body, twin.next(ts))
+    assert one(ts, ip, ua, cookie, body.encode(), g) == encode_record(ts, ip, ua, cookie, body, twin.next(ts))
 
 
 def test_a_request_that_starts_right_after_the_counter_wraps(enc: Encode) -> None:

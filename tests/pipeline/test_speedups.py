@@ -18,7 +18,14 @@ from estat_ingest import _speedups
 from estat_ingest.http import bodies
 from estat_ingest.http.bodies import max_openers, ndjson_lines
 from estat_ingest.pipeline import record
-from estat_ingest.pipeline.record import IdGen, encode_record, encode_records, encode_records_py
+from estat_ingest.pipeline.record import (
+    IdGen,
+    encode_line,
+    encode_line_py,
+    encode_record,
+    encode_records,
+    encode_records_py,
+)
 
 NOW = 1764821594.4567
 
@@ -26,6 +33,7 @@ NOW = 1764821594.4567
 def test_the_server_paths_use_the_c_functions() -> None:
     assert bodies._c_split_lines is _speedups.split_lines
     assert record._c_records is _speedups.records
+    assert record._c_record is _speedups.record
 
 
 def reference_split(body: bytes) -> tuple[list[bytes], int]:
@@ -115,3 +123,29 @@ def test_records_refuse_what_they_cannot_take(args: tuple[object, ...]) -> None:
 def test_split_lines_takes_bytes_only(arg: object) -> None:
     with pytest.raises(TypeError):
         _speedups.split_lines(arg)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("ts", [0.0, 0.999, -0.5, -3.7, 1764821594.9999, 9.9e15, -9.9e15])
+def test_record_formats_ts_as_int_of_ts(ts: float) -> None:
+    g = IdGen()
+    twin = copy.copy(g)
+    line = encode_line(ts, "ip", "ua", "c", b'{"a":1}', g, b',"x":1')
+    assert line == encode_line_py(ts, "ip", "ua", "c", b'{"a":1}', twin, b',"x":1')
+    assert orjson.loads(line)["ts"] == int(ts)
+
+
+@pytest.mark.parametrize(("args", "error"), [
+    ((NOW, "ip", "ua", "c", b"{}", b"P", 0), TypeError),  # 7 arguments
+    ((NOW, b"ip", "ua", "c", b"{}", b"P", 0, b""), TypeError),
+    ((NOW, "ip", "ua", None, b"{}", b"P", 0, b""), TypeError),
+    ((NOW, "ip", "ua", "c", "{}", b"P", 0, b""), TypeError),
+    ((NOW, "ip", "ua", "c", b"{}", "P", 0, b""), TypeError),
+    ((NOW, "ip", "ua", "c", b"{}", b"P", 0, None), TypeError),
+    (("now", "ip", "ua", "c", b"{}", b"P", 0, b""), TypeError),
+    ((float("nan"), "ip", "ua", "c", b"{}", b"P", 0, b""), ValueError),
+    ((float("inf"), "ip", "ua", "c", b"{}", b"P", 0, b""), ValueError),
+    ((1e19, "ip", "ua", "c", b"{}", b"P", 0, b""), ValueError),
+])
+def test_record_refuses_what_it_cannot_take(args: tuple[object, ...], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        _speedups.record(*args)
