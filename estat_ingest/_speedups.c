@@ -195,6 +195,16 @@ static char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
     return out;
 }
 
+/* An id's counter, (counter & 0xFFFFFF) as 6 lower-case hex digits, at out; returns the end. */
+static inline char *put_id_counter(char *out, unsigned long counter) {
+    counter &= 0xFFFFFFUL;
+    for (int k = 5; k >= 0; k--) {
+        out[k] = HEX[counter & 15];
+        counter >>= 4;
+    }
+    return out + 6;
+}
+
 static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
         PyErr_SetString(PyExc_TypeError, "records(ts, head, bodies, mid, first, tail) takes 6 arguments");
@@ -234,12 +244,7 @@ static PyObject *records(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         *out++ = '"';
         memcpy(out, PyBytes_AS_STRING(mid), (size_t)mlen);
         out += mlen;
-        unsigned long counter = (first + (unsigned long)i) & 0xFFFFFFUL;
-        for (int k = 5; k >= 0; k--) {
-            out[k] = HEX[counter & 15];
-            counter >>= 4;
-        }
-        out += 6;
+        out = put_id_counter(out, first + (unsigned long)i);
         memcpy(out, PyBytes_AS_STRING(tail), (size_t)tlen);
         total += size;
         PyObject *item = PyTuple_New(2);
@@ -347,12 +352,7 @@ static PyObject *record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     out = LIT(out, "\",\"id\":\"");
     memcpy(out, PyBytes_AS_STRING(prefix), (size_t)n_p);
     out += n_p;
-    counter &= 0xFFFFFFUL;
-    for (int k = 5; k >= 0; k--) {
-        out[k] = HEX[counter & 15];
-        counter >>= 4;
-    }
-    out += 6;
+    out = put_id_counter(out, counter);
     *out++ = '"';
     memcpy(out, PyBytes_AS_STRING(extra), (size_t)n_x);
     out += n_x;
