@@ -159,6 +159,13 @@ class Refusal:
 # Nothing is refused for it and nothing is lost: the next request waits in the socket buffer
 # (docs/tuning.md, "Overload").
 FULL_HOLD_S = 0.03
+# The fast front reads at most this many bytes per pass of the loop over the ready sockets; a
+# connection whose data comes after that waits for the next pass, its reading paused
+# (HttpConn.data_received). At 64 connections of 32 KB NDJSON bodies a pass that took every body
+# lasted ≈ 15 ms, and the uploaders, which free the queue's room, get one turn per pass: the queue
+# filled and bodies were read only to be refused (docs/tuning.md, "Overload"). Single events never
+# reach it (64 connections of 500 B).
+PASS_BYTES = 256 * 1024
 
 OVERLOADED = Refusal(503, "overloaded", "too many requests in flight, retry later", RETRY_AFTER)
 DRAINING = Refusal(503, "draining", "server is draining, retry later", RETRY_AFTER)

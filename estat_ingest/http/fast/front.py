@@ -7,11 +7,12 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import deque
 
 from estat_ingest.http.collect import OK_REPLY, Collector
 from estat_ingest.http.fast.protocol import HttpConn
 from estat_ingest.http.fast.render import DateHeader, render
-from estat_ingest.http.policy import ProtocolErrors
+from estat_ingest.http.policy import PASS_BYTES, ProtocolErrors
 from estat_ingest.metrics import Metrics
 from estat_ingest.sockets import BACKLOG
 
@@ -31,6 +32,13 @@ class Front:
         self._sweeper: asyncio.Task[None] | None = None
         self._all_closed: asyncio.Event | None = None  # set by the last connection_lost while closing
         self._unflushed: list[HttpConn] = []  # connections with answers queued (HttpConn.write)
+        # the read budget of the loop's pass over the ready sockets (PASS_BYTES): bytes read in this
+        # pass, the connections whose data waits for the next pass (in arrival order), and how many
+        # reads waited so (for tests and the curious)
+        self.pass_bytes = 0
+        self.pass_reset = False  # `next_pass` is scheduled
+        self.deferred: deque[HttpConn] = deque()
+        self.deferred_reads = 0
         self._ok_cache: tuple[bytes, bytes, bytes, bytes] = (b"", b"", b"", b"")  # date, kept, close, announced
         # read once per request (per header line): one attribute away
         self.max_url = limits.request_line_bytes
@@ -60,6 +68,30 @@ class Front:
             assert self.loop is not None, "connections exist only after Front.start()"
             self.loop.call_soon(self.flush)
         self._unflushed.append(conn)
+
+    def spend(self, n: int) -> bool:
+        """`n` bytes just read: True when this pass still has budget for them (PASS_BYTES; the
+        first read of a pass always has), else the caller defers them to the next pass."""
+        if self.pass_bytes >= PASS_BYTES:
+            return False
+        if not self.pass_reset:
+            self.pass_reset = True
+            assert self.loop is not None, "connections exist only after Front.start()"
+            self.loop.call_soon(self.next_pass)
+        self.pass_bytes += n
+        return True
+
+    def next_pass(self) -> None:
+        """A new pass: the budget again, first for the reads that waited, in arrival order."""
+        self.pass_reset = False
+        self.pass_bytes = 0
+        deferred = self.deferred
+        while deferred and self.pass_bytes < PASS_BYTES:
+            deferred.popleft().read_deferred()
+        if deferred and not self.pass_reset:  # (a read of this pass scheduled it already otherwise)
+            self.pass_reset = True
+            assert self.loop is not None
+            self.loop.call_soon(self.next_pass)
 
     def flush(self) -> None:
         """Hand every connection's queued answers to its transport."""

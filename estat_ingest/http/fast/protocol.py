@@ -84,7 +84,7 @@ class HttpConn(asyncio.Protocol):
                  "head_total", "held", "is_collect", "keep", "last_active", "linger_until", "method",
                  "names", "opened", "out", "parser", "path", "paused", "peer", "phase", "query", "repeated", "replay",
                  "served", "started",
-                 "transport", "url", "waiting")
+                 "stash", "transport", "url", "waiting")
 
     def __init__(self, front: Front) -> None:
         self.front = front
@@ -117,6 +117,7 @@ class HttpConn(asyncio.Protocol):
         self.head_total = 0
         self.paused = False  # reading paused: the client does not read its answers
         self.held = False  # reading paused for FULL_HOLD_S after a 503 for want of room
+        self.stash: bytes | None = None  # data read over the pass's budget: read next pass, reading paused
         # answers not written yet, in request order, as (pending, data, keep, head): an accepted
         # /collect waiting for its ticket (ACK_MODE=durable; a Reply, holding its in-flight count), a
         # /metrics of the worker group still being gathered (a Future of its Reply), or the bytes of
@@ -154,13 +155,13 @@ class HttpConn(asyncio.Protocol):
     def pause_writing(self) -> None:  # the client does not read its answers: stop reading requests
         if self.transport is not None and not self.paused:
             self.paused = True
-            if not self.held:
+            if not self.held and self.stash is None:
                 self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         if self.transport is not None and self.paused:
             self.paused = False
-            if not self.held:
+            if not self.held and self.stash is None:
                 self.transport.resume_reading()
 
     def _hold(self) -> None:
@@ -169,7 +170,7 @@ class HttpConn(asyncio.Protocol):
         if transport is None or self.held:
             return
         self.held = True
-        if not self.paused:
+        if not self.paused and self.stash is None:
             transport.pause_reading()
         loop = self.front.loop
         assert loop is not None, "connections exist only after Front.start()"
@@ -177,7 +178,17 @@ class HttpConn(asyncio.Protocol):
 
     def _unhold(self) -> None:
         self.held = False
-        if self.transport is not None and not self.paused and not self.closing:
+        if self.transport is not None and not self.paused and not self.closing and self.stash is None:
+            self.transport.resume_reading()
+
+    def read_deferred(self) -> None:
+        """The data that waited for this pass (Front.next_pass), then reading goes on."""
+        data, self.stash = self.stash, None
+        transport = self.transport
+        if data is None or transport is None:
+            return  # (the connection was lost meanwhile)
+        self.data_received(data)
+        if self.stash is None and self.transport is not None and not (self.paused or self.held or self.closing):
             self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
@@ -196,6 +207,15 @@ class HttpConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # lingering after a refusal: discard
+        front = self.front
+        if not front.spend(len(data)):  # this pass has read its share (PASS_BYTES): the next one reads it
+            self.stash = data
+            front.deferred.append(self)
+            front.deferred_reads += 1
+            transport = self.transport
+            if transport is not None and transport.is_reading():
+                transport.pause_reading()
+            return
         self.last_active = _now()
         self.began_here = False
         phase = self.phase
