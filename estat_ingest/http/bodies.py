@@ -94,8 +94,9 @@ class BodyReader:
                 except (ValueError, RuntimeError):
                     pass
                 else:
-                    if payload.count(b"{") + (payload.count(b"[") if payload.find(b"[") >= 0 else 0) <= self.max_depth:
-                        return [payload]  # valid UTF-8: simdjson checked it
+                    if (payload.count(b"{") + (payload.count(b"[") if payload.find(b"[") >= 0 else 0) <= self.max_depth
+                            and (payload.isascii() or valid_utf8(payload))):  # (simdjson checked it; again, strictly)
+                        return [payload]
             event, err = self.validate(payload, True)
             if event is None:
                 return Refusal(400, err, err.replace("_", " "))
@@ -134,11 +135,8 @@ class BodyReader:
             return self.first_bad_line(payload)
         # simdjson checked the UTF-8 of every line; a strict decode of a body that is not all ASCII
         # (a word-at-a-time test) checks it again before the bytes go into records unchanged
-        if not payload.isascii():
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:  # pragma: no cover - simdjson refuses invalid UTF-8
-                return self.first_bad_line(payload)
+        if not (payload.isascii() or valid_utf8(payload)):  # pragma: no cover - simdjson refuses invalid UTF-8
+            return self.first_bad_line(payload)
         return lines
 
     def query(self, payload: bytes) -> list[bytes] | Refusal:
@@ -183,6 +181,15 @@ class BodyReader:
             if self.validate_json:
                 return None, "invalid_utf8"
             return raw.decode("utf-8", "replace").encode(), ""
+
+
+def valid_utf8(data: bytes) -> bool:
+    """True when `data` decodes as strict UTF-8 (the check before bytes go into records unchanged)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class BodyError(Exception):

@@ -310,3 +310,12 @@ def test_ndjson_content_types_are_still_told_apart_once_remembered() -> None:
         assert check(c, q, EVENT + b"\n" + EVENT) == 200
         assert check_one(c, q, EVENT, "application/json") == 200
     assert len(q.snapshot()) == 6
+
+
+def test_valid_utf8_is_strict() -> None:
+    """The check before an event's bytes go into records unchanged (after simdjson's own)."""
+    from estat_ingest.http.bodies import valid_utf8
+
+    assert valid_utf8("é € 😀".encode()) and valid_utf8(b"")
+    for bad in (b"\xed\xa0\x80", b"\xc0\xaf", b"\xff", b"\xf4\x90\x80\x80", b"\xe2\x82"):  # surrogate, overlong, …
+        assert not valid_utf8(bad)
