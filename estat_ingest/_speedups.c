@@ -9,6 +9,9 @@
  *       body + mid + the 6 hex digits of (first + i) & 0xFFFFFF + tail, where the JSON string is
  *       byte for byte what orjson.dumps(body.decode()) gives for a body of valid UTF-8 (the caller
  *       guarantees that: simdjson or a strict decode checked it). nbytes: the lines' total length.
+ *   use_shuffles(on) -> bool
+ *       Whether escapes use the SSSE3 shuffles (the default where the CPU has SSSE3) or the word
+ *       loop: how tests run both paths.
  *   record(ts, ip, user_agent, cookie, body, id_prefix, counter, extra) -> bytes
  *       One event's whole record line, as pipeline/record.py `encode_line` defines it: the three
  *       header fields are str (TypeError, as orjson raises, for one holding surrogates), the body
@@ -156,7 +159,7 @@ static inline uint64_t special_bytes(uint64_t w) {
  * replace. Eight bytes at a time: a word with nothing to escape is one 8-byte store; otherwise
  * each byte to escape (found from the word's mask, lowest first) is written after the bytes
  * before it, which go out as one store of the word shifted. */
-static char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
+static char *escape_words(char *out, const unsigned char *s, Py_ssize_t n) {
     Py_ssize_t i = 0;
 #ifdef WORDWISE
     for (; n - i >= 8; i += 8) {
@@ -193,6 +196,74 @@ static char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
             out = escape_byte(out, c);
     }
     return out;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define SHUFFLES 1
+#include <immintrin.h>
+/* For each mask m of 8 bytes to escape (bit k: byte k), the pshufb control that spreads the 8 bytes
+ * over 8 + popcount(m) with a backslash (index 8) before each marked byte; SHUF_LEN its length. */
+static unsigned char SHUF[256][16] __attribute__((aligned(16)));
+static unsigned char SHUF_LEN[256];
+static int have_ssse3;
+
+static void init_shuffles(void) {
+    for (int m = 0; m < 256; m++) {
+        int j = 0;
+        for (int k = 0; k < 8; k++) {
+            if (m >> k & 1)
+                SHUF[m][j++] = 8;
+            SHUF[m][j++] = (unsigned char)k;
+        }
+        SHUF_LEN[m] = (unsigned char)j;
+        while (j < 16)
+            SHUF[m][j++] = 8;
+    }
+    __builtin_cpu_init();
+    have_ssse3 = __builtin_cpu_supports("ssse3");
+}
+
+/* escape_words, 16 bytes at a time while at least 24 are left: a block with nothing to escape is one
+ * 16-byte store; a block whose bytes to escape are all '"' or '\\' (each becomes a backslash and
+ * itself) is two shuffles of its halves with the backslash beside them, each stored whole (16 bytes)
+ * and followed by its length; a block holding a control goes to escape_words. A store may write up
+ * to 8 bytes past what its half produced; the >= 8 bytes left after the block produce at least 8
+ * more, written next, so nothing past the field is touched here. */
+__attribute__((target("ssse3"))) static char *escape_shuffled(char *out, const unsigned char *s, Py_ssize_t n) {
+    const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), last_ctl = _mm_set1_epi8(0x1f);
+    Py_ssize_t i = 0;
+    for (; n - i >= 24; i += 16) {
+        __m128i x = _mm_loadu_si128((const __m128i *)(s + i));
+        __m128i ctl = _mm_cmpeq_epi8(_mm_max_epu8(x, last_ctl), last_ctl); /* x <= 0x1f */
+        __m128i esc = _mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, backslash));
+        unsigned m = (unsigned)_mm_movemask_epi8(_mm_or_si128(esc, ctl));
+        if (m == 0) {
+            _mm_storeu_si128((__m128i *)out, x);
+            out += 16;
+        } else if (_mm_movemask_epi8(ctl)) {
+            out = escape_words(out, s + i, 16);
+        } else {
+            unsigned lo = m & 0xff, hi = m >> 8;
+            __m128i a = _mm_shuffle_epi8(_mm_unpacklo_epi64(x, backslash), _mm_load_si128((const __m128i *)SHUF[lo]));
+            _mm_storeu_si128((__m128i *)out, a);
+            out += SHUF_LEN[lo];
+            __m128i b = _mm_shuffle_epi8(_mm_unpackhi_epi64(x, backslash), _mm_load_si128((const __m128i *)SHUF[hi]));
+            _mm_storeu_si128((__m128i *)out, b);
+            out += SHUF_LEN[hi];
+        }
+    }
+    return escape_words(out, s + i, n - i);
+}
+#endif
+
+/* s[0:n] as the inside of a JSON string (escape_words' contract): the shuffles where the CPU has
+ * SSSE3, else the word loop. */
+static inline char *escape_into(char *out, const unsigned char *s, Py_ssize_t n) {
+#ifdef SHUFFLES
+    if (have_ssse3)
+        return escape_shuffled(out, s, n);
+#endif
+    return escape_words(out, s, n);
 }
 
 /* An id's counter, (counter & 0xFFFFFF) as 6 lower-case hex digits, at out; returns the end. */
@@ -361,7 +432,23 @@ static PyObject *record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return line;
 }
 
+/* use_shuffles(on) -> bool: whether escapes take the SSSE3 shuffles from now on (only where the CPU
+ * has SSSE3): the switch by which tests hold both escape paths to the Python definitions. */
+static PyObject *use_shuffles(PyObject *self, PyObject *arg) {
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+#ifdef SHUFFLES
+    have_ssse3 = on && __builtin_cpu_supports("ssse3");
+    return PyBool_FromLong(have_ssse3);
+#else
+    return PyBool_FromLong(0);
+#endif
+}
+
 static PyMethodDef methods[] = {
+    {"use_shuffles", (PyCFunction)use_shuffles, METH_O,
+     "use_shuffles(on) -> bool: whether escapes use the SSSE3 shuffles from now on (a switch for tests)"},
     {"split_lines", (PyCFunction)split_lines, METH_O,
      "split_lines(body) -> (lines, most_openers): http/bodies.py ndjson_lines and max_openers, one pass"},
     {"records", (PyCFunction)(void (*)(void))records, METH_FASTCALL,
@@ -379,5 +466,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     init_tables();
+#ifdef SHUFFLES
+    init_shuffles();
+#endif
     return PyModule_Create(&module);
 }

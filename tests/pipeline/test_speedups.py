@@ -87,6 +87,41 @@ def test_property_records_are_encode_records_py(events: list[str], counter: int,
     assert [orjson.loads(line)["body"] for _, line in got[0]] == events
 
 
+def cpu_has_ssse3() -> bool:
+    with open("/proc/cpuinfo") as f:
+        return any(line.startswith("flags") and " ssse3" in line for line in f)
+
+
+# strings long enough for the 16-byte blocks (>= 24 bytes left) with every kind of block: plain, only
+# quotes and backslashes (the shuffles), a control among them (the word loop), multi-byte UTF-8
+escapables = st.lists(st.sampled_from(['"', "\\", "a", "abcdefgh", "0123456789abcdef", "\n", "\x01", "\x1f",
+                                       " ", "\x7f", "\u00e9", "\u20ac", "\U0001f600", '\\"']),
+                      max_size=90).map("".join)
+
+
+@pytest.mark.parametrize("shuffles", [True, False], ids=["shuffles", "words"])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(escapables, max_size=6), st.integers(0, 0xFFFFFF))
+def test_property_both_escape_paths_are_encode_records_py(shuffles: bool, events: list[str], counter: int) -> None:
+    """The SSSE3 shuffles (where the CPU has them) and the word loop each give the Python bytes,
+    in records (the body) and in record (the three header fields too)."""
+    assert _speedups.use_shuffles(shuffles) == (shuffles and cpu_has_ssse3())
+    try:
+        g = IdGen()
+        g._counter = counter
+        twin = copy.copy(g)
+        raw = [t.encode() for t in events]
+        head = events[0] if events else "ua"
+        got = encode_records(NOW, "ip", head, "c", raw, g)
+        assert got == encode_records_py(NOW, "ip", head, "c", raw, twin)
+        assert [orjson.loads(line)["body"] for _, line in got[0]] == events
+        for text in events:
+            assert encode_line(NOW, text, text, text, text.encode(), g) == encode_line_py(NOW, text, text, text,
+                                                                                         text.encode(), twin)
+    finally:
+        _speedups.use_shuffles(True)
+
+
 def test_records_escape_every_byte_below_0x80_as_orjson_does() -> None:
     text = "".join(map(chr, range(0x80))) + "é€😀\u2028"
     g = IdGen()
