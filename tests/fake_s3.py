@@ -27,6 +27,7 @@ class FakeS3:
     default: Step = field(default_factory=Step)
     puts: list[str] = field(default_factory=list)  # every PUT key, in order, including failed ones
     stored: dict[str, bytes] = field(default_factory=dict)
+    user_agents: list[str] = field(default_factory=list)  # the User-Agent of every PUT, in order
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -40,6 +41,7 @@ class FakeS3:
         key = request.path.split("/", 2)[2]
         body = await request.read()
         self.puts.append(key)
+        self.user_agents.append(request.headers.get("User-Agent", ""))
         step = self.script.popleft() if self.script else self.default
         if step.status == 200:
             self.stored[key] = body

@@ -8,15 +8,19 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import platform
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiobotocore
+import botocore
 import orjson
 import pytest
 from multidict import CIMultiDict
 
+import estat_ingest
 from estat_ingest.config import Settings
 from estat_ingest.delivery import Backoff
 from estat_ingest.dlq.store import META_SUFFIX
@@ -104,6 +108,29 @@ def test_zero_retries_still_uploads(tmp_path: Path, moto: Any, bucket: str, s3: 
     got = [r for _, r in records_of(s3_objects(s3, bucket))]
     assert sorted(orjson.loads(r["body"])["i"] for r in got) == list(range(25))
     assert sample(m, "s3_events_stored_total") == 25
+
+
+def test_every_put_names_the_server_and_its_sdk_in_user_agent(tmp_path: Path) -> None:
+    """One User-Agent made at start for every PUT: estat-ingest's version first, then the SDK's."""
+
+    async def main() -> FakeS3:
+        fake = await FakeS3().start()
+        try:
+            s = settings(tmp_path, sinks=("s3",), raw_bucket="b", aws_region="us-east-1",
+                         s3_endpoint_url=fake.endpoint, batch_max_events=4)
+            pipe = Pipeline(s, Metrics(), [S3Sink(s)], backoff=FAST)
+            await pipe.start()
+            await run_events(pipe, 10)
+            await pipe.drain(10)
+        finally:
+            await fake.stop()
+        return fake
+
+    fake = asyncio.run(main())
+    assert len(fake.puts) == 3 and sum(len(gzip.decompress(b).splitlines()) for b in fake.stored.values()) == 10
+    assert len(set(fake.user_agents)) == 1
+    assert fake.user_agents[0] == (f"estat-ingest/{estat_ingest.__version__} aiobotocore/{aiobotocore.__version__} "
+                                   f"Python/{platform.python_version()} botocore/{botocore.__version__}")
 
 
 def test_timed_out_put_is_retried_under_the_same_key(tmp_path: Path) -> None:
